@@ -1,0 +1,185 @@
+"""ModelConfig: the validated description of a decoder, loaded from YAML or from a GPT-2 checkpoint directory."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvbench.errors import KVBenchError
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to build the model. Strict: unknown keys and wrong types are errors, never coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    n_layers: int = Field(gt=0)  # transformer blocks
+    d_model: int = Field(gt=0)  # width of the residual stream
+    n_heads: int = Field(gt=0)  # attention heads; d_model must divide evenly among them
+    d_ff: int = Field(gt=0)  # hidden width of the MLP (GPT-2: 4 * d_model)
+    vocab_size: int = Field(gt=0)  # token ids are 0 .. vocab_size-1
+    max_seq_len: int = Field(gt=0)  # longest sequence (prompt + generated) the positions cover
+    positional: Literal["learned", "sinusoidal"] = "learned"  # learned table (GPT-2) or fixed sin/cos
+    norm: Literal["pre", "post"] = "pre"  # LayerNorm before each sublayer (GPT-2) or after the residual add
+    activation: Literal["gelu", "gelu_exact", "relu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
+    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
+    bias: bool = True  # biases in linear layers and LayerNorms
+    layer_norm_eps: float = Field(default=1e-5, gt=0)
+    seed: int = 0  # seeds the random initialisation when no weights are given
+    weights: str | None = None  # .safetensors path; relative paths are relative to the YAML file
+
+    @field_validator("layer_norm_eps", mode="before")
+    @classmethod
+    def _yaml_float_spelling(cls, value: Any) -> Any:
+        # YAML 1.1 reads `1e-5` (no dot) as a string; accept that spelling, and only that, for floats.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"choose n_heads among {_divisors(self.d_model)}"
+            )
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model (got {self.d_model})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class LoadedConfig(BaseModel):
+    """A ModelConfig plus where it came from: a name for result files and the weight file, resolved."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: Path
+    model: ModelConfig
+    weights_path: Path | None = None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+def _error_location(error: dict[str, Any]) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "config"
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as 'key: what is wrong (got value)'."""
+    key = _error_location(error)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, ModelConfig.model_fields, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(ModelConfig.model_fields)}"
+        return f"unknown key '{key}'; {hint}"
+    if error["type"] == "missing":
+        return f"missing required key '{key}'"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def validate_config(data: Any, origin: str) -> ModelConfig:
+    """Build a ModelConfig from a mapping or raise KVBenchError naming the first bad key."""
+    if not isinstance(data, dict):
+        raise KVBenchError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        return ModelConfig(**data)
+    except ValidationError as exc:
+        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0])}") from None
+    except TypeError as exc:  # non-string keys, e.g. `1: 2`
+        raise KVBenchError(f"{origin}: invalid key ({exc})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KVBenchError(f"{path}: not a text file; give a YAML config") from None
+    if not text.strip():
+        raise KVBenchError(f"{path}: the file is empty; give a YAML mapping of config keys (see configs/)")
+    try:
+        return yaml.safe_load(text)  # safe_load: a config can never construct Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise KVBenchError(f"{path}: not valid YAML{where}; fix the syntax") from None
+
+
+def load_yaml_config(path: Path) -> LoadedConfig:
+    model = validate_config(_read_yaml(path), str(path))
+    # Existence is checked when the weights are read, so that `init-weights` can create the file.
+    weights = (path.parent / model.weights).resolve() if model.weights else None
+    return LoadedConfig(name=path.stem, source=path, model=model, weights_path=weights)
+
+
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
+
+
+def _gpt2_fields(hf: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Translate a transformers GPT2Config dict into ModelConfig keys."""
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise KVBenchError(f"{origin}: '{flag}: true' is not supported by kvbench; use a plain GPT-2 checkpoint")
+    if hf.get("scale_attn_weights") is False:
+        raise KVBenchError(f"{origin}: 'scale_attn_weights: false' is not supported; kvbench scales by 1/sqrt(head_dim)")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS:
+        raise KVBenchError(f"{origin}: activation_function '{act}' is not supported; use one of {list(GPT2_ACTIVATIONS)}")
+    try:
+        d_model = hf["n_embd"]
+        return dict(
+            n_layers=hf["n_layer"],
+            d_model=d_model,
+            n_heads=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * d_model,
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf["n_positions"],
+            positional="learned",
+            norm="pre",
+            activation=GPT2_ACTIVATIONS[act],
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            bias=True,
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except KeyError as exc:
+        raise KVBenchError(f"{origin}: missing GPT-2 key {exc}; is this a GPT-2 config.json?") from None
+
+
+def load_gpt2_dir(path: Path) -> LoadedConfig:
+    config_file, weights = path / "config.json", path / "model.safetensors"
+    if not config_file.is_file():
+        raise KVBenchError(f"{path}: a checkpoint directory needs config.json (as transformers' save_pretrained writes)")
+    if not weights.is_file():
+        raise KVBenchError(f"{path}: model.safetensors not found; save the model with safe_serialization (the default)")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KVBenchError(f"{config_file}: not valid JSON") from None
+    if not isinstance(hf, dict) or hf.get("model_type") not in ("gpt2", None):
+        raise KVBenchError(f"{config_file}: model_type {hf.get('model_type')!r} is not supported; only GPT-2 is")
+    model = validate_config(_gpt2_fields(hf, str(config_file)), str(config_file))
+    return LoadedConfig(name=path.name, source=path, model=model, weights_path=weights)
+
+
+def load_config(path: Path | str) -> LoadedConfig:
+    """Load a YAML config file or a Hugging Face GPT-2 checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return load_gpt2_dir(path)
+    if not path.exists():
+        raise KVBenchError(f"config '{path}' not found; give a YAML file (see configs/) or a GPT-2 checkpoint directory")
+    return load_yaml_config(path)

@@ -1,0 +1,98 @@
+"""Generation: prefill, decode_one, and the step loop shared by every strategy (naive included).
+
+A generation of N new tokens is one prefill (the prompt's forward, which yields the first new token) and
+N - 1 decode steps. `generation_steps` yields after each of them, so that callers can time, check or
+stream every token without a second implementation of the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from kvbench.cache import KVCache, make_cache
+from kvbench.model import Decoder
+
+Chooser = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> token ids (B,)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the whole prompt (B, P) through the model, filling the cache; logits (B, V) of its last position."""
+    return model(prompt, cache, start_pos=0, last_only=True)[:, -1]
+
+
+def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    """One token per sequence (B,) at position pos, attending to the cache; logits (B, V)."""
+    return model(token[:, None], cache, start_pos=pos, last_only=True)[:, -1]
+
+
+def naive_step(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    """The baseline: recompute the whole sequence (B, t), same kernels, logits of the last position only."""
+    return model(ids, None, start_pos=0, last_only=True)[:, -1]
+
+
+@dataclass
+class Step:
+    index: int  # 0 is the prefill
+    logits: torch.Tensor  # (B, V) that chose `token`
+    token: torch.Tensor  # (B,)
+
+
+@torch.inference_mode()
+def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
+                     choose: Chooser = greedy) -> Iterator[Step]:
+    """Yield each new token; cache None means naive recomputation. The cache is reset first."""
+    if cache is None:
+        yield from _naive_steps(model, prompt, new_tokens, choose)
+        return
+    cache.reset()
+    n_prompt = prompt.shape[1]
+    logits = prefill(model, prompt, cache)
+    for i in range(new_tokens):
+        if i:
+            logits = decode_one(model, token, cache, n_prompt + i - 1)
+        token = choose(logits)
+        yield Step(i, logits, token)
+
+
+def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: Chooser) -> Iterator[Step]:
+    batch, n_prompt = prompt.shape
+    ids = torch.empty(batch, n_prompt + new_tokens, dtype=prompt.dtype, device=prompt.device)  # no per-step cat
+    ids[:, :n_prompt] = prompt
+    for i in range(new_tokens):
+        logits = naive_step(model, ids[:, : n_prompt + i])
+        token = choose(logits)
+        ids[:, n_prompt + i] = token
+        yield Step(i, logits, token)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) new tokens
+    logits: torch.Tensor | None  # (B, N, V) the logits that chose them, when kept
+
+
+def new_cache(model: Decoder, strategy: str, batch: int, max_len: int) -> KVCache | None:
+    """The strategy's cache sized for max_len tokens, on the model's device and dtype."""
+    weight = model.lm_head.weight
+    return make_cache(strategy, model.config, batch, max_len, weight.dtype, weight.device)
+
+
+def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
+             choose: Chooser = greedy, on_step: Callable[[Step], None] | None = None) -> Generation:
+    """Generate new_tokens after prompt (B, P) with a strategy ('naive', 'static', 'dynamic')."""
+    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + new_tokens)
+    tokens, logits = [], []
+    for step in generation_steps(model, prompt, new_tokens, cache, choose):
+        tokens.append(step.token)
+        if keep_logits:
+            logits.append(step.logits.float())
+        if on_step is not None:
+            on_step(step)
+    return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None)

@@ -1,0 +1,179 @@
+"""The torch decoder, read top-down: Linear -> Attention -> MLP -> Block -> Decoder.
+
+Inference only (no dropout). One forward serves prefill (the whole prompt) and decode (one token) alike:
+it takes token ids, an optional KV cache and the position of the first id.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvbench.cache import KVCache, Mask
+from kvbench.config import ModelConfig
+
+INIT_STD = 0.02  # GPT-2's initialiser range
+
+
+class Linear(nn.Module):
+    """y = x @ W + b with W stored (in, out), GPT-2's Conv1D layout.
+
+    Why not nn.Linear: decoding multiplies one row by each weight, and on CPU a contiguous (in, out) matrix
+    streams faster than F.linear's (out, in) for the wide LM head (see docs/perf.md). It also makes GPT-2
+    checkpoints load without transposes.
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def layer_norm(d_model: int, config: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(d_model, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with fused QKV projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache this layer owns
+        self.n_heads, self.head_dim, self.d_model = config.n_heads, config.head_dim, config.d_model
+        self.qkv = Linear(config.d_model, 3 * config.d_model, config.bias)
+        self.proj = Linear(config.d_model, config.d_model, config.bias)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, mask: Mask) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)  # each (B, H, S, hd), S = keys visible
+        is_causal = isinstance(mask, str)
+        attn_mask = mask if isinstance(mask, torch.Tensor) else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = Linear(config.d_model, config.d_ff, config.bias)
+        self.proj = Linear(config.d_ff, config.d_model, config.bias)
+        self.activation = config.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu" else "none")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual; LayerNorm before (pre-norm) or after (post-norm) the sublayer."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.ln1 = layer_norm(config.d_model, config)
+        self.attn = Attention(config, layer_idx)
+        self.ln2 = layer_norm(config.d_model, config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, mask: Mask) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), cache, start_pos, mask)
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x, cache, start_pos, mask))
+        return self.ln2(x + self.mlp(x))
+
+
+def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """'Attention Is All You Need' encodings: sin on even features, cos on odd, any position (no table)."""
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=positions.device) * (-math.log(10000.0) / d_model))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(positions), d_model)  # (T, D)
+
+
+class Decoder(nn.Module):
+    """Token embedding + positions, n_layers blocks, final norm (pre-norm only), LM head.
+
+    The LM head is stored (d_model, vocab) so that decoding streams it row-major (see Linear). With tied
+    embeddings the token embedding *is* that matrix, read column-wise: a lookup touches one column per token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.tok_emb = None if config.tie_embeddings else nn.Parameter(torch.empty(config.vocab_size, d))
+        self.pos_emb = nn.Parameter(torch.empty(config.max_seq_len, d)) if config.positional == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # Post-norm blocks already end in a LayerNorm, so only pre-norm needs a final one (as GPT-2 has).
+        self.ln_f = layer_norm(d, config) if config.norm == "pre" else nn.Identity()
+        self.lm_head = Linear(d, config.vocab_size, bias=False)
+
+    def embed(self, ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        T = ids.shape[1]
+        table = self.lm_head.weight.t() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
+        x = F.embedding(ids, table)  # (B, T, D)
+        if self.pos_emb is not None:
+            return x + self.pos_emb[start_pos:start_pos + T]
+        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Final hidden states (B, T, D) for ids (B, T) at positions start_pos.., after the final norm."""
+        self._check_positions(start_pos, ids.shape[1])
+        x = self.embed(ids, start_pos)
+        mask = cache.mask(start_pos, ids.shape[1]) if cache is not None else "causal"
+        for block in self.blocks:
+            x = block(x, cache, start_pos, mask)
+        return self.ln_f(x)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only when last_only."""
+        h = self.hidden(ids, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D): the LM head is the costliest matmul; skip it where nobody reads it
+        return self.lm_head(h)
+
+    def _check_positions(self, start_pos: int, n_new: int) -> None:
+        end = start_pos + n_new
+        if self.pos_emb is not None and end > self.config.max_seq_len:
+            raise ValueError(f"position {end - 1} is past max_seq_len {self.config.max_seq_len} (learned positions)")
+
+
+def init_weights(model: Decoder, seed: int, every_tensor: bool = False) -> None:
+    """GPT-2's initialisation, reproducible from the seed alone on any device.
+
+    every_tensor also randomises LayerNorm gains and all biases (GPT-2 starts them at 1 and 0), so that a
+    test or a reference file catches any tensor that is read wrongly, not only the matrices.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    residual_std = INIT_STD / math.sqrt(2 * model.config.n_layers)  # GPT-2 scales residual projections
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = ".ln" in name or name.startswith("ln")
+            if every_tensor and (is_norm or name.endswith("bias")):
+                p.copy_((1.0 if is_norm and name.endswith("weight") else 0.0)
+                        + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.zero_()
+            elif is_norm:
+                p.fill_(1.0)
+            else:
+                std = residual_std if name.endswith("proj.weight") else INIT_STD
+                p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -1,0 +1,105 @@
+"""An independent NumPy float64 forward pass: the oracle `evaluate` checks the torch model against.
+
+Written apart from model.py on purpose: no torch, no shared helpers, attention done head by head with an
+explicit mask and a hand-written softmax, so that a bug in the torch model cannot hide in shared code.
+It reads the same kvbench-named weights (see weights.py for the names).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvbench.config import ModelConfig
+
+
+def _norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray | None, eps: float) -> np.ndarray:
+    centred = x - x.mean(axis=-1, keepdims=True)
+    variance = (centred**2).mean(axis=-1, keepdims=True)
+    y = centred / np.sqrt(variance + eps) * gain
+    return y if shift is None else y + shift
+
+
+def _act(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "relu":
+        return np.maximum(x, 0.0)
+    if kind == "gelu":  # the tanh approximation GPT-2 uses
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    from math import erf  # exact GELU: x * Phi(x)
+
+    return x * 0.5 * (1.0 + np.vectorize(erf)(x / np.sqrt(2.0)))
+
+
+def _affine(w: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> np.ndarray:
+    y = x @ w[prefix + ".weight"]
+    bias = w.get(prefix + ".bias")
+    return y if bias is None else y + bias
+
+
+def _sincos_table(n_positions: int, first: int, d_model: int) -> np.ndarray:
+    table = np.zeros((n_positions, d_model))
+    for offset in range(n_positions):
+        pos = first + offset
+        for i in range(0, d_model, 2):
+            angle = pos / np.power(10000.0, i / d_model)
+            table[offset, i] = np.sin(angle)
+            table[offset, i + 1] = np.cos(angle)
+    return table
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _self_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, cfg: ModelConfig,
+                    window: int | None) -> np.ndarray:
+    seq = x.shape[0]
+    fused = _affine(w, prefix + ".qkv", x)
+    q_all, k_all, v_all = fused[:, : cfg.d_model], fused[:, cfg.d_model: 2 * cfg.d_model], fused[:, 2 * cfg.d_model:]
+    allowed = np.tril(np.ones((seq, seq), dtype=bool))
+    if window is not None:  # each query sees only its last `window` positions, itself included
+        allowed &= ~np.tril(np.ones((seq, seq), dtype=bool), k=-window)
+    heads = []
+    for h in range(cfg.n_heads):
+        cols = slice(h * cfg.head_dim, (h + 1) * cfg.head_dim)
+        scores = q_all[:, cols] @ k_all[:, cols].T / np.sqrt(cfg.head_dim)
+        scores = np.where(allowed, scores, -np.inf)
+        heads.append(_softmax(scores) @ v_all[:, cols])
+    return _affine(w, prefix + ".proj", np.concatenate(heads, axis=1))
+
+
+def _block(w: dict[str, np.ndarray], i: int, x: np.ndarray, cfg: ModelConfig, window: int | None) -> np.ndarray:
+    p = f"blocks.{i}"
+
+    def ln(name: str, v: np.ndarray) -> np.ndarray:
+        return _norm(v, w[f"{p}.{name}.weight"], w.get(f"{p}.{name}.bias"), cfg.layer_norm_eps)
+
+    def mlp(v: np.ndarray) -> np.ndarray:
+        return _affine(w, f"{p}.mlp.proj", _act(_affine(w, f"{p}.mlp.fc", v), cfg.activation))
+
+    if cfg.norm == "pre":
+        x = x + _self_attention(w, f"{p}.attn", ln("ln1", x), cfg, window)
+        return x + mlp(ln("ln2", x))
+    x = ln("ln1", x + _self_attention(w, f"{p}.attn", x, cfg, window))
+    return ln("ln2", x + mlp(x))
+
+
+def reference_logits(weights: dict[str, np.ndarray], cfg: ModelConfig, ids: np.ndarray,
+                     window: int | None = None) -> np.ndarray:
+    """Logits (B, T, V) in float64 for token ids (B, T) starting at position 0."""
+    w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
+    vocab_by_dim = w["lm_head.weight"]  # (D, V)
+    token_table = vocab_by_dim.T if cfg.tie_embeddings else w["tok_emb"]  # (V, D)
+    out = []
+    for row in np.asarray(ids):
+        x = token_table[row]
+        if cfg.positional == "learned":
+            x = x + w["pos_emb"][: len(row)]
+        else:
+            x = x + _sincos_table(len(row), 0, cfg.d_model)
+        for i in range(cfg.n_layers):
+            x = _block(w, i, x, cfg, window)
+        if cfg.norm == "pre":
+            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps)
+        out.append(x @ vocab_by_dim)
+    return np.stack(out)

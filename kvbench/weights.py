@@ -1,0 +1,102 @@
+"""Weights: safetensors I/O (never pickle), GPT-2 name mapping, and building a ready model from a config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kvbench.config import LoadedConfig, ModelConfig
+from kvbench.errors import KVBenchError
+from kvbench.model import Decoder, init_weights
+
+# GPT-2 sublayer names -> kvbench's, per block. GPT-2's Conv1D stores weights (in, out) as kvbench does.
+GPT2_BLOCK_NAMES = {
+    "ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj",
+}
+GPT2_BLOCK_KEY = re.compile(r"^h\.(\d+)\.(.+)\.(weight|bias)$")
+GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old checkpoints
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise KVBenchError(f"weights file '{path}' not found")
+    try:
+        return load_file(path)  # safetensors: plain tensors, no code can run while loading
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KVBenchError(f"weights file '{path}' is not a valid safetensors file ({exc}); re-create it") from None
+
+
+def is_gpt2_layout(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(re.match(r"^(transformer\.)?(wte\.weight|h\.\d+\.)", name) for name in tensors)
+
+
+def from_gpt2(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a transformers GPT-2 state dict to kvbench's names and layouts."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix("transformer.")
+        if GPT2_IGNORED.match(name):
+            continue
+        block = GPT2_BLOCK_KEY.match(name)
+        if block and block.group(2) in GPT2_BLOCK_NAMES:
+            layer, sub, kind = block.groups()
+            out[f"blocks.{layer}.{GPT2_BLOCK_NAMES[sub]}.{kind}"] = tensor
+        elif name == "wte.weight":
+            # GPT-2's wte is (vocab, d_model); kvbench's LM head is its transpose, stored contiguous.
+            out["lm_head.weight" if config.tie_embeddings else "tok_emb"] = (
+                tensor.t().contiguous() if config.tie_embeddings else tensor)
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["lm_head.weight"] = tensor.t().contiguous()  # (vocab, d_model) -> (d_model, vocab)
+        elif name == "wpe.weight":
+            out["pos_emb"] = tensor
+        else:
+            out[name] = tensor  # ln_f.* keep their names; anything else is reported as unexpected
+    return out
+
+
+def load_state(model: Decoder, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy tensors into the model, checking names and shapes first, so a mismatch names the tensor."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing:
+        raise KVBenchError(f"{origin}: tensor '{missing[0]}' is missing ({len(missing)} missing); "
+                           "do the weights belong to this config?")
+    if unexpected:
+        raise KVBenchError(f"{origin}: unexpected tensor '{unexpected[0]}'; do the weights belong to this config?")
+    for name, target in expected.items():
+        if tuple(tensors[name].shape) != tuple(target.shape):
+            raise KVBenchError(f"{origin}: tensor '{name}' has shape {tuple(tensors[name].shape)} but the config "
+                               f"needs {tuple(target.shape)}; fix the config or the weights")
+        if not tensors[name].is_floating_point():
+            raise KVBenchError(f"{origin}: tensor '{name}' has dtype {tensors[name].dtype}; weights must be floats")
+    model.load_state_dict({name: t.float() for name, t in tensors.items()})
+
+
+def load_cpu_model(loaded: LoadedConfig) -> Decoder:
+    """The config's model in float32 on CPU: weights from its file, or seeded random ones."""
+    model = Decoder(loaded.model)
+    if loaded.weights_path is None:
+        init_weights(model, loaded.model.seed)
+    else:
+        tensors = read_safetensors(loaded.weights_path)
+        if is_gpt2_layout(tensors):
+            tensors = from_gpt2(tensors, loaded.model)
+        load_state(model, tensors, str(loaded.weights_path))
+    return model.eval().requires_grad_(False)
+
+
+def build_model(loaded: LoadedConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Decoder:
+    """A ready-to-run model in eval mode on device, in dtype."""
+    return load_cpu_model(loaded).to(device=device, dtype=dtype)
+
+
+def save_weights(model: Decoder, path: Path) -> None:
+    save_file({name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}, str(path))
