@@ -76,7 +76,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _error_location(error: dict[str, Any]) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "config"
+    return ".".join(str(part) for part in error["loc"])
 
 
 def _describe_error(error: dict[str, Any]) -> str:
@@ -89,6 +89,8 @@ def _describe_error(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"missing required key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across keys (e.g. d_model and n_heads): the message names them
+        return message
     return f"{key}: {message} (got {error.get('input')!r})"
 
 

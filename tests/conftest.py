@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs written to temporary files, models built from them, a CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kvbench.config import LoadedConfig, ModelConfig
+from kvbench.model import Decoder, init_weights
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+TINY = dict(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=97, max_seq_len=128, positional="learned",
+            norm="pre", activation="gelu", tie_embeddings=True, bias=True, layer_norm_eps=1e-5, seed=0)
+
+
+def write_yaml(directory: Path, name: str = "model.yaml", **overrides) -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump({**TINY, **overrides}))
+    return path
+
+
+def random_model(seed: int = 0, **overrides) -> Decoder:
+    """A tiny float32 CPU model whose every tensor is random (biases and LayerNorm gains included)."""
+    model = Decoder(ModelConfig(**{**TINY, **overrides}))
+    init_weights(model, seed, every_tensor=True)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path)
+
+
+def loaded(path: Path, config: ModelConfig) -> LoadedConfig:
+    return LoadedConfig(name=path.stem, source=path, model=config)

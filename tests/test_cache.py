@@ -1,0 +1,78 @@
+"""Every cache strategy against naive recomputation, and the caches' bookkeeping."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import random_model
+from kvbench.cache import DynamicCache, StaticCache, kv_bytes_formula
+from kvbench.generate import generate, generation_steps, new_cache
+
+small_models = st.fixed_dictionaries({
+    "n_layers": st.integers(1, 3),
+    "n_heads": st.sampled_from([1, 2, 4]),
+    "positional": st.sampled_from(["learned", "sinusoidal"]),
+    "norm": st.sampled_from(["pre", "post"]),
+    "tie_embeddings": st.booleans(),
+    "bias": st.booleans(),
+})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=small_models, seed=st.integers(0, 2**16), batch=st.integers(1, 3), prompt_len=st.integers(1, 6),
+       new_tokens=st.integers(1, 20), strategy=st.sampled_from(["static", "dynamic"]))
+def test_cached_generation_equals_naive(arch, seed, batch, prompt_len, new_tokens, strategy):
+    model = random_model(seed, **arch, d_model=8 * arch["n_heads"], max_seq_len=32)
+    prompt = torch.randint(0, 97, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    naive = generate(model, prompt, new_tokens, "naive", keep_logits=True)
+    cached = generate(model, prompt, new_tokens, strategy, keep_logits=True)
+    torch.testing.assert_close(cached.logits, naive.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached.tokens, naive.tokens)
+
+
+def test_batch_rows_equal_single_sequences():
+    model = random_model(4)
+    prompt = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(0))
+    batched = generate(model, prompt, 15, "static", keep_logits=True)
+    for row in range(3):
+        alone = generate(model, prompt[row:row + 1], 15, "static", keep_logits=True)
+        torch.testing.assert_close(batched.logits[row], alone.logits[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(batched.tokens[row], alone.tokens[0])
+
+
+def test_static_cache_size_is_the_formula():
+    cache = StaticCache(n_layers=3, batch=2, n_heads=4, max_len=50, head_dim=8, dtype=torch.float32, device="cpu")
+    assert cache.nbytes == kv_bytes_formula(3, 4, 8, 50, 2, 4) == 2 * 3 * 4 * 8 * 50 * 2 * 4
+
+
+def test_dynamic_cache_grows_with_tokens():
+    model = random_model(0)
+    cache = new_cache(model, "dynamic", batch=1, max_len=20)
+    prompt = torch.randint(0, 97, (1, 4))
+    sizes = [cache.nbytes for _ in generation_steps(model, prompt, 6, cache)]
+    # after the prefill the cache holds 4 tokens; each decode step adds one
+    assert sizes == [kv_bytes_formula(2, 4, 8, 4 + i, 1, 4) for i in range(6)]
+
+
+def test_static_cache_reset_gives_a_fresh_sequence():
+    model = random_model(5)
+    cache = new_cache(model, "static", batch=1, max_len=20)
+    first, second = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 3))
+    list(generation_steps(model, first, 10, cache))  # leaves 15 stale positions behind
+    reused = [s.logits for s in generation_steps(model, second, 5, cache)]
+    fresh = generate(model, second, 5, "naive", keep_logits=True).logits
+    torch.testing.assert_close(torch.stack(reused, dim=1), fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_cache_refuses_a_gap():
+    cache = DynamicCache(1)
+    k = torch.zeros(1, 1, 2, 4)
+    cache.update(0, 0, k, k)
+    try:
+        cache.update(0, 5, k, k)
+    except ValueError as exc:
+        assert "cannot write at 5" in str(exc)
+    else:
+        raise AssertionError("a write past the end must fail")

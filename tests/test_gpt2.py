@@ -1,0 +1,62 @@
+"""A GPT-2 checkpoint saved by transformers loads through --config DIR and reproduces transformers' logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbench.cli import app
+from kvbench.config import load_config
+from kvbench.generate import generate
+from kvbench.weights import build_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def save_random_gpt2(directory, tie: bool = True, activation: str = "gelu_new"):
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64,
+                                     activation_function=activation, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2 starts LayerNorms at 1/0 and biases at 0: randomise so a misread one shows
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("tie, activation", [(True, "gelu_new"), (False, "gelu"), (True, "relu")])
+def test_checkpoint_reproduces_transformers_logits_and_tokens(tmp_path, tie, activation):
+    hf = save_random_gpt2(tmp_path, tie, activation)
+    model = build_model(load_config(tmp_path))
+    ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = hf(ids).logits
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        hf_tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                                pad_token_id=0)[:, ids.shape[1]:]
+    ours = generate(model, ids, 20, "static").tokens
+    assert torch.equal(ours, hf_tokens)
+
+
+def test_checkpoint_directory_through_the_cli(runner, tmp_path):
+    save_random_gpt2(tmp_path)
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(tmp_path), "--new-tokens", "30", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", "--config", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+
+
+def test_directory_without_config_json(runner, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--config", str(tmp_path)])
+    assert result.exit_code == 2 and "config.json" in result.output, result.output
+
+
+def test_unsupported_gpt2_option(runner, tmp_path):
+    save_random_gpt2(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"scale_attn_by_inverse_layer_idx": false',
+                                                          '"scale_attn_by_inverse_layer_idx": true')
+    (tmp_path / "config.json").write_text(text)
+    result = runner.invoke(app, ["evaluate", "--config", str(tmp_path)])
+    assert result.exit_code == 2 and "scale_attn_by_inverse_layer_idx" in result.output, result.output

@@ -1,0 +1,136 @@
+"""kv-evaluate and evaluate: they pass on correct models and fail on broken caches and tampered files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kvbench.generate
+import kvbench.verify as verify
+from conftest import CONFIGS, random_model
+from kvbench.cache import StaticCache
+from kvbench.cli import app
+from kvbench.generate import generate
+
+TOL = verify.Tolerance(1e-4, 1e-4)
+
+
+def test_one_pass_naive_logits_equal_the_step_by_step_naive_loop(monkeypatch):
+    monkeypatch.setattr(verify, "LM_HEAD_CHUNK", 7)  # several chunks, the last one partial
+    model = random_model(8)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    loop = generate(model, prompt, 30, "naive", keep_logits=True)
+    one_pass = torch.cat([c for _, c in verify.naive_logit_chunks(model, prompt, loop.tokens)], dim=1)
+    torch.testing.assert_close(one_pass, loop.logits.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_evaluate_passes_every_strategy():
+    model = random_model(2)
+    prompt = torch.randint(0, 97, (2, 4))
+    checks = verify.kv_evaluate(model, prompt, 40, ["static", "dynamic", "naive"], TOL)
+    assert [c.passed for c in checks] == [True, True, True]
+    assert all(c.max_abs < 1e-5 for c in checks)
+
+
+class OffByOneCache(StaticCache):
+    """Writes each decoded token's K/V one slot too far: attention then sees a stale slot instead."""
+
+    def update(self, layer, start_pos, k, v):
+        shift = 1 if k.shape[2] == 1 and start_pos + 1 < self.max_len else 0
+        super().update(layer, start_pos + shift, k, v)
+        end = start_pos + k.shape[2]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def break_static_cache(monkeypatch):
+    real = kvbench.generate.make_cache
+
+    def make_cache(strategy, config, batch, max_len, dtype, device):
+        if strategy == "static":
+            return OffByOneCache(config.n_layers, batch, config.n_heads, max_len + 1, config.head_dim, dtype, device)
+        return real(strategy, config, batch, max_len, dtype, device)
+
+    monkeypatch.setattr(kvbench.generate, "make_cache", make_cache)
+
+
+def test_broken_cache_fails_kv_evaluate(runner, monkeypatch):
+    break_static_cache(monkeypatch)
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "30",
+                                 "--strategies", "static,dynamic", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    static_row = next(line for line in result.output.splitlines() if "static" in line)
+    dynamic_row = next(line for line in result.output.splitlines() if "dynamic" in line)
+    assert "FAIL" in static_row and "pass" in dynamic_row
+
+
+def test_kv_evaluate_cli_passes_on_tiny(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "50",
+                                 "--batch-size", "2", "--strategies", "static,dynamic,naive", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pass") == 3
+
+
+def fake_naive(logits_rows):
+    return torch.tensor([logits_rows], dtype=torch.float64)  # (1, N, V)
+
+
+def test_divergence_within_tolerance_is_a_near_tie():
+    naive = fake_naive([[0.0, 1.0, 0.0], [2.0, 2.00005, 0.0]])  # step 1: tokens 0 and 1 nearly tied
+    divergence = verify.first_divergence(torch.tensor([[1, 0]]), naive, TOL)
+    assert (divergence.step, divergence.chosen, divergence.naive_choice) == (1, 0, 1)
+    assert divergence.near_tie and divergence.gap == pytest.approx(5e-5)
+
+
+def test_divergence_beyond_tolerance_is_a_mismatch():
+    naive = fake_naive([[0.0, 1.0, 0.0], [2.0, 2.5, 0.0]])
+    divergence = verify.first_divergence(torch.tensor([[1, 0]]), naive, TOL)
+    assert divergence.step == 1 and not divergence.near_tie
+
+
+def test_exact_tie_is_no_divergence():
+    naive = fake_naive([[1.0, 1.0, 0.0]])
+    assert verify.first_divergence(torch.tensor([[1]]), naive, TOL) is None
+
+
+def test_evaluate_passes_on_the_shipped_reference_model(runner):
+    result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "reference.yaml"), "--expected",
+                                 str(CONFIGS / "reference-expected.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pass") == 3
+
+
+def test_tampered_expected_logits_fail_evaluate(runner, tmp_path):
+    tensors = load_file(CONFIGS / "reference-expected.safetensors")
+    tensors["logits"][1, 7, 42] += 1e-3  # one logit of one position, a hair off
+    save_file(tensors, str(tmp_path / "tampered.safetensors"))
+    result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "reference.yaml"), "--expected",
+                                 str(tmp_path / "tampered.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
+
+
+def test_write_expected_round_trip(runner, tmp_path):
+    config = str(CONFIGS / "tiny.yaml")
+    written = runner.invoke(app, ["evaluate", "--config", config, "--prompt-len", "6", "--batch-size", "2",
+                                  "--write-expected", str(tmp_path / "e.safetensors"), "--device", "cpu"])
+    assert written.exit_code == 0, written.output
+    tensors = load_file(tmp_path / "e.safetensors")
+    assert tensors["input_ids"].dtype == torch.int64 and tuple(tensors["input_ids"].shape) == (2, 6)
+    assert tensors["logits"].dtype == torch.float32 and tuple(tensors["logits"].shape) == (2, 6, 256)
+    checked = runner.invoke(app, ["evaluate", "--config", config, "--expected", str(tmp_path / "e.safetensors")])
+    assert checked.exit_code == 0, checked.output
+
+
+def test_expected_file_for_another_vocab_is_refused(runner):
+    result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "default.yaml"), "--expected",
+                                 str(CONFIGS / "reference-expected.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "vocab_size 50257" in result.output
+
+
+def test_expected_file_without_logits_is_refused(runner, tmp_path):
+    save_file({"input_ids": torch.zeros(1, 3, dtype=torch.int64)}, str(tmp_path / "e.safetensors"))
+    result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--expected",
+                                 str(tmp_path / "e.safetensors")])
+    assert result.exit_code == 2 and "'logits'" in result.output, result.output
