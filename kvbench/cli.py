@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Callable
@@ -229,6 +230,198 @@ def init_weights_command(
     save_weights(model, out)
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"wrote {n_params:,} parameters for {loaded.name} to {out}")
+
+
+# --- benchmark ------------------------------------------------------------------------------------------------
+
+DEFAULT_LENGTHS = "10,50,100,500,1000"
+DEFAULT_BENCH_STRATEGIES = "naive,static"
+LONG_RUN_S = 20.0  # announce runs estimated to take longer than this
+
+
+def parse_lengths(text: str) -> list[int]:
+    lengths = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) <= 0:
+            raise KVBenchError(f"--lengths: {part!r} is not a positive integer; give e.g. --lengths 10,50,100")
+        lengths.append(int(part))
+    return sorted(set(lengths))
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class RichReporter:
+    """Progress for the sweep. The bar is redrawn only between runs (auto_refresh off), so that rich's
+    refresh thread never competes with a timed run for the interpreter."""
+
+    def __init__(self, progress: Progress, repeats: int):
+        self.progress, self.repeats, self.task = progress, repeats, None
+        self.announced: set[tuple[str, int]] = set()
+
+    def planned(self, runs) -> None:
+        total = sum(r.estimate_s for r in runs)
+        timed = sum(not r.is_warmup for r in runs)
+        console.print(f"{timed} timed runs to do, estimated {duration(total)} in all (warm-ups included)")
+        self.task = self.progress.add_task("starting", total=max(total, 1e-9))
+        self.progress.refresh()
+
+    def starting(self, run) -> None:
+        point = (run.strategy, run.new_tokens)
+        if not run.is_warmup and run.estimate_s > LONG_RUN_S and point not in self.announced:
+            self.announced.add(point)
+            self.progress.console.print(f"{run.strategy} at {run.new_tokens} tokens: about {duration(run.estimate_s)}"
+                                        f" per run, {self.repeats} repeats")
+        what = "warm-up" if run.is_warmup else f"repeat {run.repeat + 1}/{self.repeats}"
+        self.progress.update(self.task, description=f"{run.strategy:>8} · {run.new_tokens:>5} tokens · {what}")
+        self.progress.refresh()
+
+    def finished(self, run, row) -> None:
+        self.progress.advance(self.task, run.estimate_s)
+        self.progress.refresh()
+
+
+def _number(value: float, fmt: str) -> str:
+    return "-" if value != value else format(value, fmt)  # NaN (e.g. per-token time of a 1-token run)
+
+
+def summary_table(summary) -> Table:
+    table = Table(title="medians over repeats, with interquartile ranges")
+    for column in ("strategy", "tokens", "total s", "IQR", "per token ms", "IQR", "tokens/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for row in summary.itertuples():
+        speedup = math.nan if row.strategy == "naive" else row.speedup_vs_naive
+        table.add_row(row.strategy, str(row.new_tokens), _number(row.total_s_median, ".3f"),
+                      _number(row.total_s_iqr, ".3f"), _number(row.per_token_ms_median, ".2f"),
+                      _number(row.per_token_ms_iqr, ".2f"), _number(row.tokens_per_s_median, ".1f"),
+                      _number(speedup, ".1f") + ("x" if speedup == speedup else ""))
+    return table
+
+
+def report_finish(summary, plots: list[Path], results_path: Path) -> None:
+    if not summary.empty:
+        console.print(summary_table(summary))
+        for row in summary[summary["noisy"]].itertuples():
+            err_console.print(f"[yellow]warning:[/] {row.strategy} at {row.new_tokens} tokens: IQR above 10% of the "
+                              "median; the machine was noisy, consider more --repeats", highlight=False)
+    console.print(f"results in {results_path}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
+
+
+def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
+                 warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
+                 dtype: str | None, seed: int | None):
+    from kvbench.bench.sweep import DTYPES, SweepSettings
+
+    settings = SweepSettings(
+        lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
+        strategies=parse_strategies(strategies or DEFAULT_BENCH_STRATEGIES),
+        repeats=1 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
+        prompt_len=16 if prompt_len is None else prompt_len, batch_size=1 if batch_size is None else batch_size,
+        device=str(resolve_device(device)), dtype=dtype or "float32", threads=threads, seed=seed or 0)
+    settings = settings if repeats is not None else SweepSettings(**{**settings.to_dict(), "repeats": 3})
+    for option, value in (("--repeats", settings.repeats), ("--prompt-len", settings.prompt_len),
+                          ("--batch-size", settings.batch_size)):
+        require_positive(option, value)
+    if settings.warmup < 0:
+        raise KVBenchError(f"--warmup must be 0 or more (got {settings.warmup})")
+    if threads is not None:
+        require_positive("--threads", threads)
+    if settings.dtype not in DTYPES:
+        raise KVBenchError(f"--dtype {settings.dtype!r} is not supported; choose from {', '.join(DTYPES)}")
+    check_fits(loaded, settings.prompt_len + max(settings.lengths) - 1, "--prompt-len + longest --lengths - 1")
+    return settings
+
+
+@app.command()
+@fail_cleanly
+def benchmark(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    device: DeviceOpt = "auto",
+    lengths: Annotated[str | None, typer.Option(help=f"New tokens per point [default: {DEFAULT_LENGTHS}].")] = None,
+    strategies: Annotated[str | None, typer.Option(
+        help=f"Comma-separated, from: {', '.join(STRATEGIES)} [default: {DEFAULT_BENCH_STRATEGIES}].")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs per point [default: 3].")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Untimed warm-up runs per strategy and length [default: 1].")] = None,
+    prompt_len: Annotated[int | None, typer.Option(help="Prompt length in tokens [default: 16].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch [default: 1].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch [default: torch's].")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random prompt [default: 0].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results directory [default: results/<date-time>-<config>-<device>].")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory.")] = None,
+) -> None:
+    """Time cached against naive generation over sequence lengths; write CSVs and plots."""
+    from kvbench.bench import session as bench
+
+    if resume is not None:
+        given = [name for name, value in (("--lengths", lengths), ("--strategies", strategies), ("--repeats", repeats),
+                 ("--warmup", warmup), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
+                 ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out)) if value is not None]
+        if given or config != DEFAULT_CONFIG:
+            raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
+        run = bench.resume(resume)
+        resolve_device(run.settings.device)
+        console.print(f"resuming {resume}: {len(run.results.completed())} runs already recorded")
+    else:
+        loaded = resolve_config(config)
+        settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
+                                threads, dtype, seed)
+        run = bench.start(loaded, settings, out, Path("results"))
+        console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
+                        auto_refresh=False, transient=True)
+    try:
+        with progress:
+            bench.run(run, torch.device(run.settings.device), RichReporter(progress, run.settings.repeats))
+    except KeyboardInterrupt:
+        summary, plots = bench.finish(run, "interrupted")
+        report_finish(summary, plots, run.results.path)
+        err_console.print(f"interrupted: {len(run.results.completed())} finished runs kept in "
+                          f"{run.results.runs_csv}; continue with: kvbench benchmark --resume {run.results.path}",
+                          highlight=False)
+        raise typer.Exit(130) from None
+    summary, plots = bench.finish(run, "complete")
+    report_finish(summary, plots, run.results.path)
+
+
+@app.command()
+@fail_cleanly
+def plot(results_dir: Annotated[Path, typer.Argument(help="A results directory written by benchmark.")]) -> None:
+    """Redraw the plots (and summary.csv) of a results directory."""
+    from kvbench.bench import session as bench
+
+    summary, plots = bench.redraw(results_dir)
+    report_finish(summary, plots, results_dir)
+
+
+@app.command()
+@fail_cleanly
+def compare(
+    dir_a: Annotated[Path, typer.Argument(help="Baseline results directory (A).")],
+    dir_b: Annotated[Path, typer.Argument(help="Results directory to compare (B).")],
+) -> None:
+    """Per-point ratios of medians, B against A (below 1.00: B is faster)."""
+    from kvbench.bench import session as bench
+
+    joined, meta_a, meta_b = bench.compare(dir_a, dir_b)
+    for label, meta in (("A", meta_a), ("B", meta_b)):
+        s = meta.get("settings", {})
+        console.print(f"{label}: {meta.get('config_name')} on {meta.get('device_name')} ({s.get('dtype')}, batch "
+                      f"{s.get('batch_size')}, commit {str(meta.get('git_commit'))[:10]})", highlight=False)
+    table = Table(title="B / A, ratio of medians")
+    for column in ("strategy", "new tokens", "total A", "total B", "B/A total", "per token A", "per token B",
+                   "B/A per token"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for r in joined.itertuples():
+        table.add_row(r.strategy, str(r.new_tokens), f"{r.total_s_median_a:.3f} s", f"{r.total_s_median_b:.3f} s",
+                      f"{r.total_ratio:.2f}", f"{r.per_token_ms_median_a:.2f} ms", f"{r.per_token_ms_median_b:.2f} ms",
+                      f"{r.per_token_ratio:.2f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -78,6 +78,11 @@ class Generation:
     logits: torch.Tensor | None  # (B, N, V) the logits that chose them, when kept
 
 
+def cache_tokens(prompt_len: int, new_tokens: int) -> int:
+    """Tokens a cache holds at the end: the prompt plus every new token but the last, which is never fed back."""
+    return prompt_len + new_tokens - 1
+
+
 def new_cache(model: Decoder, strategy: str, batch: int, max_len: int) -> KVCache | None:
     """The strategy's cache sized for max_len tokens, on the model's device and dtype."""
     weight = model.lm_head.weight
@@ -87,7 +92,7 @@ def new_cache(model: Decoder, strategy: str, batch: int, max_len: int) -> KVCach
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
              choose: Chooser = greedy, on_step: Callable[[Step], None] | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy ('naive', 'static', 'dynamic')."""
-    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + new_tokens)
+    cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens))
     tokens, logits = [], []
     for step in generation_steps(model, prompt, new_tokens, cache, choose):
         tokens.append(step.token)

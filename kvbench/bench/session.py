@@ -1,0 +1,122 @@
+"""A benchmark session: start or resume a results directory, run the sweep, write summary and plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kvbench.bench.machine import command_line, device_name, machine_info
+from kvbench.bench.results import ResultsDir
+from kvbench.bench.stats import summarize
+from kvbench.bench.sweep import DTYPES, Reporter, Sweep, SweepSettings, calibrate, plan_runs
+from kvbench.bench.timing import PeakMemory
+from kvbench.config import LoadedConfig, load_config
+from kvbench.errors import KVBenchError
+from kvbench.plots import draw_all
+from kvbench.weights import build_model
+
+
+def now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+@dataclass
+class Session:
+    loaded: LoadedConfig
+    settings: SweepSettings
+    results: ResultsDir
+    meta: dict
+
+
+def start(loaded: LoadedConfig, settings: SweepSettings, out: Path | None, base: Path) -> Session:
+    device = torch.device(settings.device)
+    results = ResultsDir.create(out, base, loaded.name, settings.device)
+    meta = {
+        **machine_info(device),
+        "config_name": loaded.name,
+        "config_source": str(loaded.source.resolve()),
+        "config": loaded.model.model_dump(),
+        "weights_path": str(loaded.weights_path) if loaded.weights_path else None,
+        "settings": settings.to_dict(),
+        "command_line": command_line(),
+        "peak_memory_method": PeakMemory(device).describe(),
+        "started_at": now(),
+        "ended_at": None,
+        "status": "running",
+    }
+    results.write_meta(meta)
+    return Session(loaded, settings, results, meta)
+
+
+def resume(path: Path) -> Session:
+    """Reopen a results directory with its recorded settings; the config must not have changed."""
+    results = ResultsDir.open(path)
+    meta = results.read_meta()
+    try:
+        settings = SweepSettings(**meta["settings"])
+        loaded = load_config(Path(meta["config_source"]))
+    except (KeyError, TypeError) as exc:
+        raise KVBenchError(f"{results.meta_json}: cannot resume, meta.json lacks settings ({exc})") from None
+    if loaded.model.model_dump() != meta["config"]:
+        raise KVBenchError(f"{meta['config_source']} changed since {path} started; resuming would mix two models "
+                           "(restore the config or start a new run)")
+    meta.setdefault("resumed_at", []).append(now())
+    meta.update(status="running", ended_at=None, command_line=command_line())
+    results.write_meta(meta)
+    return Session(loaded, settings, results, meta)
+
+
+def run(session: Session, device: torch.device, reporter: Reporter) -> None:
+    """Everything not yet recorded, in order. Raises KeyboardInterrupt through; finish() tidies up."""
+    s = session.settings
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    model = build_model(session.loaded, device, DTYPES[s.dtype])
+    sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device))
+    costs = calibrate(model, sweep.prompt, max(s.lengths), device)
+    sweep.run(plan_runs(s, costs, session.results.completed()), reporter)
+
+
+def finish(session: Session, status: str) -> tuple[pd.DataFrame, list[Path]]:
+    """Write summary.csv, plots and the final meta.json from whatever runs finished."""
+    results = session.results
+    runs = results.read_runs()
+    summary = summarize(runs, session.settings.strategies) if not runs.empty else pd.DataFrame()
+    if not runs.empty:
+        results.write_summary(summary)
+    plots = draw_all(runs, summary, results.read_steps(), session.meta, results.path) if not runs.empty else []
+    session.meta.update(status=status, ended_at=now(), runs_recorded=len(runs))
+    results.write_meta(session.meta)
+    return summary, plots
+
+
+def redraw(path: Path) -> tuple[pd.DataFrame, list[Path]]:
+    results = ResultsDir.open(path)
+    meta = results.read_meta()
+    runs = results.read_runs()
+    if runs.empty:
+        raise KVBenchError(f"{results.runs_csv} holds no finished runs; nothing to plot")
+    summary = summarize(runs, meta.get("settings", {}).get("strategies"))
+    results.write_summary(summary)
+    return summary, draw_all(runs, summary, results.read_steps(), meta, path)
+
+
+def compare(path_a: Path, path_b: Path) -> tuple[pd.DataFrame, dict, dict]:
+    """Per strategy and length, medians of B divided by medians of A (below 1: B is faster)."""
+    frames, metas = [], []
+    for path in (path_a, path_b):
+        results = ResultsDir.open(path)
+        metas.append(results.read_meta())
+        frames.append(summarize(results.read_runs()).set_index(["strategy", "new_tokens"]))
+    a, b = frames
+    joined = a[["total_s_median", "per_token_ms_median"]].join(
+        b[["total_s_median", "per_token_ms_median"]], lsuffix="_a", rsuffix="_b", how="inner")
+    if joined.empty:
+        raise KVBenchError(f"{path_a} and {path_b} share no (strategy, length) point to compare")
+    joined["total_ratio"] = joined["total_s_median_b"] / joined["total_s_median_a"]
+    joined["per_token_ratio"] = joined["per_token_ms_median_b"] / joined["per_token_ms_median_a"]
+    return joined.reset_index(), metas[0], metas[1]

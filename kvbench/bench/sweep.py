@@ -1,0 +1,227 @@
+"""The benchmark sweep: cached against naive generation over lengths, warm-up excluded, strategies interleaved.
+
+What is timed: the prefill (which yields the first new token) and each decode step, separately, with the
+device synchronised (CUDA events). Outside the timed region: building the model, loading weights, allocating
+the cache, the warm-up generations, and writing results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from kvbench.bench.results import ResultsDir, RunKey
+from kvbench.bench.timing import PeakMemory, StepClock, synchronize
+from kvbench.cache import KVCache, kv_bytes_formula
+from kvbench.config import LoadedConfig
+from kvbench.generate import cache_tokens, generation_steps, naive_step, new_cache
+from kvbench.model import Decoder
+from kvbench.verify import random_prompt
+
+WARMUP_TOKEN_CAP = 100  # warm-up generations stop here: same kernels, without doubling the naive sweep
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep runs; recorded in meta.json so that --resume continues with exactly these."""
+
+    lengths: list[int]
+    strategies: list[str]
+    repeats: int = 3
+    warmup: int = 1
+    prompt_len: int = 16
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    strategy: str
+    new_tokens: int  # the sweep point's length
+    repeat: int  # -1 for a warm-up
+    estimate_s: float
+    warmup_tokens: int = 0  # a warm-up generates this many tokens, into the point's own cache
+
+    @property
+    def tokens(self) -> int:
+        return self.warmup_tokens if self.is_warmup else self.new_tokens
+
+    @property
+    def key(self) -> RunKey:
+        return (self.strategy, self.new_tokens, self.repeat)
+
+    @property
+    def is_warmup(self) -> bool:
+        return self.repeat < 0
+
+
+class Reporter(Protocol):
+    """What the sweep tells the CLI; it never prints itself."""
+
+    def planned(self, runs: list[Run]) -> None: ...
+    def starting(self, run: Run) -> None: ...
+    def finished(self, run: Run, row: dict | None) -> None: ...
+
+
+# --- cost estimate ----------------------------------------------------------------------------------------------
+
+@dataclass
+class CostModel:
+    """Seconds per step, measured once before the sweep: naive as a quadratic in sequence length."""
+
+    naive_poly: np.ndarray  # coefficients of seconds per naive step against sequence length
+    decode_s: float  # one cached decode step
+
+    def naive_step_s(self, seq_len: int) -> float:
+        return max(float(np.polyval(self.naive_poly, seq_len)), 0.0)
+
+    def run_s(self, strategy: str, prompt_len: int, new_tokens: int) -> float:
+        if strategy == "naive":
+            return sum(self.naive_step_s(prompt_len + i) for i in range(new_tokens))
+        return self.naive_step_s(prompt_len) + (new_tokens - 1) * self.decode_s
+
+
+def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+@torch.inference_mode()
+def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device) -> CostModel:
+    """Time a few naive forwards and cached decode steps to predict the sweep's duration."""
+    n_prompt = prompt.shape[1]
+    seq_lens = sorted({n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1})
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    naive_times = []
+    for seq_len in seq_lens:
+        ids = torch.randint(0, vocab, (prompt.shape[0], seq_len), generator=gen).to(device)
+        naive_step(model, ids)  # first call of a shape pays one-off costs
+        naive_times.append(_median_seconds(lambda: naive_step(model, ids), device, repeats=2))
+    poly = np.polyfit(seq_lens, naive_times, deg=min(2, len(seq_lens) - 1))
+    cache = new_cache(model, "static", prompt.shape[0], n_prompt + 8)
+    steps = generation_steps(model, prompt, 8, cache)
+    next(steps)
+    next(steps)  # first decode step: one-off costs
+    decode_s = _median_seconds(lambda: next(steps), device, repeats=5)
+    return CostModel(poly, decode_s)
+
+
+# --- plan -------------------------------------------------------------------------------------------------------
+
+def plan_runs(settings: SweepSettings, costs: CostModel, done: set[RunKey]) -> list[Run]:
+    """Every run still to do, in order: per length, warm-ups, then repeats with strategies interleaved."""
+    runs: list[Run] = []
+    for length in settings.lengths:
+        timed = [Run(s, length, r, costs.run_s(s, settings.prompt_len, length))
+                 for r in range(settings.repeats) for s in settings.strategies if (s, length, r) not in done]
+        if not timed:
+            continue
+        warm = min(length, WARMUP_TOKEN_CAP)
+        runs += [Run(s, length, -1, costs.run_s(s, settings.prompt_len, warm), warmup_tokens=warm)
+                 for s in settings.strategies for _ in range(settings.warmup)]
+        runs += timed
+    return runs
+
+
+# --- one timed run ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: list[float] = field(default_factory=list)  # one entry per decode step
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + sum(self.decode_s)
+
+
+def time_generation(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
+                    device: torch.device) -> Timing:
+    """Generate new_tokens, marking the clock before the prefill and after every step."""
+    clock = StepClock(device)
+    clock.mark()
+    for _ in generation_steps(model, prompt, new_tokens, cache):
+        clock.mark()
+    durations = clock.durations()
+    return Timing(durations[0], durations[1:])
+
+
+class Sweep:
+    """Runs the plan, one row per timed run into the results directory."""
+
+    def __init__(self, loaded: LoadedConfig, model: Decoder, settings: SweepSettings, results: ResultsDir,
+                 device: torch.device, device_name: str):
+        self.loaded, self.model, self.settings = loaded, model, settings
+        self.results, self.device, self.device_name = results, device, device_name
+        self.prompt = random_prompt(loaded.model, settings.batch_size, settings.prompt_len, settings.seed).to(device)
+        self.memory = PeakMemory(device)
+        self.caches: dict[tuple[str, int], KVCache | None] = {}
+
+    def cache_for(self, strategy: str, new_tokens: int) -> KVCache | None:
+        """Allocated once per strategy and length, before any timing; reset (not reallocated) per run."""
+        key = (strategy, new_tokens)
+        if key not in self.caches:
+            self.caches = {k: v for k, v in self.caches.items() if k[1] == new_tokens}  # free other lengths
+            tokens = cache_tokens(self.settings.prompt_len, new_tokens)
+            self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
+        return self.caches[key]
+
+    def execute(self, run: Run) -> dict | None:
+        cache = self.cache_for(run.strategy, run.new_tokens)
+        self.memory.start()
+        timing = time_generation(self.model, self.prompt, run.tokens, cache, self.device)
+        if run.is_warmup:
+            return None
+        row = self.row(run, timing, cache, self.memory.peak_bytes())
+        self.results.append_run(row, self.step_rows(run, timing))
+        return row
+
+    def row(self, run: Run, timing: Timing, cache: KVCache | None, peak: int) -> dict:
+        s, cfg = self.settings, self.loaded.model
+        n_decode = run.new_tokens - 1
+        decode_s = sum(timing.decode_s)
+        element = torch.finfo(DTYPES[s.dtype]).bits // 8
+        formula_tokens = cache_tokens(s.prompt_len, run.new_tokens) if cache is not None else 0
+        return dict(
+            config=self.loaded.name, strategy=run.strategy, device=self.device.type, device_name=self.device_name,
+            dtype=s.dtype, threads=torch.get_num_threads(), batch_size=s.batch_size, prompt_len=s.prompt_len,
+            new_tokens=run.new_tokens, repeat=run.repeat, total_s=timing.total_s, prefill_s=timing.prefill_s,
+            decode_s=decode_s, per_token_ms=1000 * decode_s / n_decode if n_decode else math.nan,
+            tokens_per_s=s.batch_size * run.new_tokens / timing.total_s,
+            kv_cache_bytes=cache.nbytes if cache is not None else 0,
+            kv_cache_formula_bytes=kv_bytes_formula(cfg.n_layers, cfg.n_heads, cfg.head_dim, formula_tokens,
+                                                    s.batch_size, element),
+            peak_mem_bytes=peak, finished_at=datetime.now().isoformat(timespec="seconds"),
+        )
+
+    def step_rows(self, run: Run, timing: Timing) -> list[dict]:
+        first_position = self.settings.prompt_len  # decode step i feeds the token at position P + i - 1
+        return [dict(strategy=run.strategy, new_tokens=run.new_tokens, repeat=run.repeat, step=i + 1,
+                     position=first_position + i, step_ms=1000 * seconds)
+                for i, seconds in enumerate(timing.decode_s)]
+
+    def run(self, runs: list[Run], reporter: Reporter) -> None:
+        reporter.planned(runs)
+        for run in runs:
+            reporter.starting(run)
+            reporter.finished(run, self.execute(run))

@@ -1,0 +1,122 @@
+"""Report-ready matplotlib figures from a results directory's tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, none opened
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from kvbench.bench.stats import quartiles, step_medians  # noqa: E402
+
+COLORS = {"naive": "#d62728", "static": "#1f77b4", "dynamic": "#ff7f0e", "sliding": "#2ca02c",
+          "quantized": "#9467bd"}
+MARKERS = {"naive": "o", "static": "s", "dynamic": "^", "sliding": "D", "quantized": "v"}
+
+
+def _style(strategy: str) -> dict:
+    return dict(color=COLORS.get(strategy), marker=MARKERS.get(strategy, "o"), label=strategy)
+
+
+def _subtitle(meta: dict) -> str:
+    s = meta["settings"]
+    return (f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · batch {s['batch_size']}"
+            f" · prompt {s['prompt_len']} · median of {s['repeats']} (bars: IQR)")
+
+
+def _finish(fig, ax, title: str, meta: dict, path: Path) -> Path:
+    ax.set_title(f"{title}\n{_subtitle(meta)}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def _tokens_axis(ax, lengths) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(lengths))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("new tokens generated")
+
+
+def latency_plot(runs: pd.DataFrame, meta: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    q = quartiles(runs, "total_s")
+    for strategy, points in q.groupby("strategy", sort=False):
+        err = [points["median"] - points["q25"], points["q75"] - points["median"]]
+        ax.errorbar(points["new_tokens"], points["median"], yerr=err, capsize=3, **_style(strategy))
+    _tokens_axis(ax, runs["new_tokens"].unique())
+    ax.set_yscale("log")
+    ax.set_ylabel("total generation time (s)")
+    return _finish(fig, ax, "Generation latency: prefill + decode", meta, path)
+
+
+def speedup_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for strategy, points in summary[summary["strategy"] != "naive"].groupby("strategy", sort=False):
+        ax.plot(points["new_tokens"], points["speedup_vs_naive"], **_style(strategy))
+    ax.axhline(1.0, color="gray", lw=1, ls="--", label="naive")
+    _tokens_axis(ax, summary["new_tokens"].unique())
+    ax.set_ylabel("speed-up over naive (median total time ratio)")
+    return _finish(fig, ax, "What the KV cache buys", meta, path)
+
+
+def per_token_plot(steps: pd.DataFrame, meta: dict, path: Path, floor: pd.DataFrame | None = None) -> Path | None:
+    if steps.empty:
+        return None
+    longest = int(steps["new_tokens"].max())
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for strategy, points in step_medians(steps, longest).groupby("strategy", sort=False):
+        ax.plot(points["position"], points["step_ms"], lw=1, color=COLORS.get(strategy), label=strategy)
+    if floor is not None and not floor.empty:
+        ax.plot(floor["position"], floor["floor_ms"], color="black", ls="--", lw=1, label="memory-bandwidth floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("token position (prompt + generated)")
+    ax.set_ylabel("decode step time (ms, median over repeats)")
+    return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta, path)
+
+
+def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for strategy, points in summary.groupby("strategy", sort=False):
+        style = _style(strategy)
+        if strategy != "naive":
+            left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ls="none", ms=7,
+                      **{**style, "label": f"{strategy} (allocated)"})
+            left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
+                      ls="--", label=f"{strategy} (formula)")
+        right.plot(points["new_tokens"], points["peak_mem_bytes_median"] / 2**20, **style)
+    for ax in (left, right):
+        _tokens_axis(ax, summary["new_tokens"].unique())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_ylabel("KV cache at the end of the run (MiB)")
+    left.set_yscale("log")
+    left.set_title("KV cache: allocated vs 2·layers·heads·head_dim·tokens·batch·bytes", fontsize=9)
+    right.set_ylabel("peak memory during the run (MiB)")
+    right.set_title(f"Peak memory ({'GPU allocator' if meta['settings']['device'].startswith('cuda') else 'process RSS'})",
+                    fontsize=9)
+    fig.suptitle(f"Memory\n{_subtitle(meta)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, meta: dict, out: Path,
+             floor: pd.DataFrame | None = None) -> list[Path]:
+    """Every plot for a results directory; returns the files written."""
+    if runs.empty:
+        return []
+    written = [latency_plot(runs, meta, out / "latency.png"), memory_plot(summary, meta, out / "memory.png")]
+    if (summary["strategy"] == "naive").any() and (summary["strategy"] != "naive").any():
+        written.append(speedup_plot(summary, meta, out / "speedup.png"))
+    written.append(per_token_plot(steps, meta, out / "per_token.png", floor))
+    return [p for p in written if p is not None]
