@@ -112,9 +112,8 @@ def compare(path_a: Path, path_b: Path) -> tuple[pd.DataFrame, dict, dict]:
         results = ResultsDir.open(path)
         metas.append(results.read_meta())
         frames.append(summarize(results.read_runs()).set_index(["strategy", "new_tokens"]))
-    a, b = frames
-    joined = a[["total_s_median", "per_token_ms_median"]].join(
-        b[["total_s_median", "per_token_ms_median"]], lsuffix="_a", rsuffix="_b", how="inner")
+    a, b = (frame[["total_s_median", "per_token_ms_median"]] for frame in frames)
+    joined = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
     if joined.empty:
         raise KVBenchError(f"{path_a} and {path_b} share no (strategy, length) point to compare")
     joined["total_ratio"] = joined["total_s_median_b"] / joined["total_s_median_a"]

@@ -1,0 +1,234 @@
+"""The benchmark command: result files, statistics, resume and interruption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import CONFIGS
+from kvbench.bench import sweep as sweep_module
+from kvbench.bench.results import RUN_COLUMNS, ResultsDir
+from kvbench.bench.session import compare
+from kvbench.bench.stats import summarize
+from kvbench.bench.sweep import CostModel, SweepSettings, plan_runs
+from kvbench.bench.timing import PeakMemory, StepClock
+from kvbench.cli import app
+
+TINY = str(CONFIGS / "tiny.yaml")
+SMALL_SWEEP = ["--config", TINY, "--lengths", "3,6", "--strategies", "naive,static", "--repeats", "2",
+               "--device", "cpu"]
+
+
+def bench(runner, out, *extra):
+    return runner.invoke(app, ["benchmark", *SMALL_SWEEP, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("bench") / "run"
+    result = bench(CliRunner(), out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_results_csv_schema_and_row_count(finished_run):
+    out, _ = finished_run
+    runs = pd.read_csv(out / "results.csv")
+    assert list(runs.columns) == RUN_COLUMNS
+    assert len(runs) == 2 * 2 * 2  # lengths x strategies x repeats
+    assert sorted(runs.groupby(["strategy", "new_tokens", "repeat"]).size()) == [1] * 8
+    np.testing.assert_allclose(runs["total_s"], runs["prefill_s"] + runs["decode_s"])
+    np.testing.assert_allclose(runs["per_token_ms"], 1000 * runs["decode_s"] / (runs["new_tokens"] - 1))
+    np.testing.assert_allclose(runs["tokens_per_s"], runs["batch_size"] * runs["new_tokens"] / runs["total_s"])
+
+
+def test_kv_cache_bytes_match_the_formula(finished_run):
+    runs = pd.read_csv(finished_run[0] / "results.csv")
+    naive, static = runs[runs["strategy"] == "naive"], runs[runs["strategy"] == "static"]
+    assert (naive["kv_cache_bytes"] == 0).all()
+    # tiny: 2 layers, 4 heads x 16, float32; the cache ends holding prompt 16 + new tokens - 1
+    expected = 2 * 2 * 4 * 16 * (16 + static["new_tokens"] - 1) * 1 * 4
+    assert (static["kv_cache_bytes"] == expected).all()
+    assert (static["kv_cache_formula_bytes"] == expected).all()
+
+
+def test_summary_meta_steps_and_plots_written(finished_run):
+    out, result = finished_run
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and {"total_s_median", "total_s_iqr", "speedup_vs_naive"} <= set(summary.columns)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["runs_recorded"] == 8
+    for key in ("kvbench_version", "torch_version", "python_version", "cpu_model", "torch_threads", "git_commit",
+                "config", "settings", "command_line", "started_at", "ended_at"):
+        assert key in meta, key
+    assert meta["config"]["d_model"] == 64 and meta["settings"]["lengths"] == [3, 6]
+    steps = pd.read_csv(out / "steps.csv")
+    assert len(steps) == 2 * 2 * (2 + 5)  # repeats x strategies x decode steps of both lengths
+    for name in ("latency.png", "speedup.png", "per_token.png", "memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "speed-up" in result.output
+
+
+def test_output_directory_is_never_overwritten(runner, finished_run):
+    result = bench(runner, finished_run[0])
+    assert result.exit_code == 2 and "already holds results" in result.output, result.output
+
+
+def interrupt_after(monkeypatch, n_calls: int):
+    real = sweep_module.Sweep.execute
+    calls = {"n": 0}
+
+    def execute(self, run):
+        calls["n"] += 1
+        if calls["n"] > n_calls:
+            raise KeyboardInterrupt
+        return real(self, run)
+
+    monkeypatch.setattr(sweep_module.Sweep, "execute", execute)
+
+
+def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, 5)  # 2 warm-ups + 3 timed runs of the first length
+    result = bench(runner, out)
+    assert result.exit_code == 130, result.output
+    assert "--resume" in result.output
+    kept = pd.read_csv(out / "results.csv")
+    assert len(kept) == 3
+    assert json.loads((out / "meta.json").read_text())["status"] == "interrupted"
+
+    monkeypatch.undo()
+    resumed = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    runs = pd.read_csv(out / "results.csv")
+    assert len(runs) == 8 and runs.groupby(["strategy", "new_tokens", "repeat"]).size().max() == 1
+    pd.testing.assert_frame_equal(runs.iloc[:3], kept)  # nothing recorded was redone
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete" and len(meta["resumed_at"]) == 1
+
+
+def test_resume_of_a_finished_run_runs_nothing(runner, finished_run):
+    before = pd.read_csv(finished_run[0] / "results.csv")
+    result = runner.invoke(app, ["benchmark", "--resume", str(finished_run[0])])
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(pd.read_csv(finished_run[0] / "results.csv"), before)
+
+
+def test_resume_refuses_new_settings(runner, finished_run):
+    result = runner.invoke(app, ["benchmark", "--resume", str(finished_run[0]), "--repeats", "5"])
+    assert result.exit_code == 2 and "drop --repeats" in result.output, result.output
+
+
+def test_resume_of_a_non_results_directory(runner, tmp_path):
+    result = runner.invoke(app, ["benchmark", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "no meta.json" in result.output, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(runner, tmp_path):
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--device", "cuda", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "--device cuda: CUDA is not available" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lengths", "10,0"], "'0' is not a positive integer"),
+    (["--lengths", "ten"], "'ten' is not a positive integer"),
+    (["--lengths", "2000"], "do not fit max_seq_len 1280"),
+    (["--strategies", "naive,paged"], "unknown strategy 'paged'"),
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--dtype", "int8"], "--dtype 'int8' is not supported"),
+])
+def test_bad_benchmark_options(runner, tmp_path, args, needle):
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+# --- statistics, plan and clocks, against hand-computed values ------------------------------------------------
+
+def hand_runs() -> pd.DataFrame:
+    rows = []
+    for strategy, totals in (("naive", [4.0, 1.0, 3.0, 2.0]), ("static", [1.0, 1.0, 1.0, 1.3])):
+        for repeat, total in enumerate(totals):
+            rows.append(dict(strategy=strategy, new_tokens=11, repeat=repeat, total_s=total, prefill_s=0.0,
+                             decode_s=total, per_token_ms=100 * total, tokens_per_s=11 / total, kv_cache_bytes=0,
+                             kv_cache_formula_bytes=0, peak_mem_bytes=1))
+    return pd.DataFrame(rows)
+
+
+def test_summary_statistics_by_hand():
+    summary = summarize(hand_runs()).set_index("strategy")
+    # naive totals 1,2,3,4: median 2.5; quartiles (linear) 1.75 and 3.25, IQR 1.5
+    assert summary.loc["naive", "total_s_median"] == 2.5
+    assert summary.loc["naive", "total_s_iqr"] == pytest.approx(1.5)
+    # static totals 1,1,1,1.3: median 1.0; quartiles 1.0 and 1.075
+    assert summary.loc["static", "total_s_median"] == 1.0
+    assert summary.loc["static", "total_s_iqr"] == pytest.approx(0.075)
+    assert summary.loc["static", "speedup_vs_naive"] == pytest.approx(2.5)
+    assert summary.loc["naive", "noisy"] and not summary.loc["static", "noisy"]  # 1.5/2.5 > 10% > 0.075/1.0
+
+
+def test_cost_model_by_hand():
+    costs = CostModel(naive_poly=np.array([0.0, 0.001, 0.01]), decode_s=0.005)  # 10 ms + 1 ms per token
+    assert costs.run_s("naive", 4, 3) == pytest.approx(0.014 + 0.015 + 0.016)
+    assert costs.run_s("static", 4, 3) == pytest.approx(0.014 + 2 * 0.005)
+
+
+def test_plan_interleaves_strategies_and_skips_recorded_runs():
+    settings = SweepSettings(lengths=[5, 200], strategies=["naive", "static"], repeats=2, warmup=1)
+    costs = CostModel(np.array([0.0, 0.01]), 0.01)
+    runs = plan_runs(settings, costs, done={("naive", 5, 0), ("static", 5, 0), ("naive", 5, 1), ("static", 5, 1),
+                                            ("naive", 200, 0)})
+    assert [(r.strategy, r.new_tokens, r.repeat) for r in runs] == [
+        ("naive", 200, -1), ("static", 200, -1), ("static", 200, 0), ("naive", 200, 1), ("static", 200, 1)]
+    assert runs[0].tokens == 100  # warm-ups are capped, into the point's own cache
+
+
+def test_step_clock_gives_one_duration_per_interval():
+    clock = StepClock(torch.device("cpu"))
+    for _ in range(4):
+        clock.mark()
+    durations = clock.durations()
+    assert len(durations) == 3 and all(d >= 0 for d in durations)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    meter = PeakMemory(torch.device("cpu"))
+    if not meter.exact:
+        pytest.skip("no per-run RSS reset on this platform")
+    meter.start()
+    baseline = meter.peak_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert meter.peak_bytes() - baseline >= 60 * 2**20
+    del block
+
+
+def test_compare_gives_ratios_of_medians(runner, tmp_path):
+    for name, scale in (("a", 1.0), ("b", 0.5)):
+        results = ResultsDir.create(tmp_path / name, tmp_path, "x", "cpu")
+        runs = hand_runs()
+        runs[["total_s", "per_token_ms"]] *= scale
+        runs.assign(config="x", device="cpu", device_name="cpu", dtype="float32", threads=1, batch_size=1,
+                    prompt_len=1, finished_at="")[RUN_COLUMNS].to_csv(results.runs_csv, index=False)
+        results.write_meta({"config_name": "x", "settings": {}})
+    joined, _, _ = compare(tmp_path / "a", tmp_path / "b")
+    assert list(joined["total_ratio"]) == [0.5, 0.5] and list(joined["per_token_ratio"]) == [0.5, 0.5]
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert " 0.50 " in result.output
+
+
+def test_plot_redraws(runner, finished_run):
+    out = finished_run[0]
+    (out / "latency.png").unlink()
+    result = runner.invoke(app, ["plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "latency.png").exists()
