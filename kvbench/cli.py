@@ -10,6 +10,7 @@ from typing import Annotated, Callable
 
 import torch
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -290,14 +291,16 @@ def _number(value: float, fmt: str) -> str:
 
 
 def summary_table(summary) -> Table:
-    table = Table(title="medians over repeats, with interquartile ranges")
-    for column in ("strategy", "tokens", "total s", "IQR", "per token ms", "IQR", "tokens/s", "speed-up"):
-        table.add_column(column, justify="left" if column == "strategy" else "right")
+    table = Table(title="medians over repeats (IQR: interquartile range); floor: bytes a decode step reads / "
+                        "measured read bandwidth", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("strategy", "tokens", "total s", "ms/token", "IQR", "floor ms", "×floor", "speed-up"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
         speedup = math.nan if row.strategy == "naive" else row.speedup_vs_naive
         table.add_row(row.strategy, str(row.new_tokens), _number(row.total_s_median, ".3f"),
-                      _number(row.total_s_iqr, ".3f"), _number(row.per_token_ms_median, ".2f"),
-                      _number(row.per_token_ms_iqr, ".2f"), _number(row.tokens_per_s_median, ".1f"),
+                      _number(row.per_token_ms_median, ".2f"),
+                      _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f"),
+                      _number(row.per_token_over_floor, ".2f"),
                       _number(speedup, ".1f") + ("x" if speedup == speedup else ""))
     return table
 

@@ -19,7 +19,9 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> token ids (
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+    # float32 first: argmax has no vectorised bfloat16 path on CPU (0.2 ms per step at 50257 entries).
+    # The conversion is exact, so the chosen token (first index among equal maxima) is unchanged.
+    return logits.float().argmax(dim=-1)
 
 
 def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -18,22 +18,44 @@ from kvbench.config import ModelConfig
 INIT_STD = 0.02  # GPT-2's initialiser range
 
 
-class Linear(nn.Module):
-    """y = x @ W + b with W stored (in, out), GPT-2's Conv1D layout.
+KERNELS = ("matmul", "mv", "linear")
 
-    Why not nn.Linear: decoding multiplies one row by each weight, and on CPU a contiguous (in, out) matrix
-    streams faster than F.linear's (out, in) for the wide LM head (see docs/perf.md). It also makes GPT-2
-    checkpoints load without transposes.
+
+class Linear(nn.Module):
+    """y = x @ W + b, computed by one of three kernels, each with the weight layout it streams fastest.
+
+    Why: decoding multiplies a single row by every weight, a matrix-vector product whose speed depends on
+    the kernel and on how W lies in memory. Measured on CPU (docs/perf.md): float32 is fastest as
+    x @ W with W (in, out) contiguous ("matmul", GPT-2's Conv1D layout and kvbench's file format);
+    bfloat16 as torch.mv with W (out, in) ("mv"); "linear" is F.linear on W (out, in), as nn.Linear does.
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # (in, out) for "matmul"
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.kernel = "matmul"
+
+    def use_kernel(self, kernel: str) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; choose from {KERNELS}")
+        if (kernel == "matmul") != (self.kernel == "matmul"):  # switching between (in, out) and (out, in)
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
+        self.kernel = kernel
+
+    def rows_by_output(self) -> torch.Tensor:
+        """W as (out, in): one row per output feature (for a tied embedding, one row per token)."""
+        return self.weight.t() if self.kernel == "matmul" else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
+        if self.kernel == "matmul":
+            y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
+        elif self.kernel == "mv" and x2d.shape[0] == 1:  # F.linear does not pick the vector kernel itself
+            y = torch.mv(self.weight, x2d[0])[None]  # (1, out)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x2d, self.weight, self.bias)  # (N, out)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
@@ -126,7 +148,7 @@ class Decoder(nn.Module):
 
     def embed(self, ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         T = ids.shape[1]
-        table = self.lm_head.weight.t() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
+        table = self.lm_head.rows_by_output() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
         x = F.embedding(ids, table)  # (B, T, D)
         if self.pos_emb is not None:
             return x + self.pos_emb[start_pos:start_pos + T]
@@ -149,6 +171,13 @@ class Decoder(nn.Module):
         if last_only:
             h = h[:, -1:]  # (B, 1, D): the LM head is the costliest matmul; skip it where nobody reads it
         return self.lm_head(h)
+
+    def use_kernel(self, kernel: str) -> Decoder:
+        """Compute every Linear with `kernel`, re-laying weights to suit it (see Linear); logits are unchanged."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_kernel(kernel)
+        return self
 
     def _check_positions(self, start_pos: int, n_new: int) -> None:
         end = start_pos + n_new

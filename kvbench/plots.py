@@ -23,14 +23,17 @@ def _style(strategy: str) -> dict:
     return dict(color=COLORS.get(strategy), marker=MARKERS.get(strategy, "o"), label=strategy)
 
 
-def _subtitle(meta: dict) -> str:
+def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
     s = meta["settings"]
     return (f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · batch {s['batch_size']}"
-            f" · prompt {s['prompt_len']} · median of {s['repeats']} (bars: IQR)")
+            f" · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
 
 
-def _finish(fig, ax, title: str, meta: dict, path: Path) -> Path:
-    ax.set_title(f"{title}\n{_subtitle(meta)}", fontsize=10)
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _finish(fig, ax, title: str, meta: dict, path: Path, what: str = "median of {repeats}") -> Path:
+    ax.set_title(f"{title}\n{_subtitle(meta, what)}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -42,7 +45,7 @@ def _finish(fig, ax, title: str, meta: dict, path: Path) -> Path:
 def _tokens_axis(ax, lengths) -> None:
     ax.set_xscale("log")
     ax.set_xticks(sorted(lengths))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(PLAIN)
     ax.set_xlabel("new tokens generated")
 
 
@@ -54,8 +57,10 @@ def latency_plot(runs: pd.DataFrame, meta: dict, path: Path) -> Path:
         ax.errorbar(points["new_tokens"], points["median"], yerr=err, capsize=3, **_style(strategy))
     _tokens_axis(ax, runs["new_tokens"].unique())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PLAIN)
     ax.set_ylabel("total generation time (s)")
-    return _finish(fig, ax, "Generation latency: prefill + decode", meta, path)
+    return _finish(fig, ax, "Generation latency: prefill + decode", meta, path,
+                   "median of {repeats} runs, bars: interquartile range")
 
 
 def speedup_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
@@ -78,9 +83,12 @@ def per_token_plot(steps: pd.DataFrame, meta: dict, path: Path, floor: pd.DataFr
     if floor is not None and not floor.empty:
         ax.plot(floor["position"], floor["floor_ms"], color="black", ls="--", lw=1, label="memory-bandwidth floor")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PLAIN)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("token position (prompt + generated)")
     ax.set_ylabel("decode step time (ms, median over repeats)")
-    return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta, path)
+    return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta, path,
+                   "median of {repeats} runs per position")
 
 
 def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
@@ -99,22 +107,33 @@ def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     left.set_ylabel("KV cache at the end of the run (MiB)")
     left.set_yscale("log")
+    left.yaxis.set_major_formatter(PLAIN)
     left.set_title("KV cache: allocated vs 2·layers·heads·head_dim·tokens·batch·bytes", fontsize=9)
     right.set_ylabel("peak memory during the run (MiB)")
     right.set_title(f"Peak memory ({'GPU allocator' if meta['settings']['device'].startswith('cuda') else 'process RSS'})",
                     fontsize=9)
-    fig.suptitle(f"Memory\n{_subtitle(meta)}", fontsize=10)
+    fig.suptitle(f"Memory\n{_subtitle(meta, 'median of {repeats} runs')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 
 
-def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, meta: dict, out: Path,
-             floor: pd.DataFrame | None = None) -> list[Path]:
+def floor_line(steps: pd.DataFrame, meta: dict) -> pd.DataFrame | None:
+    """Memory floor per position: the token at position p attends p + 1 keys (from meta's measurements)."""
+    if "decode_step" not in meta or "machine_limits" not in meta or steps.empty:
+        return None
+    step, bandwidth = meta["decode_step"], meta["machine_limits"]["best_bandwidth_gbs"]
+    positions = pd.Series(sorted(steps["position"].unique()))
+    floor_ms = 1000 * (step["weight_bytes"] + step["kv_bytes_per_token"] * (positions + 1)) / (bandwidth * 1e9)
+    return pd.DataFrame({"position": positions, "floor_ms": floor_ms})
+
+
+def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
     """Every plot for a results directory; returns the files written."""
     if runs.empty:
         return []
+    floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta) if not steps.empty else None
     written = [latency_plot(runs, meta, out / "latency.png"), memory_plot(summary, meta, out / "memory.png")]
     if (summary["strategy"] == "naive").any() and (summary["strategy"] != "naive").any():
         written.append(speedup_plot(summary, meta, out / "speedup.png"))

@@ -94,8 +94,18 @@ def load_cpu_model(loaded: LoadedConfig) -> Decoder:
 
 def build_model(loaded: LoadedConfig, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Decoder:
-    """A ready-to-run model in eval mode on device, in dtype."""
-    return load_cpu_model(loaded).to(device=device, dtype=dtype)
+    """A ready-to-run model in eval mode on device, in dtype, its weights laid out for fast decoding."""
+    model = load_cpu_model(loaded).to(device=device, dtype=dtype)
+    return model.use_kernel(decode_kernel(torch.device(device), dtype))
+
+
+def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The Linear kernel that decodes fastest, as measured with `kvbench ablate` (docs/perf.md)."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return "mv"  # oneDNN's bfloat16 matrix-vector product: about 2x F.linear or x @ W here
+    if device.type == "cpu" and dtype == torch.float16:
+        return "linear"
+    return "matmul"  # float32 on CPU: x @ W (in, out) beats F.linear by ~20% on the LM head; CUDA: cuBLAS
 
 
 def save_weights(model: Decoder, path: Path) -> None:

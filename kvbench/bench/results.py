@@ -20,7 +20,8 @@ from kvbench.errors import KVBenchError
 RUN_COLUMNS = [
     "config", "strategy", "device", "device_name", "dtype", "threads", "batch_size", "prompt_len", "new_tokens",
     "repeat", "total_s", "prefill_s", "decode_s", "per_token_ms", "tokens_per_s", "kv_cache_bytes",
-    "kv_cache_formula_bytes", "peak_mem_bytes", "finished_at",
+    "kv_cache_formula_bytes", "peak_mem_bytes", "floor_ms", "bandwidth_gbs", "gflops_per_token", "achieved_gflops",
+    "finished_at",
 ]
 STEP_COLUMNS = ["strategy", "new_tokens", "repeat", "step", "position", "step_ms"]
 RunKey = tuple[str, int, int]  # (strategy, new_tokens, repeat)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kvbench.bench import floor
 from kvbench.bench.machine import command_line, device_name, machine_info
 from kvbench.bench.results import ResultsDir
 from kvbench.bench.stats import summarize
@@ -76,7 +77,18 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     if s.threads:
         torch.set_num_threads(s.threads)
     model = build_model(session.loaded, device, DTYPES[s.dtype])
-    sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device))
+    if "machine_limits" not in session.meta:  # a resumed run keeps its first measurement: one floor per run
+        step_bytes = floor.weight_bytes_per_step(model, s.batch_size)
+        session.meta["machine_limits"] = floor.measure_limits(device, step_bytes, DTYPES[s.dtype]).to_dict()
+        session.meta["decode_step"] = {
+            "weight_bytes": step_bytes,
+            "kv_bytes_per_token": floor.kv_bytes_read(model, 1, s.batch_size),
+            "floor_definition": "floor_ms = (weight_bytes + kv_bytes_per_token x tokens attended) / best read "
+                                "bandwidth; tokens attended averaged over the run's decode steps",
+        }
+        session.results.write_meta(session.meta)
+    bandwidth = session.meta["machine_limits"]["best_bandwidth_gbs"]
+    sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), bandwidth)
     costs = calibrate(model, sweep.prompt, max(s.lengths), device)
     sweep.run(plan_runs(s, costs, session.results.completed()), reporter)
 

@@ -26,7 +26,12 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None) -> pd
         kv_cache_bytes=("kv_cache_bytes", "max"),
         kv_cache_formula_bytes=("kv_cache_formula_bytes", "max"),
         peak_mem_bytes_median=("peak_mem_bytes", "median"),
+        floor_ms=("floor_ms", "median"),
+        bandwidth_gbs_median=("bandwidth_gbs", "median"),
+        gflops_per_token=("gflops_per_token", "median"),
+        achieved_gflops_median=("achieved_gflops", "median"),
     ).reset_index()
+    summary["per_token_over_floor"] = summary["per_token_ms_median"] / summary["floor_ms"]
     naive = summary[summary["strategy"] == "naive"].set_index("new_tokens")["total_s_median"]
     summary["speedup_vs_naive"] = summary["new_tokens"].map(naive) / summary["total_s_median"]
     summary["noisy"] = (summary["total_s_iqr"] / summary["total_s_median"] > NOISY_IQR_RATIO) | (

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kvbench.bench import floor
 from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, synchronize
 from kvbench.cache import KVCache, kv_bytes_formula
@@ -170,8 +171,8 @@ class Sweep:
     """Runs the plan, one row per timed run into the results directory."""
 
     def __init__(self, loaded: LoadedConfig, model: Decoder, settings: SweepSettings, results: ResultsDir,
-                 device: torch.device, device_name: str):
-        self.loaded, self.model, self.settings = loaded, model, settings
+                 device: torch.device, device_name: str, bandwidth_gbs: float):
+        self.loaded, self.model, self.settings, self.bandwidth_gbs = loaded, model, settings, bandwidth_gbs
         self.results, self.device, self.device_name = results, device, device_name
         self.prompt = random_prompt(loaded.model, settings.batch_size, settings.prompt_len, settings.seed).to(device)
         self.memory = PeakMemory(device)
@@ -211,8 +212,29 @@ class Sweep:
             kv_cache_bytes=cache.nbytes if cache is not None else 0,
             kv_cache_formula_bytes=kv_bytes_formula(cfg.n_layers, cfg.n_heads, cfg.head_dim, formula_tokens,
                                                     s.batch_size, element),
-            peak_mem_bytes=peak, finished_at=datetime.now().isoformat(timespec="seconds"),
+            peak_mem_bytes=peak, **self.limits_columns(run, decode_s / n_decode if n_decode else math.nan),
+            finished_at=datetime.now().isoformat(timespec="seconds"),
         )
+
+    def limits_columns(self, run: Run, step_s: float) -> dict:
+        """The memory floor of a decode step at this length, and how much of the machine the run used.
+
+        Decode step i (1..N-1) attends to P + i tokens, P + N/2 on average. The floor is the same for every
+        strategy: the least reading any method must do to produce a token; naive does far more arithmetic.
+        """
+        s, model = self.settings, self.model
+        visible = [s.prompt_len + i for i in range(1, run.new_tokens)]
+        if not visible:
+            return dict(floor_ms=math.nan, bandwidth_gbs=math.nan, gflops_per_token=math.nan, achieved_gflops=math.nan)
+        mean_visible = sum(visible) / len(visible)
+        step_bytes = floor.weight_bytes_per_step(model, s.batch_size) + floor.kv_bytes_read(model, mean_visible,
+                                                                                            s.batch_size)
+        if run.strategy == "naive":
+            flops = sum(floor.naive_step_flops(model, v, s.batch_size) for v in visible) / len(visible)
+        else:
+            flops = floor.cached_step_flops(model, mean_visible, s.batch_size)
+        return dict(floor_ms=1000 * step_bytes / (self.bandwidth_gbs * 1e9), bandwidth_gbs=step_bytes / step_s / 1e9,
+                    gflops_per_token=flops / 1e9, achieved_gflops=flops / step_s / 1e9)
 
     def step_rows(self, run: Run, timing: Timing) -> list[dict]:
         first_position = self.settings.prompt_len  # decode step i feeds the token at position P + i - 1

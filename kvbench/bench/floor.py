@@ -1,0 +1,100 @@
+"""The machine's limits, measured in the same run as the benchmark, and what a decode step must do.
+
+A cached decode step reads every weight once (plus the K/V it attends to) and does little arithmetic per
+byte read: it is memory-bound, so its floor is bytes read / read bandwidth. Naive recomputation does
+arithmetic proportional to the sequence length each step, so its time follows FLOPs instead; both counts
+are reported so a reader can see which limit each strategy runs into.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvbench.bench.timing import synchronize
+from kvbench.cache import kv_bytes_formula
+from kvbench.model import Decoder
+
+BANDWIDTH_MIN_BYTES = 64 * 2**20  # smaller buffers would measure a cache level, not the read path
+
+
+def weight_bytes_per_step(model: Decoder, batch: int) -> int:
+    """Bytes of parameters one decode step reads: every matrix, vector and norm in full, but only the
+    looked-up rows of the token and position tables (the tied LM head is read in full by the head matmul)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name in ("pos_emb", "tok_emb"):
+            rows = 1 if name == "pos_emb" else batch
+            total += rows * p.shape[1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_read(model: Decoder, tokens: float, batch: int) -> float:
+    """Bytes of K and V one decode step attends to when `tokens` positions are visible."""
+    c = model.config
+    element = model.lm_head.weight.element_size()
+    return kv_bytes_formula(c.n_layers, c.n_heads, c.head_dim, 1, batch, element) * tokens
+
+
+def matmul_weights(model: Decoder) -> int:
+    """Elements of the weight matrices every token is multiplied through in the blocks (LM head apart)."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
+
+
+def cached_step_flops(model: Decoder, visible: float, batch: int) -> float:
+    """One cached decode step: each matrix once for the new token, attention over `visible` keys."""
+    c = model.config
+    attention = 2 * 2 * c.n_layers * c.d_model * visible  # q.k scores and the weighted sum of v
+    return batch * (2 * matmul_weights(model) + 2 * c.d_model * c.vocab_size + attention)
+
+
+def naive_step_flops(model: Decoder, seq_len: float, batch: int) -> float:
+    """One naive step: every block over the whole sequence, causal attention, LM head on the last position."""
+    c = model.config
+    attention = 2 * 2 * c.n_layers * c.d_model * seq_len * (seq_len + 1) / 2
+    return batch * (2 * matmul_weights(model) * seq_len + attention + 2 * c.d_model * c.vocab_size)
+
+
+@dataclass
+class MachineLimits:
+    bandwidth_bytes: int  # size of the buffer read: the same bytes as one decode step
+    bandwidth_gbs: dict  # GB/s by read kernel
+    best_bandwidth_gbs: float  # the floor uses the fastest read seen
+    matmul_gflops: float  # dense matmul in the benchmark's dtype: the ceiling for arithmetic-bound work
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # first touch and one-off costs stay out
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_limits(device: torch.device, step_bytes: int, dtype: torch.dtype, repeats: int = 9) -> MachineLimits:
+    """Read bandwidth over a buffer the size of one decode step's reads, and dense matmul throughput."""
+    nbytes = max(step_bytes, BANDWIDTH_MIN_BYTES)
+    columns = 1024
+    buffer = torch.ones(nbytes // 4 // columns, columns, device=device)  # (rows, 1024) float32
+    vector = torch.ones(columns, device=device)
+    read = buffer.numel() * 4
+    kernels = {"sum": lambda: buffer.sum(), "matrix_vector": lambda: buffer @ vector}
+    gbs = {name: read / _median_time(fn, device, repeats) / 1e9 for name, fn in kernels.items()}
+    del buffer
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gflops = 2 * n**3 / _median_time(lambda: a @ b, device, 5) / 1e9
+    return MachineLimits(read, {k: round(v, 2) for k, v in gbs.items()}, round(max(gbs.values()), 2), round(gflops, 1))
