@@ -160,7 +160,8 @@ def hand_runs() -> pd.DataFrame:
         for repeat, total in enumerate(totals):
             rows.append(dict(strategy=strategy, new_tokens=11, repeat=repeat, total_s=total, prefill_s=0.0,
                              decode_s=total, per_token_ms=100 * total, tokens_per_s=11 / total, kv_cache_bytes=0,
-                             kv_cache_formula_bytes=0, peak_mem_bytes=1))
+                             kv_cache_formula_bytes=0, peak_mem_bytes=1, floor_ms=50.0, bandwidth_gbs=1.0,
+                             gflops_per_token=1.0, achieved_gflops=1.0))
     return pd.DataFrame(rows)
 
 
@@ -173,6 +174,7 @@ def test_summary_statistics_by_hand():
     assert summary.loc["static", "total_s_median"] == 1.0
     assert summary.loc["static", "total_s_iqr"] == pytest.approx(0.075)
     assert summary.loc["static", "speedup_vs_naive"] == pytest.approx(2.5)
+    assert summary.loc["naive", "per_token_over_floor"] == pytest.approx(250 / 50)  # per-token median 250 ms
     assert summary.loc["naive", "noisy"] and not summary.loc["static", "noisy"]  # 1.5/2.5 > 10% > 0.075/1.0
 
 
