@@ -20,7 +20,8 @@ from kvbench.cache import STRATEGIES
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder, init_weights
-from kvbench.weights import build_model, load_cpu_model, save_weights
+from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
+from kvbench.weights import build_model, decode_kernel, load_cpu_model, save_weights
 
 app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -35,6 +36,9 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, c
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
+RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
 
 
 def fail_cleanly(command: Callable) -> Callable:
@@ -87,6 +91,20 @@ def parse_strategies(text: str, allowed: tuple[str, ...] = STRATEGIES) -> list[s
     return list(dict.fromkeys(names))  # keep order, drop repeats
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise KVBenchError(f"--dtype {name!r} is not supported; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tolerance:
+    default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
+    tol = verify.Tolerance(default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+    if tol.atol < 0 or tol.rtol < 0:
+        raise KVBenchError(f"tolerances must be 0 or more (got --atol {tol.atol:g}, --rtol {tol.rtol:g})")
+    return tol
+
+
 def require_positive(option: str, value: int) -> None:
     if value <= 0:
         raise KVBenchError(f"{option} must be a positive integer (got {value})")
@@ -118,9 +136,10 @@ def evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     expected: Annotated[Path | None, typer.Option(help="Expected-logits .safetensors (input_ids, logits).")] = None,
     write_expected: Annotated[Path | None, typer.Option(help="Write the NumPy reference's logits here.")] = None,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-4,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
     seed: SeedOpt = 0,
@@ -129,7 +148,7 @@ def evaluate(
     loaded = resolve_config(config)
     require_positive("--batch-size", batch_size)
     require_positive("--prompt-len", prompt_len)
-    dev = resolve_device(device)
+    dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     expected_logits = None
     if expected is not None:
         input_ids, expected_logits = verify.read_expected(expected, loaded.model)
@@ -138,10 +157,9 @@ def evaluate(
         input_ids = verify.random_prompt(loaded.model, batch_size, prompt_len, seed)
     cpu_model = load_cpu_model(loaded)
     cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}  # the reference's own copy
-    model = cpu_model.to(dev)
-    tol = verify.Tolerance(atol, rtol)
+    model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
     result, reference = verify.evaluate(model, cpu_weights, input_ids, tol, expected_logits)
-    console.print(f"{loaded.name}: prompt {tuple(input_ids.shape)} on {dev}")
+    console.print(f"{loaded.name}: prompt {tuple(input_ids.shape)} on {dev} ({dtype})")
     console.print(comparison_table(result.comparisons, tol))
     if write_expected is not None:
         verify.write_expected(write_expected, input_ids, reference)
@@ -186,9 +204,10 @@ def kv_evaluate(
     strategies: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(STRATEGIES)}.")] = "static,dynamic",
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance on logits.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance on logits.")] = 1e-4,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     seed: SeedOpt = 0,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
@@ -197,11 +216,10 @@ def kv_evaluate(
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len)):
         require_positive(option, value)
     check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")
-    dev = resolve_device(device)
-    model = build_model(loaded, dev)
+    dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
-    tol = verify.Tolerance(atol, rtol)
-    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev}")
+    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} ({dtype})")
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=new_tokens) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol,
@@ -317,7 +335,7 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
 def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
                  warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
                  dtype: str | None, seed: int | None):
-    from kvbench.bench.sweep import DTYPES, SweepSettings
+    from kvbench.bench.sweep import SweepSettings
 
     settings = SweepSettings(
         lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
@@ -333,8 +351,7 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
         raise KVBenchError(f"--warmup must be 0 or more (got {settings.warmup})")
     if threads is not None:
         require_positive("--threads", threads)
-    if settings.dtype not in DTYPES:
-        raise KVBenchError(f"--dtype {settings.dtype!r} is not supported; choose from {', '.join(DTYPES)}")
+    resolve_dtype(settings.dtype)
     check_fits(loaded, settings.prompt_len + max(settings.lengths) - 1, "--prompt-len + longest --lengths - 1")
     return settings
 

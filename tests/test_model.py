@@ -89,3 +89,17 @@ def test_sinusoidal_positions_run_past_max_seq_len():
     with torch.inference_mode():
         logits = model(ids).double().numpy()
     np.testing.assert_allclose(logits, numpy_logits(model, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["mv", "linear", "matmul"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_linear_kernel_gives_the_same_logits(kernel, tie):
+    model = random_model(6, tie_embeddings=tie)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.inference_mode():
+        expected = model(ids)
+        single_row = model(ids[:1, :1])
+        model.use_kernel(kernel)
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids[:1, :1]), single_row, atol=1e-5, rtol=1e-5)  # the mv path
+    assert model.lm_head.kernel == kernel

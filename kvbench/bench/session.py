@@ -13,11 +13,12 @@ from kvbench.bench import floor
 from kvbench.bench.machine import command_line, device_name, machine_info
 from kvbench.bench.results import ResultsDir
 from kvbench.bench.stats import summarize
-from kvbench.bench.sweep import DTYPES, Reporter, Sweep, SweepSettings, calibrate, plan_runs
+from kvbench.bench.sweep import Reporter, Sweep, SweepSettings, calibrate, plan_runs
 from kvbench.bench.timing import PeakMemory
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.plots import draw_all
+from kvbench.precision import DTYPES
 from kvbench.weights import build_model
 
 

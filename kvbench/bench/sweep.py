@@ -23,10 +23,10 @@ from kvbench.cache import KVCache, kv_bytes_formula
 from kvbench.config import LoadedConfig
 from kvbench.generate import cache_tokens, generation_steps, naive_step, new_cache
 from kvbench.model import Decoder
+from kvbench.precision import DTYPES
 from kvbench.verify import random_prompt
 
 WARMUP_TOKEN_CAP = 100  # warm-up generations stop here: same kernels, without doubling the naive sweep
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,41 @@
+"""What a decode step must read and compute, against hand-counted values."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import random_model
+from kvbench.bench import floor
+
+
+def test_weight_bytes_by_hand():
+    # TINY in conftest: 2 layers, d 32, d_ff 64, vocab 97, 128 learned positions, tied, with biases
+    model = random_model(0)
+    d, f, v = 32, 64, 97
+    per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 2 * (2 * d)  # qkv, proj, mlp, 2 LNs
+    lm_head_and_final_norm = d * v + 2 * d
+    one_position_row = d
+    assert floor.weight_bytes_per_step(model, batch=1) == 4 * (2 * per_layer + lm_head_and_final_norm
+                                                               + one_position_row)
+
+
+def test_untied_embedding_reads_one_row_per_sequence():
+    tied, untied = random_model(0), random_model(0, tie_embeddings=False)
+    assert floor.weight_bytes_per_step(untied, 3) - floor.weight_bytes_per_step(tied, 3) == 4 * 3 * 32
+
+
+def test_kv_bytes_and_flops_by_hand():
+    model = random_model(0)
+    assert floor.kv_bytes_read(model, 10, batch=2) == 2 * 2 * 32 * 10 * 2 * 4  # K,V x layers x d x tokens x B x 4
+    matrices = 2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32)
+    assert floor.matmul_weights(model) == matrices
+    assert floor.cached_step_flops(model, 10, 1) == 2 * matrices + 2 * 32 * 97 + 4 * 2 * 32 * 10
+    # naive at 10 tokens: the blocks run 10 rows, attention over 10*11/2 query-key pairs, LM head once
+    assert floor.naive_step_flops(model, 10, 1) == 2 * matrices * 10 + 4 * 2 * 32 * 55 + 2 * 32 * 97
+
+
+def test_bandwidth_measurement_is_positive_and_sized():
+    limits = floor.measure_limits(torch.device("cpu"), step_bytes=1000, dtype=torch.float32, repeats=2)
+    assert limits.bandwidth_bytes >= floor.BANDWIDTH_MIN_BYTES
+    assert limits.best_bandwidth_gbs == max(limits.bandwidth_gbs.values()) > 0
+    assert limits.matmul_gflops > 0
