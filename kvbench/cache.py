@@ -50,7 +50,12 @@ class KVCache(ABC):
 
 
 class StaticCache(KVCache):
-    """Preallocated K and V buffers, written in place: no allocation while decoding (as gpt-fast does)."""
+    """Preallocated K and V buffers, written in place: no allocation while decoding (as gpt-fast does).
+
+    With an int start position, attention sees a view of the filled slots. With a tensor start position (the
+    compiled decode step), every shape is fixed: new K/V go in with index_copy_, attention gets the whole
+    buffer and a mask hides the slots after the query, so one compilation (or one CUDA graph) serves every step.
+    """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -58,23 +63,29 @@ class StaticCache(KVCache):
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.length = 0  # tokens stored
 
     def update(self, layer, start_pos, k, v):
+        if isinstance(start_pos, torch.Tensor):
+            slots = start_pos + torch.arange(k.shape[2], device=k.device)  # (T,)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]  # (B, H, max_len, hd): fixed shape, masked by mask()
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"static cache holds {self.max_len} tokens; position {end - 1} does not fit")
         self.k[layer][:, :, start_pos:end].copy_(k)
         self.v[layer][:, :, start_pos:end].copy_(v)
-        if layer == len(self.k) - 1:
-            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # views (B, H, end, hd), no copy
 
     def mask(self, start_pos, n_new):
-        return causal_mask(start_pos, n_new, start_pos + n_new, self.k[0].device)
+        device = self.k[0].device
+        if isinstance(start_pos, torch.Tensor):
+            query_pos = start_pos + torch.arange(n_new, device=device)  # (T,)
+            return torch.arange(self.max_len, device=device)[None, :] <= query_pos[:, None]  # (T, max_len)
+        return causal_mask(start_pos, n_new, start_pos + n_new, device)
 
     def reset(self):
-        self.length = 0  # stale entries beyond `length` are never returned, so no need to zero them
+        pass  # slots past the current position are never visible, so stale ones need no zeroing
 
     @property
     def nbytes(self):
@@ -116,8 +127,8 @@ def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, ba
     return 2 * n_layers * n_heads * head_dim * tokens * batch * bytes_per_element
 
 
-STRATEGIES = ("naive", "static", "dynamic")
-CACHED_STRATEGIES = ("static", "dynamic")
+COMPILED = "static+compile"  # the static cache with its decode step compiled (fixed shapes)
+STRATEGIES = ("naive", "static", "dynamic", COMPILED)
 
 
 def make_cache(strategy: str, config, batch: int, max_len: int, dtype: torch.dtype,
@@ -125,7 +136,7 @@ def make_cache(strategy: str, config, batch: int, max_len: int, dtype: torch.dty
     """The cache a strategy uses; None for naive (no cache: recompute every step)."""
     if strategy == "naive":
         return None
-    if strategy == "static":
+    if strategy in ("static", COMPILED):
         return StaticCache(config.n_layers, batch, config.n_heads, max_len, config.head_dim, dtype, device)
     if strategy == "dynamic":
         return DynamicCache(config.n_layers)

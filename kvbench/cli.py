@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvbench import verify
-from kvbench.cache import STRATEGIES
+from kvbench.cache import COMPILED, STRATEGIES
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder, init_weights
@@ -37,6 +37,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED}: the static cache with its decode step "
+                                          "compiled (torch.compile; a CUDA graph on CUDA).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
 
@@ -103,6 +105,10 @@ def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tole
     if tol.atol < 0 or tol.rtol < 0:
         raise KVBenchError(f"tolerances must be 0 or more (got --atol {tol.atol:g}, --rtol {tol.rtol:g})")
     return tol
+
+
+def with_compiled(strategies: list[str], compile: bool) -> list[str]:
+    return strategies + [COMPILED] if compile and COMPILED not in strategies else strategies
 
 
 def require_positive(option: str, value: int) -> None:
@@ -209,10 +215,11 @@ def kv_evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = 0,
+    compile: CompileOpt = False,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = resolve_config(config)
-    names = parse_strategies(strategies)
+    names = with_compiled(parse_strategies(strategies), compile)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len)):
         require_positive(option, value)
     check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")
@@ -282,6 +289,9 @@ class RichReporter:
         self.progress, self.repeats, self.task = progress, repeats, None
         self.announced: set[tuple[str, int]] = set()
 
+    def compiled(self, seconds: float) -> None:
+        self.progress.console.print(f"{COMPILED}: decode step compiled in {duration(seconds)} (not in any timing)")
+
     def planned(self, runs) -> None:
         total = sum(r.estimate_s for r in runs)
         timed = sum(not r.is_warmup for r in runs)
@@ -334,12 +344,12 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
                  warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
-                 dtype: str | None, seed: int | None):
+                 dtype: str | None, seed: int | None, compile: bool = False):
     from kvbench.bench.sweep import SweepSettings
 
     settings = SweepSettings(
         lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
-        strategies=parse_strategies(strategies or DEFAULT_BENCH_STRATEGIES),
+        strategies=with_compiled(parse_strategies(strategies or DEFAULT_BENCH_STRATEGIES), compile),
         repeats=1 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
         prompt_len=16 if prompt_len is None else prompt_len, batch_size=1 if batch_size is None else batch_size,
         device=str(resolve_device(device)), dtype=dtype or "float32", threads=threads, seed=seed or 0)
@@ -371,6 +381,7 @@ def benchmark(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [default: torch's].")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random prompt [default: 0].")] = None,
+    compile: CompileOpt = False,
     out: Annotated[Path | None, typer.Option(help="Results directory [default: results/<date-time>-<config>-<device>].")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory.")] = None,
 ) -> None:
@@ -380,7 +391,8 @@ def benchmark(
     if resume is not None:
         given = [name for name, value in (("--lengths", lengths), ("--strategies", strategies), ("--repeats", repeats),
                  ("--warmup", warmup), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
-                 ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out)) if value is not None]
+                 ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out),
+                 ("--compile", compile or None)) if value is not None]
         if given or config != DEFAULT_CONFIG:
             raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
         run = bench.resume(resume)
@@ -389,7 +401,7 @@ def benchmark(
     else:
         loaded = resolve_config(config)
         settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                                threads, dtype, seed)
+                                threads, dtype, seed, compile)
         run = bench.start(loaded, settings, out, Path("results"))
         console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -442,6 +454,54 @@ def compare(
                       f"{r.total_ratio:.2f}", f"{r.per_token_ms_median_a:.2f} ms", f"{r.per_token_ms_median_b:.2f} ms",
                       f"{r.per_token_ratio:.2f}")
     console.print(table)
+
+
+@app.command()
+@fail_cleanly
+def ablate(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    variants: Annotated[str, typer.Option(help="Comma-separated: kvbench, linear, matmul, mv, no-inference-mode, "
+                                               "1-thread, dynamic, naive, hf-cache, hf-naive.")] =
+        "kvbench,linear,matmul,mv,no-inference-mode,1-thread,dynamic",
+    new_tokens: Annotated[int, typer.Option(help="Tokens per timed generation.")] = 200,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per variant (interleaved).")] = 5,
+    prompt_len: PromptLenOpt = 16,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+) -> None:
+    """Time decode-step variants in one run: what each design choice of the cached path buys."""
+    from kvbench.bench import ablation, floor
+
+    loaded = resolve_config(config)
+    names = parse_strategies(variants, tuple(ablation.VARIANTS))
+    for option, value in (("--new-tokens", new_tokens), ("--repeats", repeats), ("--prompt-len", prompt_len),
+                          ("--batch-size", batch_size)):
+        require_positive(option, value)
+    if new_tokens < 2:
+        raise KVBenchError("--new-tokens must be at least 2: per-token time is (t(N) - t(1)) / (N - 1)")
+    check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    model = build_model(loaded, dev, torch_dtype)
+    prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
+    limits = floor.measure_limits(dev, floor.weight_bytes_per_step(model, batch_size), torch_dtype)
+    console.print(f"{loaded.name} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
+                  f"{limits.best_bandwidth_gbs:.1f} GB/s over {limits.bandwidth_bytes / 1e6:.0f} MB")
+    built = ablation.build_variants(names, model, prompt, new_tokens)
+    with progress_bar() as progress:
+        task = progress.add_task("repeats", total=repeats)
+        rows = ablation.run_ablation(built, new_tokens, repeats, dev, on_repeat=lambda r: progress.advance(task))
+    summary = ablation.summarize_ablation(rows, model, prompt_len, new_tokens, batch_size, limits.best_bandwidth_gbs)
+    table = Table(title=f"decode ms/token over {new_tokens} tokens, median of {repeats}; floor "
+                        f"{summary.attrs['floor_ms']:.2f} ms", box=box.SIMPLE_HEAD)
+    for column in ("variant", "ms/token", "IQR", "×floor", f"×{names[0]}"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in summary.itertuples():
+        table.add_row(r.variant, f"{r.per_token_ms:.2f}", f"{r.iqr_ms:.2f}", f"{r.x_floor:.2f}", f"{r.x_first:.2f}")
+    console.print(table)
+    for name in names:
+        console.print(f"  {name}: {ablation.VARIANTS[name]}", highlight=False)
 
 
 def main() -> None:

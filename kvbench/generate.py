@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from kvbench.cache import KVCache, make_cache
+from kvbench.cache import COMPILED, KVCache, make_cache
 from kvbench.model import Decoder
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> token ids (B,)
@@ -39,6 +39,47 @@ def naive_step(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, None, start_pos=0, last_only=True)[:, -1]
 
 
+Decode = Callable[[Decoder, torch.Tensor, KVCache, int], torch.Tensor]  # (model, token, cache, pos) -> logits
+
+
+def _decode_at(model: Decoder, token: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+    return model(token[:, None], cache, start_pos=position, last_only=True)[:, -1]
+
+
+class CompiledDecode:
+    """decode_one compiled with torch.compile, the position passed as a device tensor.
+
+    Fixed shapes (the static cache in its fixed-shape mode, a 0-d position tensor updated in place) mean one
+    compilation serves every step and every length; on CUDA, mode="reduce-overhead" captures the step in a
+    CUDA graph, removing the per-kernel launch cost that dominates a small model's decode step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.step = torch.compile(_decode_at, mode="reduce-overhead" if self.cuda else None, fullgraph=True,
+                                  dynamic=False)
+
+    def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        self.position.fill_(pos)  # a kernel argument, not a host-to-device copy: no sync
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        # CUDA-graph outputs live in buffers the next replay overwrites: callers may keep logits, so copy
+        return self.step(model, token, cache, self.position).clone()
+
+
+_compiled: dict[torch.device, CompiledDecode] = {}
+
+
+def decoder_for(strategy: str, device: torch.device) -> Decode:
+    """The decode step a strategy uses: compiled for static+compile, eager otherwise."""
+    if strategy != COMPILED:
+        return decode_one
+    if device not in _compiled:
+        _compiled[device] = CompiledDecode(device)
+    return _compiled[device]
+
+
 @dataclass
 class Step:
     index: int  # 0 is the prefill
@@ -48,7 +89,7 @@ class Step:
 
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                     choose: Chooser = greedy) -> Iterator[Step]:
+                     choose: Chooser = greedy, decode: Decode = decode_one) -> Iterator[Step]:
     """Yield each new token; cache None means naive recomputation. The cache is reset first."""
     if cache is None:
         yield from _naive_steps(model, prompt, new_tokens, choose)
@@ -58,7 +99,7 @@ def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cach
     logits = prefill(model, prompt, cache)
     for i in range(new_tokens):
         if i:
-            logits = decode_one(model, token, cache, n_prompt + i - 1)
+            logits = decode(model, token, cache, n_prompt + i - 1)
         token = choose(logits)
         yield Step(i, logits, token)
 
@@ -93,10 +134,11 @@ def new_cache(model: Decoder, strategy: str, batch: int, max_len: int) -> KVCach
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
              choose: Chooser = greedy, on_step: Callable[[Step], None] | None = None) -> Generation:
-    """Generate new_tokens after prompt (B, P) with a strategy ('naive', 'static', 'dynamic')."""
+    """Generate new_tokens after prompt (B, P) with a strategy (see cache.STRATEGIES)."""
     cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens))
+    decode = decoder_for(strategy, prompt.device)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, choose):
+    for step in generation_steps(model, prompt, new_tokens, cache, choose, decode):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())

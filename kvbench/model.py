@@ -7,6 +7,7 @@ it takes token ids, an optional KV cache and the position of the first id.
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from kvbench.cache import KVCache, Mask
 from kvbench.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initialiser range
+Position = Union[int, torch.Tensor]  # an int, or a 0-d tensor in the compiled decode step (no recompiles)
 
 
 KERNELS = ("matmul", "mv", "linear")
@@ -73,7 +75,7 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, 3 * config.d_model, config.bias)
         self.proj = Linear(config.d_model, config.d_model, config.bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, mask: Mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: Position, mask: Mask) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
@@ -113,7 +115,7 @@ class Block(nn.Module):
         self.ln2 = layer_norm(config.d_model, config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, mask: Mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: Position, mask: Mask) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.ln1(x), cache, start_pos, mask)
             return x + self.mlp(self.ln2(x))
@@ -146,16 +148,18 @@ class Decoder(nn.Module):
         self.ln_f = layer_norm(d, config) if config.norm == "pre" else nn.Identity()
         self.lm_head = Linear(d, config.vocab_size, bias=False)
 
-    def embed(self, ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, start_pos: Position) -> torch.Tensor:
         T = ids.shape[1]
         table = self.lm_head.rows_by_output() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
         x = F.embedding(ids, table)  # (B, T, D)
+        if isinstance(start_pos, int) and self.pos_emb is not None:
+            return x + self.pos_emb[start_pos:start_pos + T]  # a view: no gather on the eager path
+        positions = start_pos + torch.arange(T, device=ids.device)  # (T,)
         if self.pos_emb is not None:
-            return x + self.pos_emb[start_pos:start_pos + T]
-        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+            return x + self.pos_emb[positions]
         return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0) -> torch.Tensor:
         """Final hidden states (B, T, D) for ids (B, T) at positions start_pos.., after the final norm."""
         self._check_positions(start_pos, ids.shape[1])
         x = self.embed(ids, start_pos)
@@ -164,7 +168,7 @@ class Decoder(nn.Module):
             x = block(x, cache, start_pos, mask)
         return self.ln_f(x)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only when last_only."""
         h = self.hidden(ids, cache, start_pos)
@@ -179,7 +183,9 @@ class Decoder(nn.Module):
                 module.use_kernel(kernel)
         return self
 
-    def _check_positions(self, start_pos: int, n_new: int) -> None:
+    def _check_positions(self, start_pos: Position, n_new: int) -> None:
+        if isinstance(start_pos, torch.Tensor):
+            return  # the compiled step: its caller checked the length, and a check here would sync the device
         end = start_pos + n_new
         if self.pos_emb is not None and end > self.config.max_seq_len:
             raise ValueError(f"position {end - 1} is past max_seq_len {self.config.max_seq_len} (learned positions)")

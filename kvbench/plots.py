@@ -15,8 +15,8 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from kvbench.bench.stats import quartiles, step_medians  # noqa: E402
 
 COLORS = {"naive": "#d62728", "static": "#1f77b4", "dynamic": "#ff7f0e", "sliding": "#2ca02c",
-          "quantized": "#9467bd"}
-MARKERS = {"naive": "o", "static": "s", "dynamic": "^", "sliding": "D", "quantized": "v"}
+          "quantized": "#9467bd", "static+compile": "#17becf"}
+MARKERS = {"naive": "o", "static": "s", "dynamic": "^", "sliding": "D", "quantized": "v", "static+compile": "P"}
 
 
 def _style(strategy: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -57,6 +58,32 @@ def from_gpt2(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
             out["pos_emb"] = tensor
         else:
             out[name] = tensor  # ln_f.* keep their names; anything else is reported as unexpected
+    return out
+
+
+def to_gpt2(model: Decoder) -> dict[str, torch.Tensor]:
+    """kvbench's weights under transformers' GPT2LMHeadModel names (the inverse of from_gpt2)."""
+    config = model.config
+    if (config.positional, config.norm, config.activation, config.bias) != ("learned", "pre", "gelu", True):
+        raise KVBenchError("only GPT-2-shaped configs (learned positions, pre-norm, gelu, bias) map to GPT-2")
+    model = copy.deepcopy(model).use_kernel("matmul")  # (in, out), as GPT-2's Conv1D
+    ours_to_gpt2 = {v: k for k, v in GPT2_BLOCK_NAMES.items()}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("blocks."):
+            _, layer, rest = name.split(".", 2)
+            sub, kind = rest.rsplit(".", 1)
+            out[f"transformer.h.{layer}.{ours_to_gpt2[sub]}.{kind}"] = tensor
+        elif name == "lm_head.weight":
+            out["lm_head.weight"] = tensor.t().contiguous()  # (vocab, d_model)
+            if config.tie_embeddings:
+                out["transformer.wte.weight"] = out["lm_head.weight"]
+        elif name == "tok_emb":
+            out["transformer.wte.weight"] = tensor
+        elif name == "pos_emb":
+            out["transformer.wpe.weight"] = tensor
+        else:
+            out[f"transformer.{name}"] = tensor
     return out
 
 

@@ -234,3 +234,17 @@ def test_plot_redraws(runner, finished_run):
     result = runner.invoke(app, ["plot", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "latency.png").exists()
+
+
+def test_compiled_strategy_is_timed_and_its_compile_time_recorded(runner, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--lengths", "3,5", "--strategies", "static",
+                                 "--compile", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "results.csv")
+    assert sorted(set(runs["strategy"])) == ["static", "static+compile"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["compile_s"]) == 1 and meta["compile_s"][0] > 0
+    # one buffer sized for the longest length serves every length: fixed shapes, one compilation
+    compiled = runs[runs["strategy"] == "static+compile"]
+    assert compiled["kv_cache_bytes"].nunique() == 1

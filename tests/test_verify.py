@@ -158,3 +158,26 @@ def test_broken_cache_fails_in_bfloat16_too(runner, monkeypatch):
 def test_unknown_dtype(runner):
     result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--dtype", "float8"])
     assert result.exit_code == 2 and "--dtype 'float8' is not supported" in result.output, result.output
+
+
+def test_compiled_decode_passes_kv_evaluate(runner):
+    """--compile adds static+compile: the fixed-shape, torch.compile'd decode step, checked like the others."""
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "20",
+                                 "--strategies", "static", "--compile", "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "static+compile" in result.output and result.output.count("pass") == 2
+
+
+def test_fixed_shape_static_cache_equals_the_sliced_one():
+    """The compiled path's cache mode (tensor positions, whole buffer, mask) gives the eager path's logits."""
+    model = random_model(7)
+    prompt = torch.randint(0, 97, (2, 5))
+    eager = generate(model, prompt, 12, "static", keep_logits=True)
+    cache = StaticCache(2, 2, 4, 40, 8, torch.float32, "cpu")  # larger than needed: masking must hide the rest
+    with torch.inference_mode():
+        logits = [model(prompt, cache, 0, last_only=True)[:, -1]]
+        token = eager.tokens[:, 0]
+        for i in range(1, 12):
+            logits.append(model(token[:, None], cache, torch.tensor(5 + i - 1), last_only=True)[:, -1])
+            token = eager.tokens[:, i]
+    torch.testing.assert_close(torch.stack(logits, dim=1), eager.logits, atol=1e-5, rtol=1e-5)

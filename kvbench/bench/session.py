@@ -90,6 +90,11 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
         session.results.write_meta(session.meta)
     bandwidth = session.meta["machine_limits"]["best_bandwidth_gbs"]
     sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), bandwidth)
+    compile_s = sweep.compile_seconds()
+    if compile_s is not None:
+        session.meta.setdefault("compile_s", []).append(round(compile_s, 2))  # one entry per (re)start
+        session.results.write_meta(session.meta)
+        reporter.compiled(compile_s)
     costs = calibrate(model, sweep.prompt, max(s.lengths), device)
     sweep.run(plan_runs(s, costs, session.results.completed()), reporter)
 

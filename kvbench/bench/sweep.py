@@ -19,9 +19,9 @@ import torch
 from kvbench.bench import floor
 from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, synchronize
-from kvbench.cache import KVCache, kv_bytes_formula
+from kvbench.cache import COMPILED, KVCache, kv_bytes_formula
 from kvbench.config import LoadedConfig
-from kvbench.generate import cache_tokens, generation_steps, naive_step, new_cache
+from kvbench.generate import Decode, cache_tokens, decode_one, decoder_for, generation_steps, naive_step, new_cache
 from kvbench.model import Decoder
 from kvbench.precision import DTYPES
 from kvbench.verify import random_prompt
@@ -72,6 +72,7 @@ class Run:
 class Reporter(Protocol):
     """What the sweep tells the CLI; it never prints itself."""
 
+    def compiled(self, seconds: float) -> None: ...
     def planned(self, runs: list[Run]) -> None: ...
     def starting(self, run: Run) -> None: ...
     def finished(self, run: Run, row: dict | None) -> None: ...
@@ -157,11 +158,11 @@ class Timing:
 
 
 def time_generation(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                    device: torch.device) -> Timing:
+                    device: torch.device, decode: Decode = decode_one) -> Timing:
     """Generate new_tokens, marking the clock before the prefill and after every step."""
     clock = StepClock(device)
     clock.mark()
-    for _ in generation_steps(model, prompt, new_tokens, cache):
+    for _ in generation_steps(model, prompt, new_tokens, cache, decode=decode):
         clock.mark()
     durations = clock.durations()
     return Timing(durations[0], durations[1:])
@@ -179,18 +180,36 @@ class Sweep:
         self.caches: dict[tuple[str, int], KVCache | None] = {}
 
     def cache_for(self, strategy: str, new_tokens: int) -> KVCache | None:
-        """Allocated once per strategy and length, before any timing; reset (not reallocated) per run."""
+        """Allocated before any timing, reset (not reallocated) per run: one per strategy and length, except
+        the compiled strategy's, sized once for the longest length so that its shapes never change (a new
+        shape would mean a new compilation)."""
+        if strategy == COMPILED:
+            if COMPILED not in self.caches:
+                tokens = cache_tokens(self.settings.prompt_len, max(self.settings.lengths))
+                self.caches[COMPILED] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
+            return self.caches[COMPILED]
         key = (strategy, new_tokens)
         if key not in self.caches:
-            self.caches = {k: v for k, v in self.caches.items() if k[1] == new_tokens}  # free other lengths
+            # free the caches of other lengths first
+            self.caches = {k: v for k, v in self.caches.items() if k == COMPILED or k[1] == new_tokens}
             tokens = cache_tokens(self.settings.prompt_len, new_tokens)
             self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
         return self.caches[key]
 
+    def compile_seconds(self) -> float | None:
+        """Compile the compiled strategy's decode step now, outside every timed run; None if not in the sweep."""
+        if COMPILED not in self.settings.strategies:
+            return None
+        cache = self.cache_for(COMPILED, max(self.settings.lengths))
+        start = time.perf_counter()
+        time_generation(self.model, self.prompt, 3, cache, self.device, decoder_for(COMPILED, self.device))
+        return time.perf_counter() - start
+
     def execute(self, run: Run) -> dict | None:
         cache = self.cache_for(run.strategy, run.new_tokens)
         self.memory.start()
-        timing = time_generation(self.model, self.prompt, run.tokens, cache, self.device)
+        timing = time_generation(self.model, self.prompt, run.tokens, cache, self.device,
+                                 decoder_for(run.strategy, self.device))
         if run.is_warmup:
             return None
         row = self.row(run, timing, cache, self.memory.peak_bytes())
@@ -202,7 +221,7 @@ class Sweep:
         n_decode = run.new_tokens - 1
         decode_s = sum(timing.decode_s)
         element = torch.finfo(DTYPES[s.dtype]).bits // 8
-        formula_tokens = cache_tokens(s.prompt_len, run.new_tokens) if cache is not None else 0
+        formula_tokens = cache_tokens(s.prompt_len, run.new_tokens) if cache is not None else 0  # tokens held
         return dict(
             config=self.loaded.name, strategy=run.strategy, device=self.device.type, device_name=self.device_name,
             dtype=s.dtype, threads=torch.get_num_threads(), batch_size=s.batch_size, prompt_len=s.prompt_len,
