@@ -48,6 +48,10 @@ class KVCache(ABC):
     def nbytes(self) -> int:
         """Bytes the cache holds in memory right now."""
 
+    @abstractmethod
+    def expected_bytes(self, tokens: int) -> int:
+        """What the strategy's formula says it needs to hold `tokens` positions."""
+
 
 class StaticCache(KVCache):
     """Preallocated K and V buffers, written in place: no allocation while decoding (as gpt-fast does).
@@ -91,6 +95,10 @@ class StaticCache(KVCache):
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v)
 
+    def expected_bytes(self, tokens):
+        B, H, _, hd = self.k[0].shape
+        return kv_bytes_formula(len(self.k), H, hd, tokens, B, self.k[0].element_size())
+
 
 class DynamicCache(KVCache):
     """Grows by concatenation every step, as transformers' default cache does: simple, but reallocates."""
@@ -121,6 +129,129 @@ class DynamicCache(KVCache):
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v if t is not None)
 
+    def expected_bytes(self, tokens):
+        if self.k[0] is None:
+            return 0
+        B, H, _, hd = self.k[0].shape
+        return kv_bytes_formula(self.n_layers, H, hd, tokens, B, self.k[0].element_size())
+
+
+class SlidingWindowCache(KVCache):
+    """A ring buffer of the last `window` positions per layer: memory stays bounded however long the run.
+
+    Position p lives in slot p % window. Attention is windowed: a query at p sees positions p-window+1..p.
+    For one new token that is exactly what the ring holds after the write, so no mask is needed (attention
+    does not care about key order: positions are already inside K and V). For several new tokens (a
+    prefill), the queries see what the ring held before plus the new keys, under a banded causal mask.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, window: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, n_heads, window, head_dim)
+        self.window = window
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position per slot; -1 empty
+
+    def update(self, layer, start_pos, k, v):
+        n_new = k.shape[2]
+        if n_new == 1:
+            slot = start_pos % self.window
+            self.k[layer][:, :, slot].copy_(k[:, :, 0])
+            self.v[layer][:, :, slot].copy_(v[:, :, 0])
+            if layer == len(self.k) - 1:
+                self.slot_pos[slot] = start_pos
+            held = min(start_pos + 1, self.window)  # slots fill in order from 0 until the ring wraps
+            return self.k[layer][:, :, :held], self.v[layer][:, :, :held]
+        held = (self.slot_pos >= 0).nonzero()[:, 0]  # slot order: the same order mask() lists positions in
+        k_all = torch.cat([self.k[layer][:, :, held], k], dim=2)  # (B, H, held + T, hd)
+        v_all = torch.cat([self.v[layer][:, :, held], v], dim=2)
+        kept = torch.arange(max(0, n_new - self.window), n_new, device=k.device)  # the newest `window`
+        positions = start_pos + kept
+        slots = positions % self.window
+        self.k[layer].index_copy_(2, slots, k[:, :, kept])
+        self.v[layer].index_copy_(2, slots, v[:, :, kept])
+        if layer == len(self.k) - 1:  # every layer has written: now the ring holds these positions
+            self.slot_pos[slots] = positions
+        return k_all, v_all
+
+    def mask(self, start_pos, n_new):
+        if n_new == 1:
+            return None
+        device = self.slot_pos.device
+        held = self.slot_pos[self.slot_pos >= 0]  # positions of the slots update() will return first
+        if held.numel() == 0 and start_pos == 0 and n_new <= self.window:
+            return "causal"
+        query_pos = torch.arange(start_pos, start_pos + n_new, device=device)  # (T,)
+        key_pos = torch.cat([held, query_pos])  # (S,)
+        return sliding_mask(query_pos, key_pos, self.window)
+
+    def reset(self):
+        self.slot_pos.fill_(-1)
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.k + self.v)
+
+    def expected_bytes(self, tokens):
+        B, H, _, hd = self.k[0].shape
+        return kv_bytes_formula(len(self.k), H, hd, min(tokens, self.window), B, self.k[0].element_size())
+
+
+def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """(T, S): query at q sees keys at q-window+1 .. q."""
+    offset = query_pos[:, None] - key_pos[None, :]
+    return (offset >= 0) & (offset < window)
+
+
+class QuantizedCache(KVCache):
+    """K and V stored as int8 with one float32 scale per token and head, dequantized for attention.
+
+    Symmetric per-vector quantisation: scale = max|x| / 127 over the head_dim entries of one token's head.
+    About 3.8x smaller than float32 K/V at head_dim 64 (64 + 4 bytes instead of 256). Not exact: it is
+    checked against thresholds on logit error, KL divergence and top-1 agreement, not tolerance.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.dtype, self.max_len = dtype, max_len
+        values, scales = (batch, n_heads, max_len, head_dim), (batch, n_heads, max_len, 1)
+        self.kq = [torch.zeros(values, dtype=torch.int8, device=device) for _ in range(n_layers)]
+        self.vq = [torch.zeros(values, dtype=torch.int8, device=device) for _ in range(n_layers)]
+        self.ks = [torch.zeros(scales, dtype=torch.float32, device=device) for _ in range(n_layers)]
+        self.vs = [torch.zeros(scales, dtype=torch.float32, device=device) for _ in range(n_layers)]
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127  # (B, H, T, 1)
+        return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+    def update(self, layer, start_pos, k, v):
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"quantized cache holds {self.max_len} tokens; position {end - 1} does not fit")
+        for q_store, s_store, x in ((self.kq, self.ks, k), (self.vq, self.vs, v)):
+            q, scale = self.quantize(x)
+            q_store[layer][:, :, start_pos:end].copy_(q)
+            s_store[layer][:, :, start_pos:end].copy_(scale)
+        k_all = (self.kq[layer][:, :, :end] * self.ks[layer][:, :, :end]).to(self.dtype)  # (B, H, end, hd)
+        v_all = (self.vq[layer][:, :, :end] * self.vs[layer][:, :, :end]).to(self.dtype)
+        return k_all, v_all
+
+    def mask(self, start_pos, n_new):
+        return causal_mask(start_pos, n_new, start_pos + n_new, self.kq[0].device)
+
+    def reset(self):
+        pass  # as the static cache: slots past the position are never read
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.kq + self.vq + self.ks + self.vs)
+
+    def expected_bytes(self, tokens):
+        B, H, _, hd = self.kq[0].shape
+        return 2 * len(self.kq) * H * tokens * B * (hd * 1 + 4)  # int8 values + a float32 scale per vector
+
 
 def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int, bytes_per_element: int) -> int:
     """Size of a full-precision KV cache: K and V, for every layer, head, position and sequence."""
@@ -128,16 +259,28 @@ def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, ba
 
 
 COMPILED = "static+compile"  # the static cache with its decode step compiled (fixed shapes)
-STRATEGIES = ("naive", "static", "dynamic", COMPILED)
+STRATEGIES = ("naive", "static", "dynamic", "sliding", "quantized", COMPILED)
+EXACT_STRATEGIES = ("naive", "static", "dynamic", "sliding", COMPILED)  # equal to naive within tolerance
+DEFAULT_WINDOW = 256
 
 
 def make_cache(strategy: str, config, batch: int, max_len: int, dtype: torch.dtype,
-               device: torch.device | str) -> KVCache | None:
+               device: torch.device | str, window: int | None = None) -> KVCache | None:
     """The cache a strategy uses; None for naive (no cache: recompute every step)."""
+    shape = (config.n_layers, batch, config.n_heads)
     if strategy == "naive":
         return None
     if strategy in ("static", COMPILED):
-        return StaticCache(config.n_layers, batch, config.n_heads, max_len, config.head_dim, dtype, device)
+        return StaticCache(*shape, max_len, config.head_dim, dtype, device)
     if strategy == "dynamic":
         return DynamicCache(config.n_layers)
+    if strategy == "sliding":
+        return SlidingWindowCache(*shape, window_of(config, window), config.head_dim, dtype, device)
+    if strategy == "quantized":
+        return QuantizedCache(*shape, max_len, config.head_dim, dtype, device)
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def window_of(config, window: int | None) -> int:
+    """The sliding window: the one asked for, else the config's sliding_window, else DEFAULT_WINDOW."""
+    return window or config.sliding_window or DEFAULT_WINDOW

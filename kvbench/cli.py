@@ -16,17 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvbench import verify
-from kvbench.cache import COMPILED, STRATEGIES
+from kvbench.cache import COMPILED, DEFAULT_WINDOW, STRATEGIES, window_of
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder, init_weights
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
+from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model, save_weights
 
 app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
+err_console = Console(stderr=True, soft_wrap=True)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -37,6 +38,11 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+WindowOpt = Annotated[int | None, typer.Option(
+    help=f"Sliding window W [default: the config's sliding_window, else {DEFAULT_WINDOW}].")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
+TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED}: the static cache with its decode step "
                                           "compiled (torch.compile; a CUDA graph on CUDA).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
@@ -118,9 +124,25 @@ def require_positive(option: str, value: int) -> None:
 
 def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:
     limit = loaded.model.max_seq_len
-    if loaded.model.positional == "learned" and total > limit:
+    if total > limit:
         raise KVBenchError(f"{what} = {total} tokens do not fit max_seq_len {limit} of {loaded.source}; "
                            "shorten them or raise max_seq_len")
+
+
+def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: str) -> None:
+    """Every strategy stops at max_seq_len, except sliding with sinusoidal positions: its attention span
+    is bounded and sinusoidal encodings exist for any position, so it may run past (learned ones may not)."""
+    unbounded = "sliding" if loaded.model.positional == "sinusoidal" else None
+    bounded = [s for s in strategies if s != unbounded]
+    if bounded:
+        note = f" (for {', '.join(bounded)})" if len(bounded) < len(strategies) else ""
+        check_fits(loaded, total, what + note)
+
+
+def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
+    if window is not None:
+        require_positive("--window", window)
+    return window_of(loaded.model, window)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
@@ -185,21 +207,36 @@ def progress_bar() -> Progress:
 def divergence_text(check: verify.StrategyCheck) -> str:
     d = check.divergence
     if d is None:
-        return "none"
-    kind = "near-tie" if d.near_tie else "[bold red]MISMATCH[/]"
-    return (f"{kind} at step {d.step} (row {d.row}): chose {d.chosen}, naive {d.naive_choice}, "
+        return "no token differs from naive's choice"
+    kind = "near-tie" if d.near_tie else "MISMATCH" if check.exact else "differs (not exact by design)"
+    return (f"{kind} at step {d.step} (row {d.row}): chose {d.chosen}, naive would choose {d.naive_choice}, "
             f"naive gap {d.gap:.2e}")
 
 
 def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) -> Table:
-    table = Table(title=f"cached vs naive recomputation (atol {tol.atol:g}, rtol {tol.rtol:g})")
-    for column in ("strategy", "steps", "max abs diff", "err/tol", "first divergent token", "result"):
-        table.add_column(column, justify="left" if column in ("strategy", "first divergent token") else "right")
+    table = Table(title=f"each strategy vs naive recomputation (atol {tol.atol:g}, rtol {tol.rtol:g}); "
+                        "Δ = logit difference", box=box.SIMPLE_HEAD)
+    for column in ("strategy", "steps", "max |Δ|", "Δ/tol", "mean KL", "top-1", "tokens", "result"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for c in checks:
         verdict = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
-        table.add_row(c.strategy, str(c.new_tokens), f"{c.max_abs:.3e}", f"{c.worst_ratio:.3f}",
-                      divergence_text(c), verdict)
+        d = c.divergence
+        tokens = "same" if d is None else f"{'tie' if d.near_tie else 'DIFF'} @{d.step}"
+        table.add_row(c.strategy, str(c.new_tokens), f"{c.max_abs:.2e}", f"{c.worst_ratio:.3f}",
+                      f"{c.vs_naive.mean_kl:.1e}", f"{c.vs_naive.top1:.1%}", tokens, verdict)
     return table
+
+
+def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, window: int) -> None:
+    console.print(strategy_table(checks, tol))
+    for c in checks:
+        rule = ("exact: every logit within tolerance, no real token mismatch" if c.exact else
+                f"int8, not exact: mean KL <= {c.max_mean_kl:g} and top-1 >= {c.min_top1:.0%} required")
+        console.print(f"  {c.strategy}: {rule}; {divergence_text(c)}", highlight=False)
+        if c.drift is not None:
+            console.print(f"  {c.strategy} (window {window}) against full attention, for information: max abs "
+                          f"{c.drift.max_abs:.2e}, mean KL {c.drift.mean_kl:.1e}, top-1 {c.drift.top1:.1%}",
+                          highlight=False)
 
 
 @app.command("kv-evaluate")
@@ -214,24 +251,31 @@ def kv_evaluate(
     rtol: RtolOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt and of sampling.")] = 0,
     compile: CompileOpt = False,
+    window: WindowOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = resolve_config(config)
     names = with_compiled(parse_strategies(strategies), compile)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len)):
         require_positive(option, value)
-    check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")
+    check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
+    sampling = SamplingSettings(temperature, top_k, top_p, seed)
+    win = resolve_window(loaded, window)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
-    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} ({dtype})")
+    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
+                  f"({dtype}), {sampling.describe()}")
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=new_tokens) for s in names}
-        checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol,
+        checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
                                     on_step=lambda s, step: progress.advance(tasks[s]))
-    console.print(strategy_table(checks, tol))
+    report_checks(checks, tol, win)
     if not all(c.passed for c in checks):
         err_console.print("[bold red]kv-evaluate failed:[/] a strategy does not match naive recomputation",
                           highlight=False)
@@ -344,7 +388,7 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
                  warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
-                 dtype: str | None, seed: int | None, compile: bool = False):
+                 dtype: str | None, seed: int | None, compile: bool = False, window: int | None = None):
     from kvbench.bench.sweep import SweepSettings
 
     settings = SweepSettings(
@@ -352,7 +396,8 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
         strategies=with_compiled(parse_strategies(strategies or DEFAULT_BENCH_STRATEGIES), compile),
         repeats=1 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
         prompt_len=16 if prompt_len is None else prompt_len, batch_size=1 if batch_size is None else batch_size,
-        device=str(resolve_device(device)), dtype=dtype or "float32", threads=threads, seed=seed or 0)
+        device=str(resolve_device(device)), dtype=dtype or "float32", threads=threads, seed=seed or 0,
+        window=resolve_window(loaded, window))
     settings = settings if repeats is not None else SweepSettings(**{**settings.to_dict(), "repeats": 3})
     for option, value in (("--repeats", settings.repeats), ("--prompt-len", settings.prompt_len),
                           ("--batch-size", settings.batch_size)):
@@ -362,7 +407,8 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
     if threads is not None:
         require_positive("--threads", threads)
     resolve_dtype(settings.dtype)
-    check_fits(loaded, settings.prompt_len + max(settings.lengths) - 1, "--prompt-len + longest --lengths - 1")
+    check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
+                 "--prompt-len + longest --lengths - 1")
     return settings
 
 
@@ -382,6 +428,7 @@ def benchmark(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random prompt [default: 0].")] = None,
     compile: CompileOpt = False,
+    window: WindowOpt = None,
     out: Annotated[Path | None, typer.Option(help="Results directory [default: results/<date-time>-<config>-<device>].")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory.")] = None,
 ) -> None:
@@ -392,7 +439,7 @@ def benchmark(
         given = [name for name, value in (("--lengths", lengths), ("--strategies", strategies), ("--repeats", repeats),
                  ("--warmup", warmup), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
                  ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out),
-                 ("--compile", compile or None)) if value is not None]
+                 ("--compile", compile or None), ("--window", window)) if value is not None]
         if given or config != DEFAULT_CONFIG:
             raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
         run = bench.resume(resume)
@@ -401,7 +448,7 @@ def benchmark(
     else:
         loaded = resolve_config(config)
         settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                                threads, dtype, seed, compile)
+                                threads, dtype, seed, compile, window)
         run = bench.start(loaded, settings, out, Path("results"))
         console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

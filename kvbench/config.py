@@ -31,6 +31,7 @@ class ModelConfig(BaseModel):
     bias: bool = True  # biases in linear layers and LayerNorms
     layer_norm_eps: float = Field(default=1e-5, gt=0)
     seed: int = 0  # seeds the random initialisation when no weights are given
+    sliding_window: int | None = Field(default=None, gt=0)  # default window W of the `sliding` strategy
     weights: str | None = None  # .safetensors path; relative paths are relative to the YAML file
 
     @field_validator("layer_norm_eps", mode="before")

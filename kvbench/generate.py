@@ -14,14 +14,11 @@ import torch
 
 from kvbench.cache import COMPILED, KVCache, make_cache
 from kvbench.model import Decoder
+from kvbench.sampling import SamplingSettings, Sampler, greedy
+
+GREEDY = SamplingSettings()
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> token ids (B,)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    # float32 first: argmax has no vectorised bfloat16 path on CPU (0.2 ms per step at 50257 entries).
-    # The conversion is exact, so the chosen token (first index among equal maxima) is unchanged.
-    return logits.float().argmax(dim=-1)
 
 
 def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -34,9 +31,11 @@ def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int) ->
     return model(token[:, None], cache, start_pos=pos, last_only=True)[:, -1]
 
 
-def naive_step(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
-    """The baseline: recompute the whole sequence (B, t), same kernels, logits of the last position only."""
-    return model(ids, None, start_pos=0, last_only=True)[:, -1]
+def naive_step(model: Decoder, ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The baseline: recompute the whole sequence (B, t), same kernels, logits of the last position only.
+    With a window, attention is banded as in the sliding cache (the whole sequence is still recomputed:
+    with several layers, a token depends on more than `window` positions back)."""
+    return model(ids, None, start_pos=0, last_only=True, window=window)[:, -1]
 
 
 Decode = Callable[[Decoder, torch.Tensor, KVCache, int], torch.Tensor]  # (model, token, cache, pos) -> logits
@@ -89,10 +88,11 @@ class Step:
 
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                     choose: Chooser = greedy, decode: Decode = decode_one) -> Iterator[Step]:
-    """Yield each new token; cache None means naive recomputation. The cache is reset first."""
+                     choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None) -> Iterator[Step]:
+    """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
+    The cache is reset first."""
     if cache is None:
-        yield from _naive_steps(model, prompt, new_tokens, choose)
+        yield from _naive_steps(model, prompt, new_tokens, choose, window)
         return
     cache.reset()
     n_prompt = prompt.shape[1]
@@ -104,12 +104,13 @@ def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cach
         yield Step(i, logits, token)
 
 
-def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: Chooser) -> Iterator[Step]:
+def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: Chooser,
+                 window: int | None) -> Iterator[Step]:
     batch, n_prompt = prompt.shape
     ids = torch.empty(batch, n_prompt + new_tokens, dtype=prompt.dtype, device=prompt.device)  # no per-step cat
     ids[:, :n_prompt] = prompt
     for i in range(new_tokens):
-        logits = naive_step(model, ids[:, : n_prompt + i])
+        logits = naive_step(model, ids[:, : n_prompt + i], window)
         token = choose(logits)
         ids[:, n_prompt + i] = token
         yield Step(i, logits, token)
@@ -119,6 +120,7 @@ def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: 
 class Generation:
     tokens: torch.Tensor  # (B, N) new tokens
     logits: torch.Tensor | None  # (B, N, V) the logits that chose them, when kept
+    draws: torch.Tensor | None = None  # (B, N) the sampler's uniform draws (None when greedy)
 
 
 def cache_tokens(prompt_len: int, new_tokens: int) -> int:
@@ -126,22 +128,27 @@ def cache_tokens(prompt_len: int, new_tokens: int) -> int:
     return prompt_len + new_tokens - 1
 
 
-def new_cache(model: Decoder, strategy: str, batch: int, max_len: int) -> KVCache | None:
-    """The strategy's cache sized for max_len tokens, on the model's device and dtype."""
+def new_cache(model: Decoder, strategy: str, batch: int, max_len: int, window: int | None = None) -> KVCache | None:
+    """The strategy's cache sized for max_len tokens (or `window` for sliding), on the model's device and dtype."""
     weight = model.lm_head.weight
-    return make_cache(strategy, model.config, batch, max_len, weight.dtype, weight.device)
+    return make_cache(strategy, model.config, batch, max_len, weight.dtype, weight.device, window)
 
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
-             choose: Chooser = greedy, on_step: Callable[[Step], None] | None = None) -> Generation:
-    """Generate new_tokens after prompt (B, P) with a strategy (see cache.STRATEGIES)."""
-    cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens))
+             sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
+             window: int | None = None) -> Generation:
+    """Generate new_tokens after prompt (B, P) with a strategy (see cache.STRATEGIES).
+
+    `window` sizes the sliding cache; with strategy naive it bands naive attention the same way."""
+    cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
     decode = decoder_for(strategy, prompt.device)
+    sampler = Sampler(sampling)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, choose, decode):
+    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())
         if on_step is not None:
             on_step(step)
-    return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None)
+    draws = torch.stack(sampler.draws, dim=1) if sampler.draws else None
+    return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None, draws)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbench.cache import KVCache, Mask
+from kvbench.cache import KVCache, Mask, sliding_mask
 from kvbench.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initialiser range
@@ -159,19 +159,30 @@ class Decoder(nn.Module):
             return x + self.pos_emb[positions]
         return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0) -> torch.Tensor:
-        """Final hidden states (B, T, D) for ids (B, T) at positions start_pos.., after the final norm."""
-        self._check_positions(start_pos, ids.shape[1])
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
+               window: int | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D) for ids (B, T) at positions start_pos.., after the final norm.
+
+        Without a cache the sequence attends causally to itself, or within the last `window` positions.
+        """
+        T = ids.shape[1]
+        self._check_positions(start_pos, T)
         x = self.embed(ids, start_pos)
-        mask = cache.mask(start_pos, ids.shape[1]) if cache is not None else "causal"
+        if cache is not None:
+            mask = cache.mask(start_pos, T)
+        elif window is None or window >= T:
+            mask = "causal"
+        else:
+            positions = torch.arange(T, device=ids.device)
+            mask = sliding_mask(positions, positions, window)  # (T, T) banded causal
         for block in self.blocks:
             x = block(x, cache, start_pos, mask)
         return self.ln_f(x)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, window: int | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only when last_only."""
-        h = self.hidden(ids, cache, start_pos)
+        h = self.hidden(ids, cache, start_pos, window)
         if last_only:
             h = h[:, -1:]  # (B, 1, D): the LM head is the costliest matmul; skip it where nobody reads it
         return self.lm_head(h)

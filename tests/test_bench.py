@@ -248,3 +248,19 @@ def test_compiled_strategy_is_timed_and_its_compile_time_recorded(runner, tmp_pa
     # one buffer sized for the longest length serves every length: fixed shapes, one compilation
     compiled = runs[runs["strategy"] == "static+compile"]
     assert compiled["kv_cache_bytes"].nunique() == 1
+
+
+def test_every_strategy_side_by_side(runner, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--lengths", "4,12", "--strategies",
+                                 "naive,static,dynamic,sliding,quantized", "--window", "8", "--repeats", "1",
+                                 "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "results.csv").set_index(["strategy", "new_tokens"])
+    assert len(runs) == 10
+    token_bytes = 2 * 2 * 64 * 4  # K and V, 2 layers, d_model 64, float32
+    assert runs.loc[("sliding", 12), "kv_cache_bytes"] == 8 * token_bytes  # bounded by the window
+    assert runs.loc[("static", 12), "kv_cache_bytes"] == (16 + 11) * token_bytes
+    assert runs.loc[("quantized", 12), "kv_cache_bytes"] == (16 + 11) * 2 * 2 * 4 * (16 + 4)  # int8 + scales
+    assert (runs["kv_cache_bytes"] == runs["kv_cache_formula_bytes"]).all()
+    assert json.loads((out / "meta.json").read_text())["settings"]["window"] == 8

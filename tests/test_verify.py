@@ -46,10 +46,10 @@ class OffByOneCache(StaticCache):
 def break_static_cache(monkeypatch):
     real = kvbench.generate.make_cache
 
-    def make_cache(strategy, config, batch, max_len, dtype, device):
+    def make_cache(strategy, config, batch, max_len, dtype, device, window=None):
         if strategy == "static":
             return OffByOneCache(config.n_layers, batch, config.n_heads, max_len + 1, config.head_dim, dtype, device)
-        return real(strategy, config, batch, max_len, dtype, device)
+        return real(strategy, config, batch, max_len, dtype, device, window)
 
     monkeypatch.setattr(kvbench.generate, "make_cache", make_cache)
 

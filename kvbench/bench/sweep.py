@@ -19,11 +19,10 @@ import torch
 from kvbench.bench import floor
 from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, synchronize
-from kvbench.cache import COMPILED, KVCache, kv_bytes_formula
+from kvbench.cache import COMPILED, KVCache
 from kvbench.config import LoadedConfig
 from kvbench.generate import Decode, cache_tokens, decode_one, decoder_for, generation_steps, naive_step, new_cache
 from kvbench.model import Decoder
-from kvbench.precision import DTYPES
 from kvbench.verify import random_prompt
 
 WARMUP_TOKEN_CAP = 100  # warm-up generations stop here: same kernels, without doubling the naive sweep
@@ -43,6 +42,7 @@ class SweepSettings:
     dtype: str = "float32"
     threads: int | None = None
     seed: int = 0
+    window: int | None = None  # the sliding strategy's window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +193,7 @@ class Sweep:
             # free the caches of other lengths first
             self.caches = {k: v for k, v in self.caches.items() if k == COMPILED or k[1] == new_tokens}
             tokens = cache_tokens(self.settings.prompt_len, new_tokens)
-            self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
+            self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens, self.settings.window)
         return self.caches[key]
 
     def compile_seconds(self) -> float | None:
@@ -217,11 +217,10 @@ class Sweep:
         return row
 
     def row(self, run: Run, timing: Timing, cache: KVCache | None, peak: int) -> dict:
-        s, cfg = self.settings, self.loaded.model
+        s = self.settings
         n_decode = run.new_tokens - 1
         decode_s = sum(timing.decode_s)
-        element = torch.finfo(DTYPES[s.dtype]).bits // 8
-        formula_tokens = cache_tokens(s.prompt_len, run.new_tokens) if cache is not None else 0  # tokens held
+        held = cache_tokens(s.prompt_len, run.new_tokens)  # tokens the cache has seen by the end
         return dict(
             config=self.loaded.name, strategy=run.strategy, device=self.device.type, device_name=self.device_name,
             dtype=s.dtype, threads=torch.get_num_threads(), batch_size=s.batch_size, prompt_len=s.prompt_len,
@@ -229,8 +228,7 @@ class Sweep:
             decode_s=decode_s, per_token_ms=1000 * decode_s / n_decode if n_decode else math.nan,
             tokens_per_s=s.batch_size * run.new_tokens / timing.total_s,
             kv_cache_bytes=cache.nbytes if cache is not None else 0,
-            kv_cache_formula_bytes=kv_bytes_formula(cfg.n_layers, cfg.n_heads, cfg.head_dim, formula_tokens,
-                                                    s.batch_size, element),
+            kv_cache_formula_bytes=cache.expected_bytes(held) if cache is not None else 0,
             peak_mem_bytes=peak, **self.limits_columns(run, decode_s / n_decode if n_decode else math.nan),
             finished_at=datetime.now().isoformat(timespec="seconds"),
         )
