@@ -262,6 +262,11 @@ COMPILED = "static+compile"  # the static cache with its decode step compiled (f
 STRATEGIES = ("naive", "static", "dynamic", "sliding", "quantized", COMPILED)
 EXACT_STRATEGIES = ("naive", "static", "dynamic", "sliding", COMPILED)  # equal to naive within tolerance
 DEFAULT_WINDOW = 256
+# Encoder-decoder only: "<strategy>+self-only" is the self-attention cache only: the cross-attention K/V are
+# projected from the encoder output again at every step (the plain strategy name keeps them all generation).
+SELF_ONLY = "+self-only"
+SEQ2SEQ_STRATEGIES = ("naive", *(f"{s}{suffix}" for s in ("static", "dynamic", "sliding", "quantized")
+                                 for suffix in ("", SELF_ONLY)))
 
 
 def make_cache(strategy: str, config, batch: int, max_len: int, dtype: torch.dtype,

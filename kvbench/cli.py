@@ -16,13 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvbench import verify
-from kvbench.cache import COMPILED, DEFAULT_WINDOW, STRATEGIES, window_of
-from kvbench.config import LoadedConfig, load_config
+from kvbench.cache import COMPILED, DEFAULT_WINDOW, SEQ2SEQ_STRATEGIES, STRATEGIES, window_of
+from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
 from kvbench.errors import KVBenchError
-from kvbench.model import Decoder, init_weights
+from kvbench.generate import for_generation
+from kvbench.model import init_weights
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.sampling import SamplingSettings
-from kvbench.weights import build_model, decode_kernel, load_cpu_model, save_weights
+from kvbench.weights import build_model, decode_kernel, load_cpu_model, new_model, save_weights
 
 app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -38,6 +39,9 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+SrcLenOpt = Annotated[int, typer.Option(help="Source length in tokens (encoder-decoder configs only).")]
+DEFAULT_SEQ2SEQ_STRATEGIES = "naive,static,static+self-only,dynamic,dynamic+self-only"
+DEFAULT_SEQ2SEQ_BENCH = "naive,static+self-only,static"  # the three ways: nothing, self-attention, both cached
 WindowOpt = Annotated[int | None, typer.Option(
     help=f"Sliding window W [default: the config's sliding_window, else {DEFAULT_WINDOW}].")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
@@ -117,6 +121,20 @@ def with_compiled(strategies: list[str], compile: bool) -> list[str]:
     return strategies + [COMPILED] if compile and COMPILED not in strategies else strategies
 
 
+def is_seq2seq(loaded: LoadedConfig) -> bool:
+    return isinstance(loaded.model, Seq2SeqConfig)
+
+
+def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
+                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES) -> list[str]:
+    """The strategies asked for (or the family's default), checked against what the config's family supports."""
+    if not is_seq2seq(loaded):
+        return with_compiled(parse_strategies(text or default), compile)
+    if compile:
+        raise KVBenchError(f"--compile supports decoder-only configs; {loaded.source} is an encoder-decoder")
+    return parse_strategies(text or seq2seq_default, SEQ2SEQ_STRATEGIES)
+
+
 def require_positive(option: str, value: int) -> None:
     if value <= 0:
         raise KVBenchError(f"{option} must be a positive integer (got {value})")
@@ -170,27 +188,29 @@ def evaluate(
     dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
+    src_len: SrcLenOpt = 16,
     seed: SeedOpt = 0,
 ) -> None:
     """Check the model's logits after a prompt against the NumPy float64 reference and expected values."""
     loaded = resolve_config(config)
-    require_positive("--batch-size", batch_size)
-    require_positive("--prompt-len", prompt_len)
+    for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
+        require_positive(option, value)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     expected_logits = None
     if expected is not None:
-        input_ids, expected_logits = verify.read_expected(expected, loaded.model)
+        inputs, expected_logits = verify.read_expected(expected, loaded.model)
     else:
-        check_fits(loaded, prompt_len, "--prompt-len")
-        input_ids = verify.random_prompt(loaded.model, batch_size, prompt_len, seed)
+        check_fits(loaded, max(prompt_len, src_len if is_seq2seq(loaded) else 0), "--prompt-len / --src-len")
+        inputs = verify.random_inputs(loaded.model, batch_size, prompt_len, src_len, seed)
     cpu_model = load_cpu_model(loaded)
     cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}  # the reference's own copy
     model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
-    result, reference = verify.evaluate(model, cpu_weights, input_ids, tol, expected_logits)
-    console.print(f"{loaded.name}: prompt {tuple(input_ids.shape)} on {dev} ({dtype})")
+    result, reference = verify.evaluate(model, cpu_weights, inputs, tol, expected_logits)
+    source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
+    console.print(f"{loaded.name}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype})")
     console.print(comparison_table(result.comparisons, tol))
     if write_expected is not None:
-        verify.write_expected(write_expected, input_ids, reference)
+        verify.write_expected(write_expected, inputs, reference)
         console.print(f"wrote expected logits of the NumPy reference to {write_expected}")
     if not result.passed:
         err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
@@ -216,13 +236,13 @@ def divergence_text(check: verify.StrategyCheck) -> str:
 def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) -> Table:
     table = Table(title=f"each strategy vs naive recomputation (atol {tol.atol:g}, rtol {tol.rtol:g}); "
                         "Δ = logit difference", box=box.SIMPLE_HEAD)
-    for column in ("strategy", "steps", "max |Δ|", "Δ/tol", "mean KL", "top-1", "tokens", "result"):
+    for column in ("strategy", "max |Δ|", "Δ/tol", "mean KL", "top-1", "tokens", "result"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for c in checks:
         verdict = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
         d = c.divergence
         tokens = "same" if d is None else f"{'tie' if d.near_tie else 'DIFF'} @{d.step}"
-        table.add_row(c.strategy, str(c.new_tokens), f"{c.max_abs:.2e}", f"{c.worst_ratio:.3f}",
+        table.add_row(c.strategy, f"{c.max_abs:.2e}", f"{c.worst_ratio:.3f}",
                       f"{c.vs_naive.mean_kl:.1e}", f"{c.vs_naive.top1:.1%}", tokens, verdict)
     return table
 
@@ -244,9 +264,12 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
 def kv_evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
-    strategies: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(STRATEGIES)}.")] = "static,dynamic",
+    strategies: Annotated[str | None, typer.Option(
+        help=f"Comma-separated, from: {', '.join(STRATEGIES)} [default: static,dynamic; for an encoder-decoder "
+             f"{DEFAULT_SEQ2SEQ_STRATEGIES}]; an encoder-decoder takes {', '.join(SEQ2SEQ_STRATEGIES)}.")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
+    src_len: SrcLenOpt = 16,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     device: DeviceOpt = "auto",
@@ -260,14 +283,17 @@ def kv_evaluate(
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = resolve_config(config)
-    names = with_compiled(parse_strategies(strategies), compile)
-    for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len)):
+    names = strategies_for(loaded, strategies, "static,dynamic", compile)
+    for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
+                          ("--src-len", src_len)):
         require_positive(option, value)
     check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
+    if is_seq2seq(loaded):
+        check_fits(loaded, src_len, "--src-len")
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
-    model = build_model(loaded, dev, torch_dtype)
+    model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
                   f"({dtype}), {sampling.describe()}")
@@ -295,7 +321,7 @@ def init_weights_command(
     loaded = resolve_config(config)
     if out.exists() and not force:
         raise KVBenchError(f"{out} exists; pass --force to overwrite it")
-    model = Decoder(loaded.model)
+    model = new_model(loaded.model)
     init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
     save_weights(model, out)
     n_params = sum(p.numel() for p in model.parameters())
@@ -363,9 +389,10 @@ def _number(value: float, fmt: str) -> str:
 
 
 def summary_table(summary) -> Table:
-    table = Table(title="medians over repeats (IQR: interquartile range); floor: bytes a decode step reads / "
-                        "measured read bandwidth", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("strategy", "tokens", "total s", "ms/token", "IQR", "floor ms", "×floor", "speed-up"):
+    table = Table(title="medians over repeats; ms/tok: decode time per token (IQR: its interquartile range); floor: "
+                        "ms to read what a decode step must, at the measured bandwidth", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for column in ("strategy", "tokens", "total s", "ms/tok", "IQR", "floor", "×floor", "speedup"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
         speedup = math.nan if row.strategy == "naive" else row.speedup_vs_naive
@@ -388,27 +415,29 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
                  warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
-                 dtype: str | None, seed: int | None, compile: bool = False, window: int | None = None):
+                 dtype: str | None, seed: int | None, compile: bool, window: int | None, src_len: int | None):
+    """Sweep settings from the options given, defaults for the rest, every value checked."""
     from kvbench.bench.sweep import SweepSettings
 
+    given = {"--repeats": repeats, "--prompt-len": prompt_len, "--batch-size": batch_size, "--threads": threads,
+             "--src-len": src_len}
+    for option, value in given.items():
+        if value is not None:
+            require_positive(option, value)
+    if warmup is not None and warmup < 0:
+        raise KVBenchError(f"--warmup must be 0 or more (got {warmup})")
     settings = SweepSettings(
         lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
-        strategies=with_compiled(parse_strategies(strategies or DEFAULT_BENCH_STRATEGIES), compile),
-        repeats=1 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
-        prompt_len=16 if prompt_len is None else prompt_len, batch_size=1 if batch_size is None else batch_size,
-        device=str(resolve_device(device)), dtype=dtype or "float32", threads=threads, seed=seed or 0,
-        window=resolve_window(loaded, window))
-    settings = settings if repeats is not None else SweepSettings(**{**settings.to_dict(), "repeats": 3})
-    for option, value in (("--repeats", settings.repeats), ("--prompt-len", settings.prompt_len),
-                          ("--batch-size", settings.batch_size)):
-        require_positive(option, value)
-    if settings.warmup < 0:
-        raise KVBenchError(f"--warmup must be 0 or more (got {settings.warmup})")
-    if threads is not None:
-        require_positive("--threads", threads)
+        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
+        repeats=3 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
+        prompt_len=prompt_len or 16, batch_size=batch_size or 1, device=str(resolve_device(device)),
+        dtype=dtype or "float32", threads=threads, seed=seed or 0, window=resolve_window(loaded, window),
+        src_len=(src_len or 16) if is_seq2seq(loaded) else None)
     resolve_dtype(settings.dtype)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
+    if settings.src_len:
+        check_fits(loaded, settings.src_len, "--src-len")
     return settings
 
 
@@ -429,6 +458,7 @@ def benchmark(
     seed: Annotated[int | None, typer.Option(help="Seed of the random prompt [default: 0].")] = None,
     compile: CompileOpt = False,
     window: WindowOpt = None,
+    src_len: Annotated[int | None, typer.Option(help="Source length (encoder-decoder configs) [default: 16].")] = None,
     out: Annotated[Path | None, typer.Option(help="Results directory [default: results/<date-time>-<config>-<device>].")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory.")] = None,
 ) -> None:
@@ -439,7 +469,8 @@ def benchmark(
         given = [name for name, value in (("--lengths", lengths), ("--strategies", strategies), ("--repeats", repeats),
                  ("--warmup", warmup), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
                  ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out),
-                 ("--compile", compile or None), ("--window", window)) if value is not None]
+                 ("--compile", compile or None), ("--window", window), ("--src-len", src_len))
+                 if value is not None]
         if given or config != DEFAULT_CONFIG:
             raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
         run = bench.resume(resume)
@@ -448,7 +479,7 @@ def benchmark(
     else:
         loaded = resolve_config(config)
         settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                                threads, dtype, seed, compile, window)
+                                threads, dtype, seed, compile, window, src_len)
         run = bench.start(loaded, settings, out, Path("results"))
         console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -13,21 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kvbench.errors import KVBenchError
 
 
-class ModelConfig(BaseModel):
-    """Everything needed to build the model. Strict: unknown keys and wrong types are errors, never coerced."""
+class ArchitectureConfig(BaseModel):
+    """What every model family shares. Strict: unknown keys and wrong types are errors, never coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    n_layers: int = Field(gt=0)  # transformer blocks
     d_model: int = Field(gt=0)  # width of the residual stream
     n_heads: int = Field(gt=0)  # attention heads; d_model must divide evenly among them
     d_ff: int = Field(gt=0)  # hidden width of the MLP (GPT-2: 4 * d_model)
-    vocab_size: int = Field(gt=0)  # token ids are 0 .. vocab_size-1
     max_seq_len: int = Field(gt=0)  # longest sequence (prompt + generated) the positions cover
     positional: Literal["learned", "sinusoidal"] = "learned"  # learned table (GPT-2) or fixed sin/cos
     norm: Literal["pre", "post"] = "pre"  # LayerNorm before each sublayer (GPT-2) or after the residual add
     activation: Literal["gelu", "gelu_exact", "relu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
-    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
+    tie_embeddings: bool = True  # the LM head reuses the (target) token embedding matrix
     bias: bool = True  # biases in linear layers and LayerNorms
     layer_norm_eps: float = Field(default=1e-5, gt=0)
     seed: int = 0  # seeds the random initialisation when no weights are given
@@ -46,7 +44,7 @@ class ModelConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
+    def _heads_divide_width(self) -> ArchitectureConfig:
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
@@ -61,6 +59,36 @@ class ModelConfig(BaseModel):
         return self.d_model // self.n_heads
 
 
+class ModelConfig(ArchitectureConfig):
+    """A decoder-only transformer (GPT-2's family): the default."""
+
+    family: Literal["decoder"] = "decoder"
+    n_layers: int = Field(gt=0)  # transformer blocks
+    vocab_size: int = Field(gt=0)  # token ids are 0 .. vocab_size-1
+
+
+class Seq2SeqConfig(ArchitectureConfig):
+    """An encoder-decoder transformer ("Attention Is All You Need"): the decoder cross-attends to the encoder."""
+
+    family: Literal["encoder-decoder"]
+    n_encoder_layers: int = Field(gt=0)  # bidirectional self-attention blocks over the source
+    n_decoder_layers: int = Field(gt=0)  # causal self-attention + cross-attention blocks
+    src_vocab_size: int = Field(gt=0)  # source token ids are 0 .. src_vocab_size-1
+    tgt_vocab_size: int = Field(gt=0)  # target token ids (and logits) are 0 .. tgt_vocab_size-1
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_decoder_layers  # the layers that own a self-attention KV cache
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tgt_vocab_size  # what is generated
+
+
+FAMILIES = {"decoder": ModelConfig, "encoder-decoder": Seq2SeqConfig}
+AnyConfig = Union[ModelConfig, Seq2SeqConfig]
+
+
 class LoadedConfig(BaseModel):
     """A ModelConfig plus where it came from: a name for result files and the weight file, resolved."""
 
@@ -68,7 +96,7 @@ class LoadedConfig(BaseModel):
 
     name: str
     source: Path
-    model: ModelConfig
+    model: AnyConfig
     weights_path: Path | None = None
 
 
@@ -80,13 +108,13 @@ def _error_location(error: dict[str, Any]) -> str:
     return ".".join(str(part) for part in error["loc"])
 
 
-def _describe_error(error: dict[str, Any]) -> str:
+def _describe_error(error: dict[str, Any], schema: type[BaseModel], family: str) -> str:
     """One pydantic error as 'key: what is wrong (got value)'."""
     key = _error_location(error)
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, ModelConfig.model_fields, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(ModelConfig.model_fields)}"
-        return f"unknown key '{key}'; {hint}"
+        close = difflib.get_close_matches(key, schema.model_fields, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(schema.model_fields)}"
+        return f"unknown key '{key}' for family {family}; {hint}"
     if error["type"] == "missing":
         return f"missing required key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
@@ -95,14 +123,18 @@ def _describe_error(error: dict[str, Any]) -> str:
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
-def validate_config(data: Any, origin: str) -> ModelConfig:
-    """Build a ModelConfig from a mapping or raise KVBenchError naming the first bad key."""
+def validate_config(data: Any, origin: str) -> AnyConfig:
+    """Build the config of the mapping's family or raise KVBenchError naming the first bad key."""
     if not isinstance(data, dict):
         raise KVBenchError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
+    family = data.get("family", "decoder")
+    if family not in FAMILIES:
+        raise KVBenchError(f"{origin}: family: must be one of {', '.join(FAMILIES)} (got {family!r})")
+    schema = FAMILIES[family]
     try:
-        return ModelConfig(**data)
+        return schema(**data)
     except ValidationError as exc:
-        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0])}") from None
+        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0], schema, family)}") from None
     except TypeError as exc:  # non-string keys, e.g. `1: 2`
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None
 

@@ -12,9 +12,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from kvbench.cache import COMPILED, KVCache, make_cache
+from kvbench.cache import COMPILED, SELF_ONLY, KVCache, make_cache
 from kvbench.model import Decoder
 from kvbench.sampling import SamplingSettings, Sampler, greedy
+from kvbench.seq2seq import Seq2Seq, Seq2SeqCache, SourceBound
 
 GREEDY = SamplingSettings()
 
@@ -129,9 +130,16 @@ def cache_tokens(prompt_len: int, new_tokens: int) -> int:
 
 
 def new_cache(model: Decoder, strategy: str, batch: int, max_len: int, window: int | None = None) -> KVCache | None:
-    """The strategy's cache sized for max_len tokens (or `window` for sliding), on the model's device and dtype."""
+    """The strategy's cache sized for max_len tokens (or `window` for sliding), on the model's device and dtype.
+
+    For an encoder-decoder, the self-attention cache is wrapped with the source's cross-attention K/V,
+    kept for the whole generation unless the strategy ends in SELF_ONLY."""
     weight = model.lm_head.weight
-    return make_cache(strategy, model.config, batch, max_len, weight.dtype, weight.device, window)
+    base = strategy.removesuffix(SELF_ONLY)
+    cache = make_cache(base, model.config, batch, max_len, weight.dtype, weight.device, window)
+    if isinstance(model, SourceBound) and cache is not None:
+        return Seq2SeqCache(cache, keep_cross=not strategy.endswith(SELF_ONLY))
+    return cache
 
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
@@ -152,3 +160,17 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: st
             on_step(step)
     draws = torch.stack(sampler.draws, dim=1) if sampler.draws else None
     return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None, draws)
+
+
+def random_ids(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Seeded random token ids (B, L): the same ids for the same seed, whatever the device."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def for_generation(model, batch: int, src_len: int, seed: int):
+    """The model generation code runs: a decoder as it is; an encoder-decoder bound to a seeded random source
+    batch (B, src_len), drawn with seed + 1 so that it differs from the target prompt drawn with seed."""
+    if not isinstance(model, Seq2Seq):
+        return model
+    device = model.lm_head.weight.device
+    return model.bind(random_ids(model.config.src_vocab_size, batch, src_len, seed + 1).to(device))

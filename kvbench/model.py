@@ -149,15 +149,8 @@ class Decoder(nn.Module):
         self.lm_head = Linear(d, config.vocab_size, bias=False)
 
     def embed(self, ids: torch.Tensor, start_pos: Position) -> torch.Tensor:
-        T = ids.shape[1]
         table = self.lm_head.rows_by_output() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
-        x = F.embedding(ids, table)  # (B, T, D)
-        if isinstance(start_pos, int) and self.pos_emb is not None:
-            return x + self.pos_emb[start_pos:start_pos + T]  # a view: no gather on the eager path
-        positions = start_pos + torch.arange(T, device=ids.device)  # (T,)
-        if self.pos_emb is not None:
-            return x + self.pos_emb[positions]
-        return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+        return add_positions(F.embedding(ids, table), self.pos_emb, start_pos)  # (B, T, D)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
                window: int | None = None) -> torch.Tensor:
@@ -165,16 +158,9 @@ class Decoder(nn.Module):
 
         Without a cache the sequence attends causally to itself, or within the last `window` positions.
         """
-        T = ids.shape[1]
-        self._check_positions(start_pos, T)
+        check_positions(self.config, start_pos, ids.shape[1])
         x = self.embed(ids, start_pos)
-        if cache is not None:
-            mask = cache.mask(start_pos, T)
-        elif window is None or window >= T:
-            mask = "causal"
-        else:
-            positions = torch.arange(T, device=ids.device)
-            mask = sliding_mask(positions, positions, window)  # (T, T) banded causal
+        mask = self_attention_mask(cache, start_pos, ids.shape[1], window, ids.device)
         for block in self.blocks:
             x = block(x, cache, start_pos, mask)
         return self.ln_f(x)
@@ -194,15 +180,39 @@ class Decoder(nn.Module):
                 module.use_kernel(kernel)
         return self
 
-    def _check_positions(self, start_pos: Position, n_new: int) -> None:
-        if isinstance(start_pos, torch.Tensor):
-            return  # the compiled step: its caller checked the length, and a check here would sync the device
-        end = start_pos + n_new
-        if self.pos_emb is not None and end > self.config.max_seq_len:
-            raise ValueError(f"position {end - 1} is past max_seq_len {self.config.max_seq_len} (learned positions)")
+
+def add_positions(x: torch.Tensor, table: torch.Tensor | None, start_pos: Position) -> torch.Tensor:
+    """x (B, T, D) plus the positions start_pos..: a learned table's rows, or sinusoidal encodings if None."""
+    T = x.shape[1]
+    if isinstance(start_pos, int) and table is not None:
+        return x + table[start_pos:start_pos + T]  # a view: no gather on the eager path
+    positions = start_pos + torch.arange(T, device=x.device)  # (T,)
+    if table is not None:
+        return x + table[positions]
+    return x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
 
 
-def init_weights(model: Decoder, seed: int, every_tensor: bool = False) -> None:
+def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
+                        device: torch.device) -> Mask:
+    """With a cache, the cache decides; without one the sequence attends causally to itself, or within
+    the last `window` positions."""
+    if cache is not None:
+        return cache.mask(start_pos, n_new)
+    if window is None or window >= n_new:
+        return "causal"
+    positions = torch.arange(n_new, device=device)
+    return sliding_mask(positions, positions, window)  # (T, T) banded causal
+
+
+def check_positions(config, start_pos: Position, n_new: int) -> None:
+    if isinstance(start_pos, torch.Tensor):
+        return  # the compiled step: its caller checked the length, and a check here would sync the device
+    end = start_pos + n_new
+    if config.positional == "learned" and end > config.max_seq_len:
+        raise ValueError(f"position {end - 1} is past max_seq_len {config.max_seq_len} (learned positions)")
+
+
+def init_weights(model: nn.Module, seed: int, every_tensor: bool = False) -> None:
     """GPT-2's initialisation, reproducible from the seed alone on any device.
 
     every_tensor also randomises LayerNorm gains and all biases (GPT-2 starts them at 1 and 0), so that a
@@ -211,15 +221,15 @@ def init_weights(model: Decoder, seed: int, every_tensor: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
     residual_std = INIT_STD / math.sqrt(2 * model.config.n_layers)  # GPT-2 scales residual projections
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = ".ln" in name or name.startswith("ln")
-            if every_tensor and (is_norm or name.endswith("bias")):
-                p.copy_((1.0 if is_norm and name.endswith("weight") else 0.0)
-                        + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.zero_()
-            elif is_norm:
-                p.fill_(1.0)
-            else:
-                std = residual_std if name.endswith("proj.weight") else INIT_STD
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                is_norm = isinstance(module, nn.LayerNorm)
+                if every_tensor and (is_norm or name == "bias"):
+                    p.copy_((1.0 if is_norm and name == "weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
+                elif name == "bias":
+                    p.zero_()
+                elif is_norm:
+                    p.fill_(1.0)
+                else:
+                    std = residual_std if module_name.endswith("proj") else INIT_STD
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -108,7 +108,7 @@ def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
     left.set_ylabel("KV cache at the end of the run (MiB)")
     left.set_yscale("log")
     left.yaxis.set_major_formatter(PLAIN)
-    left.set_title("KV cache: allocated vs 2·layers·heads·head_dim·tokens·batch·bytes", fontsize=9)
+    left.set_title("KV cache: allocated (markers) vs its formula (dashed, see README)", fontsize=9)
     right.set_ylabel("peak memory during the run (MiB)")
     right.set_title(f"Peak memory ({'GPU allocator' if meta['settings']['device'].startswith('cuda') else 'process RSS'})",
                     fontsize=9)
@@ -125,7 +125,8 @@ def floor_line(steps: pd.DataFrame, meta: dict) -> pd.DataFrame | None:
         return None
     step, bandwidth = meta["decode_step"], meta["machine_limits"]["best_bandwidth_gbs"]
     positions = pd.Series(sorted(steps["position"].unique()))
-    floor_ms = 1000 * (step["weight_bytes"] + step["kv_bytes_per_token"] * (positions + 1)) / (bandwidth * 1e9)
+    fixed = step.get("fixed_bytes", step.get("weight_bytes"))  # results written before the rename say weight_bytes
+    floor_ms = 1000 * (fixed + step["kv_bytes_per_token"] * (positions + 1)) / (bandwidth * 1e9)
     return pd.DataFrame({"position": positions, "floor_ms": floor_ms})
 
 

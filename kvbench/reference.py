@@ -51,37 +51,54 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _self_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, cfg: ModelConfig,
-                    window: int | None) -> np.ndarray:
-    seq = x.shape[0]
-    fused = _affine(w, prefix + ".qkv", x)
-    q_all, k_all, v_all = fused[:, : cfg.d_model], fused[:, cfg.d_model: 2 * cfg.d_model], fused[:, 2 * cfg.d_model:]
-    allowed = np.tril(np.ones((seq, seq), dtype=bool))
-    if window is not None:  # each query sees only its last `window` positions, itself included
-        allowed &= ~np.tril(np.ones((seq, seq), dtype=bool), k=-window)
+def _heads(q_all: np.ndarray, k_all: np.ndarray, v_all: np.ndarray, allowed: np.ndarray | None,
+           cfg: ModelConfig) -> np.ndarray:
+    """Scaled dot-product attention head by head; `allowed` (T, S) masks keys, None allows all."""
     heads = []
     for h in range(cfg.n_heads):
         cols = slice(h * cfg.head_dim, (h + 1) * cfg.head_dim)
         scores = q_all[:, cols] @ k_all[:, cols].T / np.sqrt(cfg.head_dim)
-        scores = np.where(allowed, scores, -np.inf)
+        if allowed is not None:
+            scores = np.where(allowed, scores, -np.inf)
         heads.append(_softmax(scores) @ v_all[:, cols])
-    return _affine(w, prefix + ".proj", np.concatenate(heads, axis=1))
+    return np.concatenate(heads, axis=1)
 
 
-def _block(w: dict[str, np.ndarray], i: int, x: np.ndarray, cfg: ModelConfig, window: int | None) -> np.ndarray:
-    p = f"blocks.{i}"
+def _self_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, cfg: ModelConfig,
+                    window: int | None, causal: bool = True) -> np.ndarray:
+    seq = x.shape[0]
+    fused = _affine(w, prefix + ".qkv", x)
+    q_all, k_all, v_all = fused[:, : cfg.d_model], fused[:, cfg.d_model: 2 * cfg.d_model], fused[:, 2 * cfg.d_model:]
+    allowed = np.tril(np.ones((seq, seq), dtype=bool)) if causal else None
+    if window is not None:  # each query sees only its last `window` positions, itself included
+        allowed &= ~np.tril(np.ones((seq, seq), dtype=bool), k=-window)
+    return _affine(w, prefix + ".proj", _heads(q_all, k_all, v_all, allowed, cfg))
+
+
+def _cross_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, memory: np.ndarray,
+                     cfg: ModelConfig) -> np.ndarray:
+    kv = _affine(w, prefix + ".kv", memory)
+    q_all = _affine(w, prefix + ".q", x)
+    return _affine(w, prefix + ".proj", _heads(q_all, kv[:, : cfg.d_model], kv[:, cfg.d_model:], None, cfg))
+
+
+def _block(w: dict[str, np.ndarray], p: str, x: np.ndarray, cfg: ModelConfig, window: int | None = None,
+           causal: bool = True, memory: np.ndarray | None = None) -> np.ndarray:
+    """One block at prefix p: self-attention, cross-attention when `memory` is given, MLP."""
 
     def ln(name: str, v: np.ndarray) -> np.ndarray:
         return _norm(v, w[f"{p}.{name}.weight"], w.get(f"{p}.{name}.bias"), cfg.layer_norm_eps)
 
-    def mlp(v: np.ndarray) -> np.ndarray:
-        return _affine(w, f"{p}.mlp.proj", _act(_affine(w, f"{p}.mlp.fc", v), cfg.activation))
-
-    if cfg.norm == "pre":
-        x = x + _self_attention(w, f"{p}.attn", ln("ln1", x), cfg, window)
-        return x + mlp(ln("ln2", x))
-    x = ln("ln1", x + _self_attention(w, f"{p}.attn", x, cfg, window))
-    return ln("ln2", x + mlp(x))
+    sublayers = [lambda v: _self_attention(w, f"{p}.attn", v, cfg, window, causal)]
+    if memory is not None:
+        sublayers.append(lambda v: _cross_attention(w, f"{p}.cross", v, memory, cfg))
+    sublayers.append(lambda v: _affine(w, f"{p}.mlp.proj", _act(_affine(w, f"{p}.mlp.fc", v), cfg.activation)))
+    for i, sublayer in enumerate(sublayers, start=1):
+        if cfg.norm == "pre":
+            x = x + sublayer(ln(f"ln{i}", x))
+        else:
+            x = ln(f"ln{i}", x + sublayer(x))
+    return x
 
 
 def reference_logits(weights: dict[str, np.ndarray], cfg: ModelConfig, ids: np.ndarray,
@@ -98,7 +115,32 @@ def reference_logits(weights: dict[str, np.ndarray], cfg: ModelConfig, ids: np.n
         else:
             x = x + _sincos_table(len(row), 0, cfg.d_model)
         for i in range(cfg.n_layers):
-            x = _block(w, i, x, cfg, window)
+            x = _block(w, f"blocks.{i}", x, cfg, window)
+        if cfg.norm == "pre":
+            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps)
+        out.append(x @ vocab_by_dim)
+    return np.stack(out)
+
+
+def _positions(w: dict[str, np.ndarray], table: str, n: int, cfg) -> np.ndarray:
+    return w[table][:n] if cfg.positional == "learned" else _sincos_table(n, 0, cfg.d_model)
+
+
+def reference_seq2seq_logits(weights: dict[str, np.ndarray], cfg, src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+    """Encoder-decoder logits (B, T, V) in float64 for source ids (B, S) and target ids (B, T)."""
+    w = {name: np.asarray(t, dtype=np.float64) for name, t in weights.items()}
+    vocab_by_dim = w["lm_head.weight"]  # (D, V)
+    tgt_table = vocab_by_dim.T if cfg.tie_embeddings else w["tgt_emb"]
+    out = []
+    for src_row, tgt_row in zip(np.asarray(src), np.asarray(tgt)):
+        memory = w["src_emb"][src_row] + _positions(w, "src_pos_emb", len(src_row), cfg)
+        for i in range(cfg.n_encoder_layers):
+            memory = _block(w, f"encoder.{i}", memory, cfg, causal=False)
+        x = tgt_table[tgt_row] + _positions(w, "tgt_pos_emb", len(tgt_row), cfg)
+        if cfg.norm == "pre":
+            memory = _norm(memory, w["encoder_norm.weight"], w.get("encoder_norm.bias"), cfg.layer_norm_eps)
+        for i in range(cfg.n_decoder_layers):
+            x = _block(w, f"decoder.{i}", x, cfg, memory=memory)
         if cfg.norm == "pre":
             x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps)
         out.append(x @ vocab_by_dim)

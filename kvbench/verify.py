@@ -11,12 +11,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.config import ModelConfig
+from kvbench.config import AnyConfig, ModelConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
-from kvbench.generate import GREEDY, Generation, Step, generate
+from kvbench.generate import GREEDY, Generation, Step, generate, random_ids
 from kvbench.model import Decoder
+from kvbench.seq2seq import Seq2Seq
 from kvbench.precision import QUANTIZED_THRESHOLDS, dtype_name
-from kvbench.reference import reference_logits
+from kvbench.reference import reference_logits, reference_seq2seq_logits
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 
 LM_HEAD_CHUNK = 128  # positions per LM-head matmul when checking long runs: bounds memory at chunk x vocab
@@ -56,49 +57,72 @@ def compare_logits(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
 
 # --- expected-logits files -------------------------------------------------------------------------------------
 
-def write_expected(path: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
-    save_file({"input_ids": input_ids.to(torch.int64).contiguous(),
-               "logits": logits.to(torch.float32).contiguous()}, str(path))
+@dataclass
+class EvalInputs:
+    """What evaluate feeds the model: token ids (B, T), and for an encoder-decoder source ids (B, S)."""
+
+    input_ids: torch.Tensor
+    src_ids: torch.Tensor | None = None
 
 
-def read_expected(path: Path, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids (B, T) int64 and logits (B, T, V) float32 from an expected file, checked against the config."""
+def write_expected(path: Path, inputs: EvalInputs, logits: torch.Tensor) -> None:
+    tensors = {"input_ids": inputs.input_ids.to(torch.int64).contiguous(),
+               "logits": logits.to(torch.float32).contiguous()}
+    if inputs.src_ids is not None:
+        tensors["src_ids"] = inputs.src_ids.to(torch.int64).contiguous()
+    save_file(tensors, str(path))
+
+
+def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tensor]:
+    """Inputs and logits (B, T, V) float32 from an expected file, checked against the config."""
     if not path.is_file():
         raise KVBenchError(f"expected file '{path}' not found; create one with --write-expected")
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise KVBenchError(f"expected file '{path}' is not a valid safetensors file ({exc})") from None
-    for key in ("input_ids", "logits"):
+    seq2seq = isinstance(config, Seq2SeqConfig)
+    for key in ("input_ids", "logits", *(["src_ids"] if seq2seq else [])):
         if key not in tensors:
-            raise KVBenchError(f"expected file '{path}' has no '{key}' tensor; it needs input_ids and logits")
+            raise KVBenchError(f"expected file '{path}' has no '{key}' tensor; it needs input_ids and logits"
+                               + (" and src_ids (an encoder-decoder config)" if seq2seq else ""))
     ids, logits = tensors["input_ids"], tensors["logits"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        raise KVBenchError(f"expected file '{path}': input_ids must be int64 (B, T), got {ids.dtype} {tuple(ids.shape)}")
+    inputs = EvalInputs(ids, tensors["src_ids"] if seq2seq else None)
+    for name, t in (("input_ids", ids), ("src_ids", inputs.src_ids)):
+        if t is not None and (t.dtype != torch.int64 or t.dim() != 2 or t.shape[0] != ids.shape[0]):
+            raise KVBenchError(f"expected file '{path}': {name} must be int64 (B, T), got {t.dtype} {tuple(t.shape)}")
     if tuple(logits.shape) != (*ids.shape, config.vocab_size):
         raise KVBenchError(f"expected file '{path}': logits shape {tuple(logits.shape)} does not match input_ids "
                            f"{tuple(ids.shape)} and vocab_size {config.vocab_size}; was it made for this config?")
-    check_prompt(ids, config, f"expected file '{path}'")
-    return ids, logits.float()
+    check_prompt(ids, config.vocab_size, config, f"expected file '{path}'")
+    if seq2seq:
+        check_prompt(inputs.src_ids, config.src_vocab_size, config, f"expected file '{path}' (src_ids)")
+    return inputs, logits.float()
 
 
-def check_prompt(ids: torch.Tensor, config: ModelConfig, origin: str) -> None:
-    if ids.numel() and (ids.min() < 0 or ids.max() >= config.vocab_size):
-        raise KVBenchError(f"{origin}: token ids must lie in 0..{config.vocab_size - 1}")
+def check_prompt(ids: torch.Tensor, vocab: int, config: AnyConfig, origin: str) -> None:
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise KVBenchError(f"{origin}: token ids must lie in 0..{vocab - 1}")
     if config.positional == "learned" and ids.shape[1] > config.max_seq_len:
         raise KVBenchError(f"{origin}: {ids.shape[1]} tokens exceed max_seq_len {config.max_seq_len}")
 
 
-def random_prompt(config: ModelConfig, batch: int, length: int, seed: int) -> torch.Tensor:
-    """Seeded random token ids (B, P): the same prompt for the same seed, whatever the device."""
-    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+def random_prompt(config: AnyConfig, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Seeded random (target) token ids (B, P): the same prompt for the same seed, whatever the device."""
+    return random_ids(config.vocab_size, batch, length, seed)
+
+
+def random_inputs(config: AnyConfig, batch: int, length: int, src_len: int, seed: int) -> EvalInputs:
+    """A seeded prompt, plus for an encoder-decoder a source drawn with seed + 1 (as for_generation does)."""
+    src = random_ids(config.src_vocab_size, batch, src_len, seed + 1) if isinstance(config, Seq2SeqConfig) else None
+    return EvalInputs(random_prompt(config, batch, length, seed), src)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class EvaluateResult:
-    input_ids: torch.Tensor
+    inputs: EvalInputs
     comparisons: list[Comparison]
 
     @property
@@ -106,26 +130,32 @@ class EvaluateResult:
         return all(c.passed for c in self.comparisons)
 
 
-def numpy_reference(cpu_weights: dict[str, torch.Tensor], config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+def numpy_reference(cpu_weights: dict[str, torch.Tensor], config: AnyConfig, inputs: EvalInputs) -> torch.Tensor:
     weights = {name: t.double().numpy() for name, t in cpu_weights.items()}
-    return torch.from_numpy(reference_logits(weights, config, ids.numpy()))
+    if inputs.src_ids is not None:
+        return torch.from_numpy(reference_seq2seq_logits(weights, config, inputs.src_ids.numpy(),
+                                                         inputs.input_ids.numpy()))
+    return torch.from_numpy(reference_logits(weights, config, inputs.input_ids.numpy()))
 
 
-def evaluate(model: Decoder, cpu_weights: dict[str, torch.Tensor], input_ids: torch.Tensor, tol: Tolerance,
+def evaluate(model: Decoder | Seq2Seq, cpu_weights: dict[str, torch.Tensor], inputs: EvalInputs, tol: Tolerance,
              expected: torch.Tensor | None = None) -> tuple[EvaluateResult, torch.Tensor]:
     """Compare the model's logits at every prompt position with the NumPy reference (and expected logits).
 
     Returns the result and the reference logits (for --write-expected).
     """
     device = model.lm_head.weight.device
+    args = [inputs.input_ids.to(device)]
+    if inputs.src_ids is not None:
+        args.insert(0, inputs.src_ids.to(device))  # Seq2Seq.forward(src, tgt)
     with torch.inference_mode():
-        logits = model(input_ids.to(device)).float().cpu()  # (B, T, V)
-    reference = numpy_reference(cpu_weights, model.config, input_ids)
+        logits = model(*args).float().cpu()  # (B, T, V)
+    reference = numpy_reference(cpu_weights, model.config, inputs)
     comparisons = [compare_logits("torch vs NumPy reference", logits, reference, tol)]
     if expected is not None:
         comparisons.append(compare_logits("torch vs expected", logits, expected, tol))
         comparisons.append(compare_logits("NumPy reference vs expected", reference, expected, tol))
-    return EvaluateResult(input_ids, comparisons), reference
+    return EvaluateResult(inputs, comparisons), reference
 
 
 # --- kv-evaluate ------------------------------------------------------------------------------------------------
@@ -272,9 +302,9 @@ def check_generation(strategy: str, model: Decoder, prompt: torch.Tensor, genera
 
     For sliding, naive attends within the same window (exactness), and a second pass with full attention
     measures how far the window drifts from it."""
-    sliding = strategy == "sliding"
+    sliding = is_sliding(strategy)
     max_kl, min_top1 = QUANTIZED_THRESHOLDS[dtype_name(model.lm_head.weight.dtype)]
-    check = StrategyCheck(strategy, generation.tokens.shape[1], strategy != "quantized", Agreement(),
+    check = StrategyCheck(strategy, generation.tokens.shape[1], not strategy.startswith("quantized"), Agreement(),
                           tokens=generation.tokens, max_mean_kl=max_kl, min_top1=min_top1)
     for start, naive in naive_logit_chunks(model, prompt, generation.tokens, window if sliding else None):
         steps = slice(start, start + naive.shape[1])
@@ -292,6 +322,10 @@ def check_generation(strategy: str, model: Decoder, prompt: torch.Tensor, genera
     return check
 
 
+def is_sliding(strategy: str) -> bool:
+    return strategy.startswith("sliding")  # "sliding", or an encoder-decoder's "sliding+self-only"
+
+
 def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[str], tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
                 on_step: Callable[[str, Step], None] | None = None) -> list[StrategyCheck]:
@@ -300,6 +334,6 @@ def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategie
     for strategy in strategies:
         callback = (lambda step, s=strategy: on_step(s, step)) if on_step else None
         generation = generate(model, prompt, new_tokens, strategy, keep_logits=True, sampling=sampling,
-                              on_step=callback, window=window)
+                              on_step=callback, window=window if is_sliding(strategy) else None)
         checks.append(check_generation(strategy, model, prompt, generation, tol, sampling, window))
     return checks

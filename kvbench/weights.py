@@ -10,9 +10,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.config import LoadedConfig, ModelConfig
+from kvbench.config import AnyConfig, LoadedConfig, ModelConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder, init_weights
+from kvbench.seq2seq import Seq2Seq
 
 # GPT-2 sublayer names -> kvbench's, per block. GPT-2's Conv1D stores weights (in, out) as kvbench does.
 GPT2_BLOCK_NAMES = {
@@ -106,21 +107,26 @@ def load_state(model: Decoder, tensors: dict[str, torch.Tensor], origin: str) ->
     model.load_state_dict({name: t.float() for name, t in tensors.items()})
 
 
-def load_cpu_model(loaded: LoadedConfig) -> Decoder:
+def new_model(config: AnyConfig) -> Decoder | Seq2Seq:
+    """An uninitialised model of the config's family."""
+    return Seq2Seq(config) if isinstance(config, Seq2SeqConfig) else Decoder(config)
+
+
+def load_cpu_model(loaded: LoadedConfig) -> Decoder | Seq2Seq:
     """The config's model in float32 on CPU: weights from its file, or seeded random ones."""
-    model = Decoder(loaded.model)
+    model = new_model(loaded.model)
     if loaded.weights_path is None:
         init_weights(model, loaded.model.seed)
     else:
         tensors = read_safetensors(loaded.weights_path)
-        if is_gpt2_layout(tensors):
+        if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
             tensors = from_gpt2(tensors, loaded.model)
         load_state(model, tensors, str(loaded.weights_path))
     return model.eval().requires_grad_(False)
 
 
 def build_model(loaded: LoadedConfig, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> Decoder:
+                dtype: torch.dtype = torch.float32) -> Decoder | Seq2Seq:
     """A ready-to-run model in eval mode on device, in dtype, its weights laid out for fast decoding."""
     model = load_cpu_model(loaded).to(device=device, dtype=dtype)
     return model.use_kernel(decode_kernel(torch.device(device), dtype))

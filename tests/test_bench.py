@@ -72,7 +72,7 @@ def test_summary_meta_steps_and_plots_written(finished_run):
     assert len(steps) == 2 * 2 * (2 + 5)  # repeats x strategies x decode steps of both lengths
     for name in ("latency.png", "speedup.png", "per_token.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert "speed-up" in result.output
+    assert "speedup" in result.output
 
 
 def test_output_directory_is_never_overwritten(runner, finished_run):

@@ -17,6 +17,7 @@ from kvbench.bench.sweep import Reporter, Sweep, SweepSettings, calibrate, plan_
 from kvbench.bench.timing import PeakMemory
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
+from kvbench.generate import for_generation
 from kvbench.plots import draw_all
 from kvbench.precision import DTYPES
 from kvbench.weights import build_model
@@ -77,15 +78,17 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     s = session.settings
     if s.threads:
         torch.set_num_threads(s.threads)
-    model = build_model(session.loaded, device, DTYPES[s.dtype])
+    model = for_generation(build_model(session.loaded, device, DTYPES[s.dtype]), s.batch_size, s.src_len or 0, s.seed)
     if "machine_limits" not in session.meta:  # a resumed run keeps its first measurement: one floor per run
         step_bytes = floor.weight_bytes_per_step(model, s.batch_size)
         session.meta["machine_limits"] = floor.measure_limits(device, step_bytes, DTYPES[s.dtype]).to_dict()
         session.meta["decode_step"] = {
-            "weight_bytes": step_bytes,
+            "fixed_bytes": step_bytes,
             "kv_bytes_per_token": floor.kv_bytes_read(model, 1, s.batch_size),
-            "floor_definition": "floor_ms = (weight_bytes + kv_bytes_per_token x tokens attended) / best read "
-                                "bandwidth; tokens attended averaged over the run's decode steps",
+            "floor_definition": "floor_ms = (fixed_bytes + kv_bytes_per_token x tokens attended) / best read "
+                                "bandwidth; fixed bytes: the weights a decode step reads (and an encoder-"
+                                "decoder's cached cross K/V); tokens attended averaged over the run's decode "
+                                "steps; the same floor for every strategy at a given length",
         }
         session.results.write_meta(session.meta)
     bandwidth = session.meta["machine_limits"]["best_bandwidth_gbs"]

@@ -43,6 +43,7 @@ class SweepSettings:
     threads: int | None = None
     seed: int = 0
     window: int | None = None  # the sliding strategy's window
+    src_len: int | None = None  # encoder-decoder: source tokens per sequence
 
     def to_dict(self) -> dict:
         return asdict(self)
