@@ -174,11 +174,15 @@ class Decoder(nn.Module):
         return self.lm_head(h)
 
     def use_kernel(self, kernel: str) -> Decoder:
-        """Compute every Linear with `kernel`, re-laying weights to suit it (see Linear); logits are unchanged."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.use_kernel(kernel)
-        return self
+        return use_kernel(self, kernel)
+
+
+def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Compute every Linear with `kernel`, re-laying weights to suit it (see Linear); logits are unchanged."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.use_kernel(kernel)
+    return model
 
 
 def add_positions(x: torch.Tensor, table: torch.Tensor | None, start_pos: Position) -> torch.Tensor:

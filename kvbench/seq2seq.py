@@ -17,7 +17,7 @@ from torch import nn
 from kvbench.cache import KVCache, Mask
 from kvbench.config import Seq2SeqConfig
 from kvbench.model import (MLP, Attention, Block, Linear, Position, add_positions, check_positions, layer_norm,
-                           self_attention_mask)
+                           self_attention_mask, use_kernel)
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: K and V (B, H, S, hd) of the source
 
@@ -115,10 +115,7 @@ class Seq2Seq(nn.Module):
         return self.lm_head(self.decode_hidden(tgt, self.project_memory(memory), None, 0))
 
     def use_kernel(self, kernel: str) -> Seq2Seq:
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.use_kernel(kernel)
-        return self
+        return use_kernel(self, kernel)
 
     def bind(self, src: torch.Tensor) -> SourceBound:
         return SourceBound(self, src)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kvbench.config import LoadedConfig, ModelConfig
@@ -43,3 +44,14 @@ def tiny_yaml(tmp_path: Path) -> Path:
 
 def loaded(path: Path, config: ModelConfig) -> LoadedConfig:
     return LoadedConfig(name=path.stem, source=path, model=config)
+
+
+# small decoder architectures for property tests (d_model = 8 x n_heads)
+small_models = st.fixed_dictionaries({
+    "n_layers": st.integers(1, 3),
+    "n_heads": st.sampled_from([1, 2, 4]),
+    "positional": st.sampled_from(["learned", "sinusoidal"]),
+    "norm": st.sampled_from(["pre", "post"]),
+    "tie_embeddings": st.booleans(),
+    "bias": st.booleans(),
+})

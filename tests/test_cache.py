@@ -6,18 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_model
+from conftest import random_model, small_models
 from kvbench.cache import DynamicCache, StaticCache, kv_bytes_formula
 from kvbench.generate import generate, generation_steps, new_cache
 
-small_models = st.fixed_dictionaries({
-    "n_layers": st.integers(1, 3),
-    "n_heads": st.sampled_from([1, 2, 4]),
-    "positional": st.sampled_from(["learned", "sinusoidal"]),
-    "norm": st.sampled_from(["pre", "post"]),
-    "tie_embeddings": st.booleans(),
-    "bias": st.booleans(),
-})
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

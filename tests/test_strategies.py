@@ -9,20 +9,13 @@ from hypothesis import strategies as st
 
 import kvbench.generate
 import kvbench.verify as verify
-from conftest import CONFIGS, random_model, write_yaml
+from conftest import CONFIGS, random_model, small_models, write_yaml
 from kvbench.cache import QuantizedCache, SlidingWindowCache, StaticCache, kv_bytes_formula
 from kvbench.cli import app
 from kvbench.generate import generate
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 
 TOL = verify.Tolerance(1e-4, 1e-4)
-small_models = st.fixed_dictionaries({
-    "n_layers": st.integers(1, 3),
-    "n_heads": st.sampled_from([1, 2, 4]),
-    "positional": st.sampled_from(["learned", "sinusoidal"]),
-    "norm": st.sampled_from(["pre", "post"]),
-    "tie_embeddings": st.booleans(),
-})
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

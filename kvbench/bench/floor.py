@@ -8,13 +8,11 @@ are reported so a reader can see which limit each strategy runs into.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from kvbench.bench.timing import synchronize
+from kvbench.bench.timing import median_seconds
 from kvbench.cache import kv_bytes_formula
 
 BANDWIDTH_MIN_BYTES = 64 * 2**20  # smaller buffers would measure a cache level, not the read path
@@ -96,14 +94,7 @@ class MachineLimits:
 
 def _median_time(fn, device: torch.device, repeats: int) -> float:
     fn()  # first touch and one-off costs stay out
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, device, repeats)
 
 
 @torch.inference_mode()

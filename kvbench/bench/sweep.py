@@ -18,7 +18,7 @@ import torch
 
 from kvbench.bench import floor
 from kvbench.bench.results import ResultsDir, RunKey
-from kvbench.bench.timing import PeakMemory, StepClock, synchronize
+from kvbench.bench.timing import PeakMemory, StepClock, median_seconds
 from kvbench.cache import COMPILED, KVCache
 from kvbench.config import LoadedConfig
 from kvbench.generate import Decode, cache_tokens, decode_one, decoder_for, generation_steps, naive_step, new_cache
@@ -97,17 +97,6 @@ class CostModel:
         return self.naive_step_s(prompt_len) + (new_tokens - 1) * self.decode_s
 
 
-def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 @torch.inference_mode()
 def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device) -> CostModel:
     """Time a few naive forwards and cached decode steps to predict the sweep's duration."""
@@ -119,13 +108,13 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
     for seq_len in seq_lens:
         ids = torch.randint(0, vocab, (prompt.shape[0], seq_len), generator=gen).to(device)
         naive_step(model, ids)  # first call of a shape pays one-off costs
-        naive_times.append(_median_seconds(lambda: naive_step(model, ids), device, repeats=2))
+        naive_times.append(median_seconds(lambda: naive_step(model, ids), device, repeats=2))
     poly = np.polyfit(seq_lens, naive_times, deg=min(2, len(seq_lens) - 1))
     cache = new_cache(model, "static", prompt.shape[0], n_prompt + 8)
     steps = generation_steps(model, prompt, 8, cache)
     next(steps)
     next(steps)  # first decode step: one-off costs
-    decode_s = _median_seconds(lambda: next(steps), device, repeats=5)
+    decode_s = median_seconds(lambda: next(steps), device, repeats=5)
     return CostModel(poly, decode_s)
 
 
