@@ -141,5 +141,10 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
     return "matmul"  # float32 on CPU: x @ W (in, out) beats F.linear by ~20% on the LM head; CUDA: cuBLAS
 
 
-def save_weights(model: Decoder, path: Path) -> None:
-    save_file({name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}, str(path))
+def save_weights(model: Decoder | Seq2Seq, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Float32 tensors in (in, out) layout under the model's names, written atomically."""
+    canonical = copy.deepcopy(model).use_kernel("matmul").float()
+    tensors = {name: t.detach().contiguous().cpu() for name, t in canonical.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # a reader never sees half a file

@@ -1,0 +1,102 @@
+"""See the cache at work: attention maps of a prompt, and each strategy's cache size over decode steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from kvbench.generate import generation_steps, new_cache  # noqa: E402
+from kvbench.model import Decoder  # noqa: E402
+from kvbench.plots import COLORS  # noqa: E402
+
+MAX_LABELS = 48  # more tick labels than this are unreadable: label every n-th token instead
+
+
+@torch.inference_mode()
+def attention_maps(model: Decoder, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every layer, (H, T, T) each, for one sequence ids (1, T).
+
+    The torch model uses a fused attention kernel that never materialises the probabilities, so they are
+    recomputed here from each layer's QKV projection, captured with a forward hook: the same numbers the
+    kernel uses, softmax(q k^T / sqrt(head_dim)) under the causal mask.
+    """
+    captured: list[torch.Tensor] = []
+    hooks = [block.attn.qkv.register_forward_hook(lambda mod, inp, out: captured.append(out.float()))
+             for block in model.blocks]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    c, T = model.config, ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    maps = []
+    for qkv in captured:
+        q, k, _ = qkv[0].view(T, 3, c.n_heads, c.head_dim).permute(1, 2, 0, 3)  # each (H, T, hd)
+        scores = (q @ k.transpose(1, 2)) / math.sqrt(c.head_dim)  # (H, T, T)
+        maps.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).cpu())
+    return maps
+
+
+def attention_figure(maps: list[torch.Tensor], labels: list[str], path: Path, title: str) -> Path:
+    n_layers, n_heads = len(maps), maps[0].shape[0]
+    size = 2.6 if len(labels) <= 24 else 3.4
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads + 1, size * n_layers + 0.8), squeeze=False)
+    step = max(1, math.ceil(len(labels) / MAX_LABELS))
+    ticks = list(range(0, len(labels), step))
+    for layer, heads in enumerate(maps):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            ax.imshow(heads[head].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"layer {layer} · head {head}", fontsize=8)
+            # token labels on the outer axes only: the bottom row and the first column
+            bottom, left = layer == n_layers - 1, head == 0
+            ax.set_xticks(ticks, [labels[i] for i in ticks] if bottom else [], fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [labels[i] for i in ticks] if left else [], fontsize=6)
+    fig.supxlabel("key (attended) token")
+    fig.supylabel("query token")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def cache_growth(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[str],
+                 window: int | None) -> pd.DataFrame:
+    """Bytes each strategy's cache has allocated, and holds by its formula, after the prefill and every step."""
+    rows = []
+    for strategy in strategies:
+        cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + new_tokens - 1, window)
+        for step in generation_steps(model, prompt, new_tokens, cache, window=window):
+            held = prompt.shape[1] + step.index  # the prefill stores the prompt; each decode step one token more
+            rows.append(dict(strategy=strategy, step=step.index, position=held,
+                             allocated=cache.nbytes if cache is not None else 0,
+                             filled=cache.expected_bytes(held) if cache is not None else 0))
+    return pd.DataFrame(rows)
+
+
+def cache_growth_figure(growth: pd.DataFrame, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for strategy, points in growth.groupby("strategy", sort=False):
+        color = COLORS.get(strategy)
+        ax.plot(points["position"], points["allocated"] / 2**10, label=f"{strategy}: allocated", color=color, lw=1.5)
+        ax.plot(points["position"], points["filled"] / 2**10, label=f"{strategy}: holding", color=color, lw=1,
+                ls="--")
+    ax.set_xlabel("tokens in the sequence (prompt + generated)")
+    ax.set_ylabel("KV cache held (KiB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncols=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

@@ -1,0 +1,168 @@
+"""generate, train and visualize: text out, loss down, pictures written."""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from conftest import CONFIGS, write_yaml
+from kvbench.cli import app
+from kvbench.tokenizer import ByteTokenizer
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+def generated_text(result) -> str:
+    return result.stdout.rstrip("\n")  # stdout holds only the streamed text; the summary goes to stderr
+
+
+def test_generate_streams_text_and_a_summary(runner):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--prompt", "def f(x):", "--max-new-tokens", "20",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "20 tokens in" in result.output and "tokens/s" in result.output and "prefill" in result.output
+    assert "static cache" in result.output and "MiB" in result.output
+
+
+def test_naive_and_cached_generate_the_same_greedy_text(runner):
+    texts = {}
+    for strategy in ("naive", "static", "dynamic", "sliding"):
+        result = runner.invoke(app, ["generate", "--config", TINY, "--prompt", "import os\n", "--max-new-tokens",
+                                     "40", "--strategy", strategy, "--window", "512", "--token-times",
+                                     "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        texts[strategy] = [line.split("ms", 1)[1] for line in result.output.splitlines() if " ms  " in line]
+    assert len(texts["naive"]) == 40
+    assert texts["static"] == texts["naive"] == texts["dynamic"] == texts["sliding"]
+
+
+def test_generate_without_a_tokenizer_takes_and_gives_ids(runner, tmp_path):
+    config = str(write_yaml(tmp_path))  # vocabulary 97: no tokenizer
+    refused = runner.invoke(app, ["generate", "--config", config, "--prompt", "hello"])
+    assert refused.exit_code == 2 and "--prompt-ids" in refused.output, refused.output
+    result = runner.invoke(app, ["generate", "--config", config, "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    ids = generated_text(result).split()
+    assert len(ids) == 5 and all(0 <= int(i) < 97 for i in ids)
+
+
+def test_generate_uses_a_checkpoints_tokenizer_json(runner, tmp_path):
+    transformers = __import__("pytest").importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "the", "cache", "is", "exact", "fast", "and"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=7,
+                                                         n_positions=32)).save_pretrained(tmp_path)
+    result = runner.invoke(app, ["generate", "--config", str(tmp_path), "--prompt", "the cache is",
+                                 "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: tokenizer.json (7 tokens)" in result.output
+
+
+def test_interactive_resets_the_cache_between_prompts(runner):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--interactive", "--max-new-tokens", "12",
+                                 "--device", "cpu"], input="print(\nprint(\n\n")
+    assert result.exit_code == 0, result.output
+    answers = [line for line in result.output.splitlines() if line.startswith("prompt> ") and len(line) > 8]
+    assert len(answers) == 2 and answers[0] == answers[1]  # same prompt, fresh cache: same text
+
+
+def test_generate_refuses_too_long_a_generation(runner):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--prompt", "x", "--max-new-tokens", "5000"])
+    assert result.exit_code == 2 and "max_seq_len 1280" in result.output, result.output
+
+
+def test_byte_tokenizer_streams_multibyte_characters():
+    tokenizer = ByteTokenizer()
+    feed = tokenizer.decoder()
+    pieces = [feed(b) for b in "é→x".encode()]
+    assert "".join(pieces) == "é→x" and pieces[0] == ""  # é's first byte completes nothing yet
+
+
+def test_train_lowers_the_loss_and_saves(runner, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 400)
+    out = tmp_path / "w.safetensors"
+    config = write_yaml(tmp_path, vocab_size=256, max_seq_len=64)
+    result = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--steps", "40",
+                                 "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    before, after = result.output.split("held-out loss ")[1].split(" nats")[0].split(" -> ")
+    assert float(after) < float(before) - 1.0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["trained_by"] == "kvbench train" and f.metadata()["steps"] == "40"
+    again = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_interrupted_training_keeps_its_weights(runner, tmp_path, monkeypatch):
+    import kvbench.train
+
+    def interrupted(model, corpus, settings, on_step):
+        on_step(0, 5.0, 1e-3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kvbench.train, "train", interrupted)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc " * 1000)
+    out = tmp_path / "w.safetensors"
+    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path, vocab_size=256)), "--corpus",
+                                 str(corpus), "--seq-len", "16", "--out", str(out)])
+    assert result.exit_code == 130 and out.exists(), result.output
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["interrupted"] == "true"
+
+
+def test_train_refuses_a_non_byte_vocabulary(runner, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x" * 5000)
+    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path)), "--corpus", str(corpus),
+                                 "--out", str(tmp_path / "w.safetensors")])
+    assert result.exit_code == 2 and "vocab_size must be 256" in result.output, result.output
+
+
+def test_visualize_writes_its_pictures(runner, tmp_path):
+    result = runner.invoke(app, ["visualize", "--config", TINY, "--prompt", "for i in range(3):", "--out",
+                                 str(tmp_path), "--new-tokens", "30", "--window", "20"])
+    assert result.exit_code == 0, result.output
+    for name in ("attention.png", "cache_growth.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    import pandas as pd
+
+    growth = pd.read_csv(tmp_path / "cache_growth.csv")
+    sliding = growth[growth["strategy"] == "sliding"]
+    assert sliding["filled"].max() == 20 * 2 * 2 * 64 * 4  # capped at the window: 20 tokens of K and V
+    dynamic = growth[growth["strategy"] == "dynamic"]
+    assert dynamic["allocated"].is_monotonic_increasing and dynamic["allocated"].iloc[-1] > sliding["allocated"].max()
+
+
+def test_attention_maps_are_causal_distributions():
+    from kvbench.config import load_config
+    from kvbench.visualize import attention_maps
+    from kvbench.weights import build_model
+
+    model = build_model(load_config(TINY))
+    maps = attention_maps(model, torch.tensor([list(b"hello world")]))
+    assert len(maps) == 2 and maps[0].shape == (4, 11, 11)
+    for layer in maps:
+        torch.testing.assert_close(layer.sum(-1), torch.ones(4, 11))
+        assert (layer.triu(1) == 0).all()  # nothing attends to the future
+
+
+def test_shipped_demo_model_passes_kv_evaluate(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "demo.yaml"), "--new-tokens", "200",
+                                 "--strategies", "static,dynamic,sliding,quantized", "--window", "64",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+
+
+def test_shipped_demo_model_writes_python(runner):
+    result = runner.invoke(app, ["generate", "--config", str(CONFIGS / "demo.yaml"), "--prompt", "def ",
+                                 "--max-new-tokens", "120", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = generated_text(result)
+    assert "self" in text and "(" in text, text  # trained on the standard library: it writes methods
