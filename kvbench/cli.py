@@ -12,15 +12,15 @@ import torch
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kvbench import verify
+from kvbench import textgen, verify
+from kvbench.bench.machine import command_line as command_line_text
 from kvbench.cache import COMPILED, DEFAULT_WINDOW, SEQ2SEQ_STRATEGIES, STRATEGIES, window_of
 from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
 from kvbench.errors import KVBenchError
-from kvbench import textgen
-from kvbench.bench.machine import command_line as command_line_text
 from kvbench.generate import for_generation, new_cache
 from kvbench.model import init_weights
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
@@ -50,6 +50,8 @@ WindowOpt = Annotated[int | None, typer.Option(
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
 TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")]
 TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.")]
+PromptOpt = Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")]
+PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED}: the static cache with its decode step "
                                           "compiled (torch.compile; a CUDA graph on CUDA).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
@@ -57,15 +59,20 @@ RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logit
 
 
 def fail_cleanly(command: Callable) -> Callable:
-    """Turn KVBenchError into one line on stderr plus its exit code; Ctrl-C into a short message."""
+    """Turn KVBenchError into one line on stderr plus its exit code; Ctrl-C into a short message; running out
+    of memory into advice (it depends on the sizes asked for, which the user can change)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except KVBenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except torch.OutOfMemoryError:
+            err_console.print("[bold red]error:[/] out of device memory; lower --batch-size, the lengths or "
+                              "--new-tokens, or use a smaller config", highlight=False)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
@@ -153,8 +160,8 @@ def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:
 def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: str) -> None:
     """Every strategy stops at max_seq_len, except sliding with sinusoidal positions: its attention span
     is bounded and sinusoidal encodings exist for any position, so it may run past (learned ones may not)."""
-    unbounded = "sliding" if loaded.model.positional == "sinusoidal" else None
-    bounded = [s for s in strategies if s != unbounded]
+    sinusoidal = loaded.model.positional == "sinusoidal"
+    bounded = [s for s in strategies if not (sinusoidal and s.startswith("sliding"))]
     if bounded:
         note = f" (for {', '.join(bounded)})" if len(bounded) < len(strategies) else ""
         check_fits(loaded, total, what + note)
@@ -341,8 +348,8 @@ def stream_one(stream: textgen.TextStream, token_times: bool) -> None:
 @fail_cleanly
 def generate_command(
     config: ConfigOpt = DEFAULT_CONFIG,
-    prompt: Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")] = None,
-    prompt_ids: Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")] = None,
+    prompt: PromptOpt = None,
+    prompt_ids: PromptIdsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     strategy: Annotated[str, typer.Option(help=f"One of {', '.join(STRATEGIES)}.")] = "static",
     temperature: TemperatureOpt = 0.0,
@@ -393,7 +400,7 @@ def generate_command(
         try:
             run(line if tokenizer else None, None if tokenizer else line)
         except KVBenchError as exc:  # a prompt too long or malformed: say so and ask again
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
 
 
 # --- visualize --------------------------------------------------------------------------------------------------
@@ -403,8 +410,8 @@ def generate_command(
 def visualize_command(
     out: Annotated[Path, typer.Option(help="Directory for attention.png and cache_growth.png.")],
     config: ConfigOpt = DEFAULT_CONFIG,
-    prompt: Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer).")] = None,
-    prompt_ids: Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")] = None,
+    prompt: PromptOpt = None,
+    prompt_ids: PromptIdsOpt = None,
     strategies: Annotated[str, typer.Option(help="Caches whose growth to plot.")] = "static,dynamic,sliding,quantized",
     new_tokens: Annotated[int, typer.Option(help="Decode steps to follow the caches over.")] = 200,
     window: WindowOpt = None,
