@@ -98,9 +98,10 @@ def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cach
     cache.reset()
     n_prompt = prompt.shape[1]
     logits = prefill(model, prompt, cache)
-    for i in range(new_tokens):
-        if i:
-            logits = decode(model, token, cache, n_prompt + i - 1)
+    token = choose(logits)
+    yield Step(0, logits, token)
+    for i in range(1, new_tokens):
+        logits = decode(model, token, cache, n_prompt + i - 1)  # the previous token, at its position
         token = choose(logits)
         yield Step(i, logits, token)
 

@@ -132,7 +132,7 @@ def reference_seq2seq_logits(weights: dict[str, np.ndarray], cfg, src: np.ndarra
     vocab_by_dim = w["lm_head.weight"]  # (D, V)
     tgt_table = vocab_by_dim.T if cfg.tie_embeddings else w["tgt_emb"]
     out = []
-    for src_row, tgt_row in zip(np.asarray(src), np.asarray(tgt)):
+    for src_row, tgt_row in zip(np.asarray(src), np.asarray(tgt), strict=True):
         memory = w["src_emb"][src_row] + _positions(w, "src_pos_emb", len(src_row), cfg)
         for i in range(cfg.n_encoder_layers):
             memory = _block(w, f"encoder.{i}", memory, cfg, causal=False)

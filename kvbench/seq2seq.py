@@ -105,7 +105,7 @@ class Seq2Seq(nn.Module):
         table = self.lm_head.rows_by_output() if self.tgt_emb is None else self.tgt_emb  # (V, D)
         x = add_positions(F.embedding(ids, table), self.tgt_pos_emb, start_pos)  # (B, T, D)
         mask = self_attention_mask(cache, start_pos, ids.shape[1], window, ids.device)
-        for block, kv in zip(self.decoder, cross_kv):
+        for block, kv in zip(self.decoder, cross_kv, strict=True):
             x = block(x, cache, start_pos, mask, kv)
         return self.ln_f(x)
 

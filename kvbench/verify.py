@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.config import AnyConfig, ModelConfig, Seq2SeqConfig
+from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
 from kvbench.generate import GREEDY, Generation, Step, generate, random_ids
 from kvbench.model import Decoder

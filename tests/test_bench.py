@@ -15,7 +15,7 @@ from kvbench.bench.results import RUN_COLUMNS, ResultsDir
 from kvbench.bench.session import compare
 from kvbench.bench.stats import summarize
 from kvbench.bench.sweep import CostModel, SweepSettings, plan_runs
-from kvbench.bench.timing import PeakMemory, StepClock
+from kvbench.bench.timing import StepClock
 from kvbench.cli import app
 
 TINY = str(CONFIGS / "tiny.yaml")

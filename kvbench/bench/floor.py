@@ -97,17 +97,21 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
     return median_seconds(fn, device, repeats)
 
 
-@torch.inference_mode()
-def measure_limits(device: torch.device, step_bytes: int, dtype: torch.dtype, repeats: int = 9) -> MachineLimits:
-    """Read bandwidth over a buffer the size of one decode step's reads, and dense matmul throughput."""
-    nbytes = max(step_bytes, BANDWIDTH_MIN_BYTES)
+def _read_bandwidth(device: torch.device, nbytes: int, repeats: int) -> tuple[int, dict[str, float]]:
+    """Bytes actually read (nbytes rounded to whole rows) and the GB/s of each read kernel."""
     columns = 1024
     buffer = torch.ones(nbytes // 4 // columns, columns, device=device)  # (rows, 1024) float32
     vector = torch.ones(columns, device=device)
     read = buffer.numel() * 4
-    kernels = {"sum": lambda: buffer.sum(), "matrix_vector": lambda: buffer @ vector}
-    gbs = {name: read / _median_time(fn, device, repeats) / 1e9 for name, fn in kernels.items()}
-    del buffer
+    kernels = {"sum": buffer.sum, "matrix_vector": lambda: buffer @ vector}
+    return read, {name: read / _median_time(fn, device, repeats) / 1e9 for name, fn in kernels.items()}
+
+
+@torch.inference_mode()
+def measure_limits(device: torch.device, step_bytes: int, dtype: torch.dtype, repeats: int = 9) -> MachineLimits:
+    """Read bandwidth over a buffer the size of one decode step's reads, and dense matmul throughput."""
+    nbytes = max(step_bytes, BANDWIDTH_MIN_BYTES)
+    read, gbs = _read_bandwidth(device, nbytes, repeats)
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     gflops = 2 * n**3 / _median_time(lambda: a @ b, device, 5) / 1e9

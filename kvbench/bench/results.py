@@ -103,7 +103,7 @@ class ResultsDir:
 
     def completed(self) -> set[RunKey]:
         runs = self.read_runs()
-        return {(str(s), int(n), int(r)) for s, n, r in zip(runs["strategy"], runs["new_tokens"], runs["repeat"])}
+        return {(str(s), int(n), int(r)) for s, n, r in zip(runs["strategy"], runs["new_tokens"], runs["repeat"], strict=True)}
 
     def read_meta(self) -> dict[str, Any]:
         try:

@@ -108,7 +108,7 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
     for seq_len in seq_lens:
         ids = torch.randint(0, vocab, (prompt.shape[0], seq_len), generator=gen).to(device)
         naive_step(model, ids)  # first call of a shape pays one-off costs
-        naive_times.append(median_seconds(lambda: naive_step(model, ids), device, repeats=2))
+        naive_times.append(median_seconds(lambda ids=ids: naive_step(model, ids), device, repeats=2))
     poly = np.polyfit(seq_lens, naive_times, deg=min(2, len(seq_lens) - 1))
     cache = new_cache(model, "static", prompt.shape[0], n_prompt + 8)
     steps = generation_steps(model, prompt, 8, cache)

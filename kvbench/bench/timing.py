@@ -34,8 +34,8 @@ class StepClock:
     def durations(self) -> list[float]:
         if self.cuda:
             self.marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+        return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
 
 def synchronize(device: torch.device) -> None:
