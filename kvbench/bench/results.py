@@ -53,15 +53,16 @@ class ResultsDir:
         self.meta_json = path / "meta.json"
 
     @classmethod
-    def create(cls, out: Path | None, base: Path, config_name: str, device: str) -> ResultsDir:
-        """A new directory: `out` if given (it must not hold results), else base/<date-time>-<config>-<device>."""
+    def create(cls, out: Path | None, base: Path, config_name: str, device: str, dtype: str = "float32") -> ResultsDir:
+        """A new directory: `out` if given (it must not hold results), else
+        base/<date-time>-<config>-<device>[-<dtype> unless float32], with -2, -3... if that exists."""
         if out is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            out = base / f"{stamp}-{config_name}-{device.replace(':', '')}"
-            suffix = 1
+            name = f"{stamp}-{config_name}-{device.replace(':', '')}" + ("" if dtype == "float32" else f"-{dtype}")
+            out, suffix = base / name, 1
             while out.exists():
                 suffix += 1
-                out = base / f"{stamp}-{config_name}-{device.replace(':', '')}-{suffix}"
+                out = base / f"{name}-{suffix}"
         elif (out / "results.csv").exists() or (out / "meta.json").exists():
             raise KVBenchError(f"--out {out} already holds results; choose another directory or --resume {out}")
         out.mkdir(parents=True, exist_ok=True)

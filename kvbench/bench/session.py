@@ -37,7 +37,7 @@ class Session:
 
 def start(loaded: LoadedConfig, settings: SweepSettings, out: Path | None, base: Path) -> Session:
     device = torch.device(settings.device)
-    results = ResultsDir.create(out, base, loaded.name, settings.device)
+    results = ResultsDir.create(out, base, loaded.name, settings.device, settings.dtype)
     meta = {
         **machine_info(device),
         "config_name": loaded.name,

@@ -1,0 +1,189 @@
+"""evaluate and kv-evaluate: the correctness commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from kvbench import verify
+from kvbench.cache import SEQ2SEQ_STRATEGIES, STRATEGIES
+from kvbench.cli.common import (
+    DEFAULT_CONFIG,
+    DEFAULT_SEQ2SEQ_STRATEGIES,
+    AtolOpt,
+    BatchOpt,
+    CompileOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    PromptLenOpt,
+    RtolOpt,
+    SeedOpt,
+    SrcLenOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    WindowOpt,
+    app,
+    check_fits,
+    check_length,
+    console,
+    err_console,
+    fail_cleanly,
+    is_seq2seq,
+    progress_bar,
+    require_positive,
+    resolve_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_window,
+    strategies_for,
+    tolerance,
+)
+from kvbench.generate import for_generation
+from kvbench.sampling import SamplingSettings
+from kvbench.weights import build_model, decode_kernel, load_cpu_model
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance) -> Table:
+    table = Table(title=f"logits compared (atol {tol.atol:g}, rtol {tol.rtol:g})")
+    for column in ("comparison", "max abs", "max rel", "argmax agree", "err/tol", "result"):
+        table.add_column(column, justify="left" if column == "comparison" else "right")
+    for c in comparisons:
+        verdict = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        table.add_row(c.name, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", f"{c.argmax_agreement:.1%}",
+                      f"{c.worst_ratio:.3f}", verdict)
+    return table
+
+
+@app.command()
+@fail_cleanly
+def evaluate(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    expected: Annotated[Path | None, typer.Option(help="Expected-logits .safetensors (input_ids, logits).")] = None,
+    write_expected: Annotated[Path | None, typer.Option(help="Write the NumPy reference's logits here.")] = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 1,
+    prompt_len: PromptLenOpt = 16,
+    src_len: SrcLenOpt = 16,
+    seed: SeedOpt = 0,
+) -> None:
+    """Check the model's logits after a prompt against the NumPy float64 reference and expected values."""
+    loaded = resolve_config(config)
+    for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
+        require_positive(option, value)
+    dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    expected_logits = None
+    if expected is not None:
+        inputs, expected_logits = verify.read_expected(expected, loaded.model)
+    else:
+        check_fits(loaded, max(prompt_len, src_len if is_seq2seq(loaded) else 0), "--prompt-len / --src-len")
+        inputs = verify.random_inputs(loaded.model, batch_size, prompt_len, src_len, seed)
+    cpu_model = load_cpu_model(loaded)
+    cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}  # the reference's own copy
+    model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
+    result, reference = verify.evaluate(model, cpu_weights, inputs, tol, expected_logits)
+    source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
+    console.print(f"{loaded.name}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype})")
+    console.print(comparison_table(result.comparisons, tol))
+    if write_expected is not None:
+        verify.write_expected(write_expected, inputs, reference)
+        console.print(f"wrote expected logits of the NumPy reference to {write_expected}")
+    if not result.passed:
+        err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
+        raise typer.Exit(1)
+
+
+# --- kv-evaluate ------------------------------------------------------------------------------------------------
+
+
+def divergence_text(check: verify.StrategyCheck) -> str:
+    d = check.divergence
+    if d is None:
+        return "no token differs from naive's choice"
+    kind = "near-tie" if d.near_tie else "MISMATCH" if check.exact else "differs (not exact by design)"
+    return (f"{kind} at step {d.step} (row {d.row}): chose {d.chosen}, naive would choose {d.naive_choice}, "
+            f"naive gap {d.gap:.2e}")
+
+
+def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) -> Table:
+    table = Table(title=f"each strategy vs naive recomputation (atol {tol.atol:g}, rtol {tol.rtol:g}); "
+                        "Δ = logit difference", box=box.SIMPLE_HEAD)
+    for column in ("strategy", "max |Δ|", "Δ/tol", "mean KL", "top-1", "tokens", "result"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    for c in checks:
+        verdict = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        d = c.divergence
+        tokens = "same" if d is None else f"{'tie' if d.near_tie else 'DIFF'} @{d.step}"
+        table.add_row(c.strategy, f"{c.max_abs:.2e}", f"{c.worst_ratio:.3f}",
+                      f"{c.vs_naive.mean_kl:.1e}", f"{c.vs_naive.top1:.1%}", tokens, verdict)
+    return table
+
+
+def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, window: int) -> None:
+    console.print(strategy_table(checks, tol))
+    for c in checks:
+        rule = ("exact: every logit within tolerance, no real token mismatch" if c.exact else
+                f"int8, not exact: mean KL <= {c.max_mean_kl:g} and top-1 >= {c.min_top1:.0%} required")
+        console.print(f"  {c.strategy}: {rule}; {divergence_text(c)}", highlight=False)
+        if c.drift is not None:
+            console.print(f"  {c.strategy} (window {window}) against full attention, for information: max abs "
+                          f"{c.drift.max_abs:.2e}, mean KL {c.drift.mean_kl:.1e}, top-1 {c.drift.top1:.1%}",
+                          highlight=False)
+
+
+@app.command("kv-evaluate")
+@fail_cleanly
+def kv_evaluate(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
+    strategies: Annotated[str | None, typer.Option(
+        help=f"Comma-separated, from: {', '.join(STRATEGIES)} [default: static,dynamic; for an encoder-decoder "
+             f"{DEFAULT_SEQ2SEQ_STRATEGIES}]; an encoder-decoder takes {', '.join(SEQ2SEQ_STRATEGIES)}.")] = None,
+    batch_size: BatchOpt = 1,
+    prompt_len: PromptLenOpt = 16,
+    src_len: SrcLenOpt = 16,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt and of sampling.")] = 0,
+    compile: CompileOpt = False,
+    window: WindowOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+) -> None:
+    """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
+    loaded = resolve_config(config)
+    names = strategies_for(loaded, strategies, "static,dynamic", compile)
+    for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
+                          ("--src-len", src_len)):
+        require_positive(option, value)
+    check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
+    if is_seq2seq(loaded):
+        check_fits(loaded, src_len, "--src-len")
+    sampling = SamplingSettings(temperature, top_k, top_p, seed)
+    win = resolve_window(loaded, window)
+    dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
+    prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
+    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
+                  f"({dtype}), {sampling.describe()}")
+    with progress_bar() as progress:
+        tasks = {s: progress.add_task(f"{s:>8}", total=new_tokens) for s in names}
+        checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
+                                    on_step=lambda s, step: progress.advance(tasks[s]))
+    report_checks(checks, tol, win)
+    if not all(c.passed for c in checks):
+        err_console.print("[bold red]kv-evaluate failed:[/] a strategy does not match naive recomputation",
+                          highlight=False)
+        raise typer.Exit(1)

@@ -1,0 +1,181 @@
+"""What every command shares: the Typer app, the consoles, option types, the one error path, input checks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Callable
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from kvbench import verify
+from kvbench.cache import (
+    COMPILED,
+    DEFAULT_WINDOW,
+    SEQ2SEQ_STRATEGIES,
+    STRATEGIES,
+    window_of,
+)
+from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
+from kvbench.errors import KVBenchError
+from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
+
+app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
+err_console = Console(stderr=True, soft_wrap=True)
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config, or a GPT-2 checkpoint directory.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
+PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+SrcLenOpt = Annotated[int, typer.Option(help="Source length in tokens (encoder-decoder configs only).")]
+DEFAULT_SEQ2SEQ_STRATEGIES = "naive,static,static+self-only,dynamic,dynamic+self-only"
+DEFAULT_SEQ2SEQ_BENCH = "naive,static+self-only,static"  # the three ways: nothing, self-attention, both cached
+WindowOpt = Annotated[int | None, typer.Option(
+    help=f"Sliding window W [default: the config's sliding_window, else {DEFAULT_WINDOW}].")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
+TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.")]
+PromptOpt = Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")]
+PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED}: the static cache with its decode step "
+                                          "compiled (torch.compile; a CUDA graph on CUDA).")]
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
+RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
+
+
+def fail_cleanly(command: Callable) -> Callable:
+    """Turn KVBenchError into one line on stderr plus its exit code; Ctrl-C into a short message; running out
+    of memory into advice (it depends on the sizes asked for, which the user can change)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KVBenchError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except torch.OutOfMemoryError:
+            err_console.print("[bold red]error:[/] out of device memory; lower --batch-size, the lengths or "
+                              "--new-tokens, or use a smaller config", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def resolve_config(path: Path) -> LoadedConfig:
+    if path == DEFAULT_CONFIG and not path.exists():
+        path = REPO_CONFIGS / "default.yaml"  # running outside the checkout root
+    return load_config(path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU visible"
+            raise KVBenchError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
+                               "use --device cpu")
+        index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise KVBenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def parse_strategies(text: str, allowed: tuple[str, ...] = STRATEGIES) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise KVBenchError(f"--strategies is empty; choose from {', '.join(allowed)}")
+    for name in names:
+        if name not in allowed:
+            raise KVBenchError(f"--strategies: unknown strategy {name!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))  # keep order, drop repeats
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise KVBenchError(f"--dtype {name!r} is not supported; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tolerance:
+    default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
+    tol = verify.Tolerance(default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+    if tol.atol < 0 or tol.rtol < 0:
+        raise KVBenchError(f"tolerances must be 0 or more (got --atol {tol.atol:g}, --rtol {tol.rtol:g})")
+    return tol
+
+
+def with_compiled(strategies: list[str], compile: bool) -> list[str]:
+    return strategies + [COMPILED] if compile and COMPILED not in strategies else strategies
+
+
+def is_seq2seq(loaded: LoadedConfig) -> bool:
+    return isinstance(loaded.model, Seq2SeqConfig)
+
+
+def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
+                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES) -> list[str]:
+    """The strategies asked for (or the family's default), checked against what the config's family supports."""
+    if not is_seq2seq(loaded):
+        return with_compiled(parse_strategies(text or default), compile)
+    if compile:
+        raise KVBenchError(f"--compile supports decoder-only configs; {loaded.source} is an encoder-decoder")
+    return parse_strategies(text or seq2seq_default, SEQ2SEQ_STRATEGIES)
+
+
+def require_positive(option: str, value: int) -> None:
+    if value <= 0:
+        raise KVBenchError(f"{option} must be a positive integer (got {value})")
+
+
+def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:
+    limit = loaded.model.max_seq_len
+    if total > limit:
+        raise KVBenchError(f"{what} = {total} tokens do not fit max_seq_len {limit} of {loaded.source}; "
+                           "shorten them or raise max_seq_len")
+
+
+def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: str) -> None:
+    """Every strategy stops at max_seq_len, except sliding with sinusoidal positions: its attention span
+    is bounded and sinusoidal encodings exist for any position, so it may run past (learned ones may not)."""
+    sinusoidal = loaded.model.positional == "sinusoidal"
+    bounded = [s for s in strategies if not (sinusoidal and s.startswith("sliding"))]
+    if bounded:
+        note = f" (for {', '.join(bounded)})" if len(bounded) < len(strategies) else ""
+        check_fits(loaded, total, what + note)
+
+
+def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
+    if window is not None:
+        require_positive("--window", window)
+    return window_of(loaded.model, window)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)

@@ -1,0 +1,261 @@
+"""generate, visualize, train and init-weights: the cache at work on text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from kvbench import textgen
+from kvbench.bench.machine import command_line as command_line_text
+from kvbench.cache import STRATEGIES
+from kvbench.cli.common import (
+    DEFAULT_CONFIG,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    PromptIdsOpt,
+    PromptOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    WindowOpt,
+    app,
+    check_length,
+    console,
+    err_console,
+    fail_cleanly,
+    is_seq2seq,
+    parse_strategies,
+    require_positive,
+    resolve_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_window,
+    strategies_for,
+)
+from kvbench.errors import KVBenchError
+from kvbench.generate import new_cache
+from kvbench.model import init_weights
+from kvbench.sampling import SamplingSettings
+from kvbench.tokenizer import parse_ids, tokenizer_for
+from kvbench.weights import build_model, new_model, save_weights
+
+# --- generate ---------------------------------------------------------------------------------------------------
+
+def prompt_tokens(tokenizer, text: str | None, ids: str | None, vocab: int, source: Path) -> list[int]:
+    if ids is not None:
+        return parse_ids(ids, vocab)
+    if tokenizer is None:
+        raise KVBenchError(f"{source} has no tokenizer (vocabulary of {vocab}, no tokenizer.json): give the prompt "
+                           "as token ids with --prompt-ids 1,2,3")
+    tokens = tokenizer.encode(text)
+    if not tokens:
+        raise KVBenchError("--prompt is empty; give some text")
+    return tokens
+
+
+def stream_one(stream: textgen.TextStream, token_times: bool) -> None:
+    """Print tokens as they come (or one line per token with its time), then the summary."""
+    for event in stream:
+        if token_times:
+            console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {event.text!r}", highlight=False)
+        else:
+            console.out(event.text, end="", highlight=False)
+            console.file.flush()
+    console.print("" if token_times else "\n", end="")
+    err_console.print(f"[dim]{stream.summary.describe()}[/]", highlight=False)
+
+
+@app.command("generate")
+@fail_cleanly
+def generate_command(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    prompt: PromptOpt = None,
+    prompt_ids: PromptIdsOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    strategy: Annotated[str, typer.Option(help=f"One of {', '.join(STRATEGIES)}.")] = "static",
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
+    window: WindowOpt = None,
+    interactive: Annotated[bool, typer.Option("--interactive", help="Prompt after prompt; an empty line or "
+                                              "Ctrl-D ends. The cache is reset between prompts.")] = False,
+    token_times: Annotated[bool, typer.Option("--token-times", help="One line per token with its time.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Stream generated text with each token's time, then a summary (tokens/s, prefill, decode, cache size)."""
+    loaded = resolve_config(config)
+    if is_seq2seq(loaded):
+        raise KVBenchError(f"generate supports decoder-only configs; {loaded.source} is an encoder-decoder")
+    [name] = strategies_for(loaded, strategy, strategy, compile=False)
+    require_positive("--max-new-tokens", max_new_tokens)
+    if not interactive and prompt is None and prompt_ids is None:
+        raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3 (or --interactive)")
+    sampling = SamplingSettings(temperature, top_k, top_p, seed)
+    win = resolve_window(loaded, window)
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    model = build_model(loaded, dev, torch_dtype)
+    tokenizer = tokenizer_for(loaded)
+    room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
+    cache = new_cache(model, name, 1, room, win)
+    err_console.print(f"[dim]{loaded.name} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
+                      f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
+
+    def run(text: str | None, ids: str | None) -> None:
+        tokens = prompt_tokens(tokenizer, text, ids, loaded.model.vocab_size, loaded.source)
+        check_length(loaded, len(tokens) + max_new_tokens - 1, [name], "prompt + --max-new-tokens - 1")
+        stream_one(textgen.TextStream(model, tokens, max_new_tokens, name, cache, sampling, tokenizer, win),
+                   token_times)
+
+    if not interactive:
+        run(prompt, prompt_ids)
+        return
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        try:
+            run(line if tokenizer else None, None if tokenizer else line)
+        except KVBenchError as exc:  # a prompt too long or malformed: say so and ask again
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+
+
+# --- visualize --------------------------------------------------------------------------------------------------
+
+@app.command("visualize")
+@fail_cleanly
+def visualize_command(
+    out: Annotated[Path, typer.Option(help="Directory for attention.png and cache_growth.png.")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    prompt: PromptOpt = None,
+    prompt_ids: PromptIdsOpt = None,
+    strategies: Annotated[str, typer.Option(help="Caches whose growth to plot.")] = "static,dynamic,sliding,quantized",
+    new_tokens: Annotated[int, typer.Option(help="Decode steps to follow the caches over.")] = 200,
+    window: WindowOpt = None,
+) -> None:
+    """Attention heatmaps of every layer and head for a prompt, and each cache's size over decode steps."""
+    from kvbench import visualize as vis
+
+    loaded = resolve_config(config)
+    if is_seq2seq(loaded):
+        raise KVBenchError(f"visualize supports decoder-only configs; {loaded.source} is an encoder-decoder")
+    if prompt is None and prompt_ids is None:
+        raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3")
+    names = parse_strategies(strategies)
+    require_positive("--new-tokens", new_tokens)
+    model = build_model(loaded, "cpu")
+    tokenizer = tokenizer_for(loaded)
+    tokens = prompt_tokens(tokenizer, prompt, prompt_ids, loaded.model.vocab_size, loaded.source)
+    check_length(loaded, len(tokens) + new_tokens - 1, names, "prompt + --new-tokens - 1")
+    out.mkdir(parents=True, exist_ok=True)
+    ids = torch.tensor([tokens])  # (1, T)
+    labels = [tokenizer.label(t) if tokenizer else str(t) for t in tokens]
+    maps = vis.attention_maps(model, ids)
+    written = [vis.attention_figure(maps, labels, out / "attention.png",
+                                    f"{loaded.name}: attention of every layer and head over the prompt")]
+    win = resolve_window(loaded, window)
+    growth = vis.cache_growth(model, ids, new_tokens, names, win)
+    growth.to_csv(out / "cache_growth.csv", index=False)
+    written.append(vis.cache_growth_figure(growth, out / "cache_growth.png",
+                                           f"{loaded.name}: KV cache over {new_tokens} decode steps (window {win})"))
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+
+@app.command("train")
+@fail_cleanly
+def train_command(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    corpus: Annotated[list[Path] | None, typer.Option(help="Text file, or directory of *.py files; repeatable "
+                                                       "[default: Python's standard library].")] = None,
+    max_bytes: Annotated[int, typer.Option(help="Read at most this many bytes of corpus.")] = 4_000_000,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Bytes per training sequence.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of batches (initial weights come from the config's seed).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Save the weights every N steps too.")] = 250,
+    out: Annotated[Path | None, typer.Option(help="Weights file to write [default: the config's weights].")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing weights file.")] = False,
+) -> None:
+    """Train a byte-level model (vocab 256) on text, from its config's random initialisation."""
+    from kvbench import train as training
+
+    loaded = resolve_config(config)
+    target = out or loaded.weights_path
+    if target is None:
+        raise KVBenchError(f"{loaded.source} names no weights file: give --out FILE")
+    if target.exists() and not force:
+        raise KVBenchError(f"{target} exists; pass --force to overwrite it")
+    for option, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len),
+                          ("--max-bytes", max_bytes), ("--save-every", save_every)):
+        require_positive(option, value)
+    if is_seq2seq(loaded):
+        raise KVBenchError("train makes decoder-only byte-level models; this config is an encoder-decoder")
+    sources = corpus or [training.stdlib_dir()]
+    text = training.read_corpus(sources, max_bytes)
+    settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
+    model = new_model(loaded.model)
+    init_weights(model, loaded.model.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"training {loaded.name} ({n_params:,} parameters) on {len(text):,} bytes from "
+                  f"{', '.join(map(str, sources))}, {steps} steps of {batch_size} x {seq_len} bytes")
+    meta = {"trained_by": "kvbench train", "command": command_line_text(), "corpus": ", ".join(map(str, sources)),
+            "corpus_bytes": str(len(text)), "steps": str(steps)}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+
+    def on_step(step: int, loss: float, rate: float) -> None:
+        progress.update(task, completed=step + 1, description=f"loss {loss:.3f} nats/byte, lr {rate:.1e}")
+        if (step + 1) % save_every == 0:
+            save_weights(model, target, {**meta, "steps_done": str(step + 1)})
+
+    try:
+        with progress:
+            task = progress.add_task("starting", total=steps)
+            log = training.train(model, text, settings, on_step)
+    except KeyboardInterrupt:
+        save_weights(model, target, {**meta, "interrupted": "true"})
+        err_console.print(f"interrupted: the weights trained so far are saved in {target}", highlight=False)
+        raise typer.Exit(130) from None
+    save_weights(model, target, {**meta, "val_loss": f"{log.val_after:.4f}"})
+    console.print(f"held-out loss {log.val_before:.3f} -> {log.val_after:.3f} nats/byte; "
+                  f"last training loss {log.losses[-1]:.3f}; weights in {target}")
+
+
+@app.command("init-weights")
+@fail_cleanly
+def init_weights_command(
+    out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the config's).")] = None,
+    every_tensor: Annotated[bool, typer.Option(help="Randomise LayerNorm gains and biases too.")] = True,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write seeded random weights for a config (a reference model for evaluate, or a starting point)."""
+    loaded = resolve_config(config)
+    if out.exists() and not force:
+        raise KVBenchError(f"{out} exists; pass --force to overwrite it")
+    model = new_model(loaded.model)
+    init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
+    save_weights(model, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"wrote {n_params:,} parameters for {loaded.name} to {out}")
