@@ -260,7 +260,6 @@ def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, ba
 
 COMPILED = "static+compile"  # the static cache with its decode step compiled (fixed shapes)
 STRATEGIES = ("naive", "static", "dynamic", "sliding", "quantized", COMPILED)
-EXACT_STRATEGIES = ("naive", "static", "dynamic", "sliding", COMPILED)  # equal to naive within tolerance
 DEFAULT_WINDOW = 256
 # Encoder-decoder only: "<strategy>+self-only" is the self-attention cache only: the cross-attention K/V are
 # projected from the encoder output again at every step (the plain strategy name keeps them all generation).
