@@ -1,8 +1,9 @@
-"""KV caches behind one small interface: update, mask, reset, nbytes.
+"""KV caches behind one small interface: update, mask, reset, nbytes, contents.
 
 A cache stores each layer's keys and values so that a decode step computes K/V for the new token only.
 `update` stores the new K/V and returns everything the new queries attend to; `mask` says which of those
-keys each new query may see. "naive" is not a cache: it means no cache at all (every step recomputes).
+keys each new query may see; `contents` gives back what is stored, by position, so that kv-evaluate can
+check it against the K/V a fresh forward computes. "naive" is not a cache: it means no cache at all.
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ class KVCache(ABC):
     def expected_bytes(self, tokens: int) -> int:
         """What the strategy's formula says it needs to hold `tokens` positions."""
 
+    def contents(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the cache holds for `layer` after `length` tokens went through it since reset():
+        (positions (S,) ascending, K (B, H, S, hd), V (B, H, S, hd)), as the next query would read them.
+
+        kv-evaluate compares these with the K/V a fresh forward computes at the same positions, which catches
+        an off-by-one, a lossy store or a stale slot even where the logits cannot resolve it. Optional for a
+        plugin: one that does not provide it is reported as unchecked."""
+        raise NotImplementedError
+
+    def storage_bound(self, exact: torch.Tensor) -> torch.Tensor:
+        """How far a stored element may lie from the exact K or V (B, H, S, hd) it stores: 0 for a lossless
+        cache; a lossy one (quantized) states its own bound, which kv-evaluate holds it to."""
+        return torch.zeros_like(exact)
+
 
 class StaticCache(KVCache):
     """Preallocated K and V buffers, written in place: no allocation while decoding (as gpt-fast does).
@@ -91,6 +106,10 @@ class StaticCache(KVCache):
     def reset(self):
         pass  # slots past the current position are never visible, so stale ones need no zeroing
 
+    def contents(self, layer, length):
+        positions = torch.arange(length, device=self.k[layer].device)  # slot p holds position p
+        return positions, self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
     @property
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v)
@@ -124,6 +143,12 @@ class DynamicCache(KVCache):
     def reset(self):
         self.k: list[torch.Tensor | None] = [None] * self.n_layers
         self.v: list[torch.Tensor | None] = [None] * self.n_layers
+
+    def contents(self, layer, length):
+        k, v = self.k[layer], self.v[layer]
+        if k is None:
+            return torch.arange(0), k, v
+        return torch.arange(k.shape[2], device=k.device), k, v  # whatever it holds: the checker counts them
 
     @property
     def nbytes(self):
@@ -189,6 +214,12 @@ class SlidingWindowCache(KVCache):
     def reset(self):
         self.slot_pos.fill_(-1)
 
+    def contents(self, layer, length):
+        held = (self.slot_pos >= 0).nonzero()[:, 0]  # (S,) filled slots
+        positions, order = self.slot_pos[held].sort()
+        slots = held[order]  # filled slots in position order
+        return positions, self.k[layer][:, :, slots], self.v[layer][:, :, slots]
+
     @property
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v)
@@ -226,6 +257,9 @@ class QuantizedCache(KVCache):
         scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127  # (B, H, T, 1)
         return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (q * scale).to(self.dtype)  # (B, H, T, hd)
+
     def update(self, layer, start_pos, k, v):
         end = start_pos + k.shape[2]
         if end > self.max_len:
@@ -234,15 +268,26 @@ class QuantizedCache(KVCache):
             q, scale = self.quantize(x)
             q_store[layer][:, :, start_pos:end].copy_(q)
             s_store[layer][:, :, start_pos:end].copy_(scale)
-        k_all = (self.kq[layer][:, :, :end] * self.ks[layer][:, :, :end]).to(self.dtype)  # (B, H, end, hd)
-        v_all = (self.vq[layer][:, :, :end] * self.vs[layer][:, :, :end]).to(self.dtype)
-        return k_all, v_all
+        return self.read(layer, end)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions 0..end-1, dequantized: what attention sees, and what contents() reports."""
+        k = self.dequantize(self.kq[layer][:, :, :end], self.ks[layer][:, :, :end])  # (B, H, end, hd)
+        v = self.dequantize(self.vq[layer][:, :, :end], self.vs[layer][:, :, :end])
+        return k, v
 
     def mask(self, start_pos, n_new):
         return causal_mask(start_pos, n_new, start_pos + n_new, self.kq[0].device)
 
     def reset(self):
         pass  # as the static cache: slots past the position are never read
+
+    def contents(self, layer, length):
+        return torch.arange(length, device=self.kq[layer].device), *self.read(layer, length)
+
+    def storage_bound(self, exact):
+        # symmetric int8 per vector: the step is max|x| / 127 and rounding errs by at most half a step
+        return exact.float().abs().amax(dim=-1, keepdim=True).expand(exact.shape) / 254
 
     @property
     def nbytes(self):

@@ -138,18 +138,26 @@ def new_cache(model: Decoder, strategy: str, batch: int, max_len: int, window: i
     weight = model.lm_head.weight
     base = strategy.removesuffix(SELF_ONLY)
     cache = make_cache(base, model.config, batch, max_len, weight.dtype, weight.device, window)
+    return for_model(model, cache, keep_cross=not strategy.endswith(SELF_ONLY))
+
+
+def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache | None:
+    """A self-attention cache as the model needs it: an encoder-decoder's wrapped with its source's K/V."""
     if isinstance(model, SourceBound) and cache is not None:
-        return Seq2SeqCache(cache, keep_cross=not strategy.endswith(SELF_ONLY))
+        return Seq2SeqCache(cache, keep_cross=keep_cross)
     return cache
 
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
-             window: int | None = None) -> Generation:
+             window: int | None = None, cache: KVCache | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (see cache.STRATEGIES).
 
-    `window` sizes the sliding cache; with strategy naive it bands naive attention the same way."""
-    cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
+    `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
+    reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
+    by default a new one is allocated."""
+    if cache is None:
+        cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
     decode = decoder_for(strategy, prompt.device)
     sampler = Sampler(sampling)
     tokens, logits = [], []
@@ -175,3 +183,11 @@ def for_generation(model, batch: int, src_len: int, seed: int):
         return model
     device = model.lm_head.weight.device
     return model.bind(random_ids(model.config.src_vocab_size, batch, src_len, seed + 1).to(device))
+
+
+def with_batch(model, batch: int, seed: int):
+    """The same model for a batch of another size: an encoder-decoder rebound to a new seeded source batch
+    of the same source length; a decoder as it is."""
+    if not isinstance(model, SourceBound):
+        return model
+    return for_generation(model.model, batch, model.src.shape[1], seed)

@@ -145,6 +145,12 @@ class Seq2SeqCache(KVCache):
         self.self_cache.reset()
         self.memory, self.cross_kv, self.projections = None, None, 0
 
+    def contents(self, layer, length):
+        return self.self_cache.contents(layer, length)
+
+    def storage_bound(self, exact):
+        return self.self_cache.storage_bound(exact)
+
     @property
     def nbytes(self):
         kept = sum(k.nbytes + v.nbytes for k, v in self.cross_kv) if self.keep_cross and self.cross_kv else 0

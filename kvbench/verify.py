@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -10,12 +13,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kvbench.cache import KVCache, window_of
 from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
-from kvbench.generate import GREEDY, Generation, Step, generate, random_ids
-from kvbench.model import Decoder
+from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model, generate, new_cache, random_ids,
+                              with_batch)
+from kvbench.model import Decoder, self_attention_mask
+from kvbench.precision import CONTENTS_TOLERANCE, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
-from kvbench.precision import QUANTIZED_THRESHOLDS, dtype_name
 from kvbench.reference import reference_logits, reference_seq2seq_logits
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 
@@ -159,28 +164,56 @@ def evaluate(model: Decoder | Seq2Seq, cpu_weights: dict[str, torch.Tensor], inp
 
 # --- kv-evaluate ------------------------------------------------------------------------------------------------
 
+def _worst(a: float, b: float) -> float:
+    """The larger of two errors, NaN winning: a NaN must fail a check, never vanish (max(0.0, nan) is 0.0)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 @dataclass
 class Agreement:
-    """How close a run's logits are to reference logits, over every step and row."""
+    """How close a run's logits are to reference logits, over every step and row, on average and at worst."""
 
     max_abs: float = 0.0  # max |run - reference|
     worst_ratio: float = 0.0  # max |run - reference| / (atol + rtol |reference|): <= 1 is within tolerance
     mean_kl: float = 0.0  # mean KL(reference || run) of the softmax distributions, in nats
+    worst_kl: float = 0.0  # the largest KL of any single step and row: a local bug is not diluted by the mean
     top1: float = 1.0  # fraction of (step, row) whose argmax agrees
+    worst_streak: int = 0  # most consecutive steps of one row whose argmax disagrees
     _count: int = field(default=0, repr=False)
+    _streak: torch.Tensor | None = field(default=None, repr=False)  # (B,) current run of disagreeing steps
 
     def add(self, run: torch.Tensor, reference: torch.Tensor, tol: Tolerance) -> None:
-        """Fold in a chunk of logits (B, c, V), both float64."""
+        """Fold in a chunk of consecutive steps' logits (B, c, V), both float64."""
         diff = (run - reference).abs()
-        self.max_abs = max(self.max_abs, diff.max().item())
-        self.worst_ratio = max(self.worst_ratio, (diff / tol.bound(reference)).max().item())
+        self.max_abs = _worst(self.max_abs, diff.max().item())
+        self.worst_ratio = _worst(self.worst_ratio, (diff / tol.bound(reference)).max().item())
         log_ref, log_run = torch.log_softmax(reference, -1), torch.log_softmax(run, -1)
         kl = (log_ref.exp() * (log_ref - log_run)).sum(-1)  # (B, c)
-        agree = (run.argmax(-1) == reference.argmax(-1)).double()
+        self.worst_kl = _worst(self.worst_kl, kl.max().item())
+        agree = run.argmax(-1) == reference.argmax(-1)  # (B, c)
+        self._fold_streaks(~agree)
         n, m = self._count, kl.numel()
         self.mean_kl = (self.mean_kl * n + kl.sum().item()) / (n + m)
-        self.top1 = (self.top1 * n + agree.sum().item()) / (n + m)
+        self.top1 = (self.top1 * n + agree.double().sum().item()) / (n + m)
         self._count = n + m
+
+    @classmethod
+    def pooled(cls, parts: list[Agreement]) -> Agreement:
+        """One agreement over several generations: averages weighted by steps, worsts over all."""
+        total = sum(p._count for p in parts)
+        if not parts or total == 0:
+            return cls()
+        mean = lambda name: sum(getattr(p, name) * p._count for p in parts) / total  # noqa: E731
+        worst = lambda name: functools.reduce(_worst, (getattr(p, name) for p in parts))  # noqa: E731
+        return cls(worst("max_abs"), worst("worst_ratio"), mean("mean_kl"), worst("worst_kl"), mean("top1"),
+                   max(p.worst_streak for p in parts), total)
+
+    def _fold_streaks(self, disagree: torch.Tensor) -> None:
+        streak = torch.zeros(disagree.shape[0], dtype=torch.long) if self._streak is None else self._streak
+        for column in disagree.long().T:  # step by step: a streak may span chunks
+            streak = (streak + 1) * column
+            self.worst_streak = max(self.worst_streak, int(streak.max()))
+        self._streak = streak
 
 
 @dataclass
@@ -196,35 +229,200 @@ class Divergence:
 
 
 @dataclass
-class StrategyCheck:
-    strategy: str
-    new_tokens: int
-    exact: bool  # judged by tolerance; otherwise (quantized) by the KL and top-1 thresholds
-    vs_naive: Agreement
-    divergence: Divergence | None = None
-    drift: Agreement | None = None  # sliding only: against full attention, for information
-    tokens: torch.Tensor | None = field(default=None, repr=False)  # (B, N)
-    max_mean_kl: float = 0.0  # the thresholds an inexact strategy is held to (precision.QUANTIZED_THRESHOLDS)
-    min_top1: float = 1.0
+class NonFinite:
+    """The first step where the cached or the naive logits hold a NaN or an infinity."""
 
-    @property
-    def max_abs(self) -> float:
-        return self.vs_naive.max_abs
+    step: int
+    row: int
+    in_cached: bool
+    in_naive: bool
 
-    @property
-    def worst_ratio(self) -> float:
-        return self.vs_naive.worst_ratio
+    def describe(self) -> str:
+        where = {(True, True): "cached and naive logits", (True, False): "cached logits (naive's are finite)",
+                 (False, True): "naive logits"}[(self.in_cached, self.in_naive)]
+        blame = "the model or its weights are broken, not the cache" if self.in_naive else "the cache is"
+        return f"NaN/inf in the {where} from step {self.step} (row {self.row}): {blame}"
 
-    @property
-    def logits_ok(self) -> bool:
-        if self.exact:
-            return self.vs_naive.worst_ratio <= 1.0
-        return self.vs_naive.mean_kl <= self.max_mean_kl and self.vs_naive.top1 >= self.min_top1
+
+def find_nonfinite(cached: torch.Tensor, naive: torch.Tensor, first_step: int) -> NonFinite | None:
+    """The first (step, row) of a chunk (B, c, V) where either side is not finite."""
+    bad_cached, bad_naive = ~cached.isfinite().all(-1), ~naive.isfinite().all(-1)  # (B, c) each
+    if not (bad_cached | bad_naive).any():
+        return None
+    row, step = _first(bad_cached | bad_naive)
+    return NonFinite(first_step + step, row, bool(bad_cached[row, step]), bool(bad_naive[row, step]))
+
+
+@dataclass
+class ContentsCheck:
+    """A cache's stored K/V against the K/V a fresh forward computes for the same positions."""
+
+    provided: bool = True  # False: the cache (a plugin) does not expose its contents, so they are unchecked
+    worst_ratio: float = 0.0  # max |stored - fresh| / allowed over layers, K and V, positions: <= 1 passes
+    problem: str | None = None  # the first thing found wrong, in words
 
     @property
     def passed(self) -> bool:
-        tokens_ok = self.divergence is None or self.divergence.near_tie or not self.exact
-        return self.logits_ok and tokens_ok
+        return not self.provided or (self.problem is None and self.worst_ratio <= 1.0)
+
+
+@dataclass
+class GenerationCheck:
+    """One generation of a strategy checked against naive recomputation of the same tokens."""
+
+    label: str  # which generation of the plan: fresh cache, reused after a long run, ...
+    new_tokens: int
+    main: bool = False  # the generation the user asked for (the others test reuse and rows)
+    vs_naive: Agreement = field(default_factory=Agreement)
+    divergence: Divergence | None = None
+    nonfinite: NonFinite | None = None
+    contents: ContentsCheck | None = None  # None without a cache (naive)
+    drift: Agreement | None = None  # sliding only: against full attention, for information
+    error: str | None = None  # the cache raised instead of generating
+    tokens: torch.Tensor | None = field(default=None, repr=False)  # (B, N)
+
+
+@dataclass
+class StrategyCheck:
+    """Every generation of one strategy, judged exactly (within tolerance) or by `thresholds` (approximate)."""
+
+    strategy: str
+    exact: bool
+    thresholds: Thresholds
+    generations: list[GenerationCheck]
+
+    @property
+    def main(self) -> GenerationCheck:
+        return next(g for g in self.generations if g.main)
+
+    @property
+    def new_tokens(self) -> int:
+        return self.main.new_tokens
+
+    @property
+    def vs_naive(self) -> Agreement:
+        return self.main.vs_naive
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return self.main.tokens
+
+    @property
+    def drift(self) -> Agreement | None:
+        return self.main.drift
+
+    @property
+    def divergence(self) -> Divergence | None:
+        return next((g.divergence for g in sorted(self.generations, key=lambda g: not g.main) if g.divergence), None)
+
+    @property
+    def max_abs(self) -> float:
+        return functools.reduce(_worst, (g.vs_naive.max_abs for g in self.generations))
+
+    @property
+    def worst_ratio(self) -> float:
+        return functools.reduce(_worst, (g.vs_naive.worst_ratio for g in self.generations))
+
+    @property
+    def worst_kl(self) -> float:
+        return functools.reduce(_worst, (g.vs_naive.worst_kl for g in self.generations))
+
+    @property
+    def lowest_top1(self) -> float:
+        return min(g.vs_naive.top1 for g in self.generations)
+
+    @property
+    def contents_ratio(self) -> float | None:
+        ratios = [g.contents.worst_ratio for g in self.generations if g.contents and g.contents.provided]
+        return functools.reduce(_worst, ratios) if ratios else None
+
+    def problems(self, g: GenerationCheck) -> list[str]:
+        """What is wrong with one generation, in words; empty when it passes."""
+        if g.error is not None:
+            return [f"the cache raised {g.error}"]
+        found = [g.nonfinite.describe()] if g.nonfinite else []
+        a, t = g.vs_naive, self.thresholds
+        if self.exact:
+            if not a.worst_ratio <= 1.0:  # `not <=`: NaN fails
+                found.append(f"logits differ from naive's by up to {a.max_abs:.2e}, {a.worst_ratio:.3g}x the tolerance")
+            if g.divergence is not None and not g.divergence.near_tie:
+                d = g.divergence
+                found.append(f"chose {d.chosen} at step {d.step} (row {d.row}) where naive chooses {d.naive_choice}")
+        else:  # the worst step here; the averages over every generation together (see failures)
+            if not a.worst_kl <= t.max_step_kl:
+                found.append(f"worst step KL {a.worst_kl:.2e} above {t.max_step_kl:g}")
+            if not a.worst_streak <= t.max_streak:
+                found.append(f"{a.worst_streak} consecutive steps disagree on the top token (at most {t.max_streak})")
+        if g.contents is not None and not g.contents.passed:
+            found.append(g.contents.problem or f"stored K/V off by {g.contents.worst_ratio:.3g}x what is allowed")
+        return found
+
+    @property
+    def pooled(self) -> Agreement:
+        """Every generation's steps together: what an approximate strategy's averages are judged on (a
+        48-step generation alone is too few steps for a top-1 fraction to mean much)."""
+        return Agreement.pooled([g.vs_naive for g in self.generations if g.error is None])
+
+    def average_problems(self) -> list[str]:
+        if self.exact:
+            return []
+        a, t = self.pooled, self.thresholds
+        found = [f"mean KL {a.mean_kl:.2e} above {t.max_mean_kl:g}"] if not a.mean_kl <= t.max_mean_kl else []
+        if not a.top1 >= t.min_top1:
+            found.append(f"top-1 agreement {a.top1:.1%} below {t.min_top1:.0%}")
+        return found
+
+    @property
+    def failures(self) -> list[str]:
+        per_generation = [f"{g.label}: {problem}" for g in self.generations for problem in self.problems(g)]
+        return per_generation + [f"all generations: {problem}" for problem in self.average_problems()]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+class KVRecorder(KVCache):
+    """Not a cache: it keeps each layer's K/V of one plain forward over a whole sequence, the reference a
+    cache's contents are checked against. Attention is causal, or banded to `window` as naive's is.
+
+    Where the cache under test holds every position, attention reads exactly what it holds: then a lossy
+    cache's deeper layers get the same inputs as in the generation, so their K/V are comparable without a
+    second rounding (a value re-quantized to the neighbouring int8 step would shift every later layer).
+    Layer 0's K/V depend on the tokens alone, so a wrong store is still caught there."""
+
+    def __init__(self, window: int | None, device: torch.device, under_test: KVCache | None = None):
+        self.window, self.device, self.under_test = window, device, under_test
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer, start_pos, k, v):
+        self.k[layer], self.v[layer] = k, v
+        return self._attended(layer, k, v)
+
+    def _attended(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.under_test is None:
+            return k, v
+        try:
+            positions, held_k, held_v = self.under_test.contents(layer, k.shape[2])
+        except NotImplementedError:
+            return k, v
+        if torch.equal(positions.cpu(), torch.arange(k.shape[2])) and held_k.shape == k.shape == held_v.shape:
+            return held_k.to(k.dtype), held_v.to(v.dtype)
+        return k, v
+
+    def mask(self, start_pos, n_new):
+        return self_attention_mask(None, start_pos, n_new, self.window, self.device)
+
+    def reset(self):
+        self.k, self.v = {}, {}
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in [*self.k.values(), *self.v.values()])
+
+    def expected_bytes(self, tokens):
+        return self.nbytes
 
 
 def naive_logit_chunks(model: Decoder, prompt: torch.Tensor, tokens: torch.Tensor,
@@ -235,8 +433,7 @@ def naive_logit_chunks(model: Decoder, prompt: torch.Tensor, tokens: torch.Tenso
     In a causal model, position t's output depends on tokens 0..t only, so one forward over
     prompt + tokens[:-1] yields all N of those logits at once (positions P-1 .. P+N-2): the same
     computation without N separate re-runs. tests/test_verify.py checks it against the step-by-step loop.
-    With `window`, attention is banded as naive_step(window=...) does. Yields (first step, logits (B, c, V))
-    in chunks of steps, to bound memory at chunk x vocab.
+    With `window`, attention is banded as naive_step(window=...) does. Yields (first step, logits (B, c, V)) in chunks of steps, to bound memory at chunk x vocab.
     """
     n_prompt, n_new = prompt.shape[1], tokens.shape[1]
     sequence = torch.cat([prompt, tokens[:, :-1]], dim=1)  # (B, P+N-1)
@@ -244,6 +441,59 @@ def naive_logit_chunks(model: Decoder, prompt: torch.Tensor, tokens: torch.Tenso
         hidden = model.hidden(sequence, window=window)[:, n_prompt - 1:]  # (B, N, D): positions that chose tokens
         for start in range(0, n_new, LM_HEAD_CHUNK):
             yield start, model.lm_head(hidden[:, start:start + LM_HEAD_CHUNK]).double()  # (B, c, V)
+
+
+def _span(positions: torch.Tensor) -> str:
+    if positions.numel() == 0:
+        return "no positions"
+    return f"{positions.numel()} positions {int(positions.min())}..{int(positions.max())}"
+
+
+@torch.inference_mode()
+def reference_kv(model: Decoder, sequence: torch.Tensor, window: int | None, cache: KVCache) -> KVRecorder:
+    """Every layer's K/V from one fresh forward over `sequence` (B, L) (see KVRecorder)."""
+    recorder = KVRecorder(window, sequence.device, cache)
+    model.hidden(sequence, for_model(model, recorder))
+    return recorder
+
+
+def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, window: int | None,
+                   tol: Tolerance) -> ContentsCheck:
+    """Each layer's stored K/V, by position, against those of a fresh forward over the `sequence` (B, L)
+    that went through the cache: equal within `tol` (the dtype's rounding between two kernels) plus the
+    cache's own storage bound (0 for a lossless cache). A window keeps only the last `window` positions."""
+    recorder = reference_kv(model, sequence, window, cache)
+    length = sequence.shape[1]
+    first = 0 if window is None else max(0, length - window)
+    want = torch.arange(first, length)
+    result = ContentsCheck()
+    for layer in sorted(recorder.k):
+        try:
+            positions, k, v = cache.contents(layer, length)
+        except NotImplementedError:
+            return ContentsCheck(provided=False)
+        if not torch.equal(positions.cpu(), want):
+            result.problem = f"layer {layer} holds {_span(positions.cpu())}, not {_span(want)}"
+            return result
+        for name, stored, fresh in (("K", k, recorder.k[layer]), ("V", v, recorder.v[layer])):
+            _compare_stored(result, cache, f"layer {layer} {name}", stored, fresh[:, :, first:length], first, tol)
+    return result
+
+
+def _compare_stored(result: ContentsCheck, cache: KVCache, what: str, stored: torch.Tensor, fresh: torch.Tensor,
+                    first: int, tol: Tolerance) -> None:
+    if tuple(stored.shape) != tuple(fresh.shape):
+        result.problem = result.problem or f"{what} has shape {tuple(stored.shape)}, not {tuple(fresh.shape)}"
+        return
+    allowed = cache.storage_bound(fresh).double() + tol.bound(fresh.double())  # (B, H, S, hd)
+    ratio = (stored.double() - fresh.double()).abs() / allowed
+    result.worst_ratio = _worst(result.worst_ratio, ratio.max().item())
+    bad = ~(ratio <= 1.0)  # NaN is bad
+    if result.problem is None and bad.any():
+        slot = int(bad.any(dim=3).any(dim=1).any(dim=0).nonzero()[0])
+        error = (stored.double() - fresh.double()).abs()[:, :, slot].max().item()
+        result.problem = (f"{what} at position {first + slot} is {error:.2e} from a fresh forward's "
+                          f"(allowed {allowed[:, :, slot].max().item():.2e})")
 
 
 def first_divergence(tokens: torch.Tensor, naive: torch.Tensor, tol: Tolerance, sampling: SamplingSettings = GREEDY,
@@ -296,43 +546,118 @@ def _first(mask: torch.Tensor) -> tuple[int, int]:
 
 
 def check_generation(strategy: str, model: Decoder, prompt: torch.Tensor, generation: Generation, tol: Tolerance,
-                     sampling: SamplingSettings = GREEDY, window: int | None = None) -> StrategyCheck:
-    """Compare a generation's logits and tokens with naive recomputation on the same token sequence.
+                     sampling: SamplingSettings = GREEDY, window: int | None = None, cache: KVCache | None = None,
+                     label: str = "generation", main: bool = True) -> GenerationCheck:
+    """Compare a generation's logits and tokens with naive recomputation on the same token sequence, and the
+    cache's contents (when given) with the K/V of that same forward.
 
-    For sliding, naive attends within the same window (exactness), and a second pass with full attention
-    measures how far the window drifts from it."""
-    sliding = is_sliding(strategy)
-    max_kl, min_top1 = QUANTIZED_THRESHOLDS[dtype_name(model.lm_head.weight.dtype)]
-    check = StrategyCheck(strategy, generation.tokens.shape[1], not strategy.startswith("quantized"), Agreement(),
-                          tokens=generation.tokens, max_mean_kl=max_kl, min_top1=min_top1)
-    for start, naive in naive_logit_chunks(model, prompt, generation.tokens, window if sliding else None):
+    For sliding, naive attends within the same window (exactness), and for the main generation a second
+    pass with full attention measures how far the window drifts from it."""
+    check = GenerationCheck(label, generation.tokens.shape[1], main, tokens=generation.tokens)
+    for start, naive in naive_logit_chunks(model, prompt, generation.tokens, window):
         steps = slice(start, start + naive.shape[1])
         cached = generation.logits[:, steps].double()
+        check.nonfinite = check.nonfinite or find_nonfinite(cached, naive, start)
         check.vs_naive.add(cached, naive, tol)
-        if check.divergence is None:
+        if check.divergence is None and check.nonfinite is None:
             draws = generation.draws[:, steps] if generation.draws is not None else None
             check.divergence = first_divergence(generation.tokens[:, steps], naive, tol, sampling, draws, cached)
             if check.divergence is not None:
                 check.divergence.step += start
-    if sliding:
+    if cache is not None:
+        fed = torch.cat([prompt, generation.tokens[:, :-1]], dim=1)  # (B, P+N-1): what went through the cache
+        check.contents = check_contents(cache, model, fed, window, contents_tolerance(model))
+    if window is not None and main:
         check.drift = Agreement()
         for start, full in naive_logit_chunks(model, prompt, generation.tokens):
             check.drift.add(generation.logits[:, start:start + full.shape[1]].double(), full, tol)
     return check
 
 
+def contents_tolerance(model) -> Tolerance:
+    return Tolerance(*CONTENTS_TOLERANCE[dtype_name(model.lm_head.weight.dtype)])
+
+
 def is_sliding(strategy: str) -> bool:
     return strategy.startswith("sliding")  # "sliding", or an encoder-decoder's "sliding+self-only"
 
 
+# --- the generations kv-evaluate runs per strategy --------------------------------------------------------------
+
+REUSE_NEW_TOKENS = 48  # tokens of each extra generation: enough decode steps to read stale state
+REUSE_SEED = 1009  # seeds of the extra generations' prompts: fixed, so that a failure reproduces
+
+
+@dataclass(frozen=True)
+class PlannedGeneration:
+    label: str
+    prompt: torch.Tensor  # (B, P)
+    new_tokens: int
+    fresh_cache: bool  # a new cache object; otherwise the previous one, reset, as generate and benchmark reuse it
+    main: bool = False
+
+
+def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: int) -> list[PlannedGeneration]:
+    """The generations each cache strategy goes through, in order, one cache object reused across the first
+    three: short then long (the run asked for) then short again with a prompt longer than the sliding window
+    where it fits (the long-prompt prefill), then a batch of one more row, different prompts per row (a row
+    broadcast hides at batch 1). Every one fits the run asked for: no longer prompt + tokens than it."""
+    batch, n_prompt = prompt.shape
+    short = min(new_tokens, REUSE_NEW_TOKENS)
+    long_prompt = max(1, min(window + 8, n_prompt + new_tokens - short))
+    ids = lambda rows, length, i: random_ids(vocab, rows, length, REUSE_SEED + i).to(prompt.device)  # noqa: E731
+    return [
+        PlannedGeneration(f"fresh cache, {short} tokens", ids(batch, max(1, n_prompt // 2), 0), short, True),
+        PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused", prompt, new_tokens, False, True),
+        PlannedGeneration(f"cache reused after the long run, {long_prompt}-token prompt", ids(batch, long_prompt, 1),
+                          short, False),
+        PlannedGeneration(f"{batch + 1} rows, different prompts", ids(batch + 1, n_prompt, 2), short, True),
+    ]
+
+
+def run_planned(strategy: str, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
+                sampling: SamplingSettings, window: int | None, on_step: Callable[[Step], None] | None) -> GenerationCheck:
+    """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
+    try:
+        generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
+                              sampling=sampling, on_step=on_step, window=window, cache=cache)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
+        return GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")
+    return check_generation(strategy, model, planned.prompt, generation, tol, sampling, window, cache,
+                            planned.label, planned.main)
+
+
+def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: str, tol: Tolerance,
+                   sampling: SamplingSettings, window: int | None,
+                   on_step: Callable[[int], None] | None) -> StrategyCheck:
+    """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
+    win = window if is_sliding(strategy) else None
+    plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window))
+    if strategy == "naive":  # no cache to reuse: the run asked for only
+        plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
+    total = sum(p.new_tokens for p in plan)
+    callback = (lambda step: on_step(total)) if on_step else None
+    cache, checks = None, []
+    for i, planned in enumerate(plan):
+        runner = model if planned.prompt.shape[0] == prompt.shape[0] else with_batch(model, planned.prompt.shape[0],
+                                                                                     REUSE_SEED + i)
+        if planned.fresh_cache or cache is None:
+            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
+        checks.append(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
+    dtype = dtype_name(model.lm_head.weight.dtype)
+    return StrategyCheck(strategy, not strategy.startswith("quantized"), QUANTIZED_THRESHOLDS[dtype], checks)
+
+
 def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[str], tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
-                on_step: Callable[[str, Step], None] | None = None) -> list[StrategyCheck]:
-    """Generate with each strategy and check logits and tokens against naive recomputation."""
+                on_step: Callable[[str, int], None] | None = None) -> list[StrategyCheck]:
+    """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
+    over several generations per cache object (see generation_plan). on_step(strategy, total) after each
+    step, with the total number of steps that strategy will run."""
     checks = []
     for strategy in strategies:
-        callback = (lambda step, s=strategy: on_step(s, step)) if on_step else None
-        generation = generate(model, prompt, new_tokens, strategy, keep_logits=True, sampling=sampling,
-                              on_step=callback, window=window if is_sliding(strategy) else None)
-        checks.append(check_generation(strategy, model, prompt, generation, tol, sampling, window))
+        callback = (lambda total, s=strategy: on_step(s, total)) if on_step else None
+        checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback))
     return checks
