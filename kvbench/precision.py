@@ -2,7 +2,10 @@
 
 Tolerances are |actual - expected| <= atol + rtol * |expected|, elementwise (as torch.allclose). The
 low-precision defaults were set from measured errors against the float64 reference and between cached and
-naive runs (docs/perf.md): bfloat16 keeps 8 significant bits, so a logit of 2.7 is resolved to ~0.016.
+naive runs (docs/perf.md): bfloat16 keeps 8 significant bits, so a logit of 2.7 is resolved to ~0.016, and
+the trained demo model's logits (up to ~20) come out of sums of terms rounded at that scale: a correct
+static cache differs from naive there by up to atol 0.056 (bfloat16) and 0.011 (float16) beyond rtol. What
+a loose logit tolerance cannot resolve (an off-by-one at low precision), the contents check catches.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_TOLERANCE = {  # (atol, rtol)
     "float32": (1e-4, 1e-4),
-    "bfloat16": (5e-2, 2e-2),
-    "float16": (5e-3, 5e-3),
+    "bfloat16": (1.5e-1, 2e-2),
+    "float16": (2e-2, 5e-3),
 }
 
 # The int8 cache is not exact. It passes kv-evaluate when the mean KL(naive || quantized) of the next-token
@@ -23,6 +26,10 @@ DEFAULT_TOLERANCE = {  # (atol, rtol)
 # Measured with correct int8 in float32: KL 3e-7..1.3e-6 on configs/default.yaml (random weights), 1.8e-5 on
 # the trained configs/demo.yaml (sharper distributions feel rounding more), top-1 100% on both. Bugs measured
 # on default.yaml: scales stored 25% too large give KL 3.5e-3 and top-1 96%; 2x too small, KL 3e-2.
+# The worst single step and the longest run of top-1 disagreements are judged too, so that a local bug (one
+# position lost after 512 tokens) is not diluted by a long mean. Correct int8, every shipped model and dtype,
+# over kv-evaluate's four generations: worst step KL 1.6e-3 (demo, float32), 9.5e-4 (demo, float16), 3.3e-3
+# (demo, bfloat16), 6e-6 or less on the random-weight models; longest disagreement streak 1.
 # bfloat16's own rounding already gives an exact cache KL ~4e-6 and top-1 99.9%, hence its looser bounds.
 
 
@@ -44,11 +51,14 @@ QUANTIZED_THRESHOLDS = {
 
 # A cache's stored K/V against those of a fresh forward over the same tokens (kv-evaluate's contents check):
 # the two are computed by different kernels (one row at a time vs the whole sequence), so they differ by
-# rounding, a few units in the last place of the dtype; an off-by-one or a lossy store differs by far more.
+# rounding, a few units in the last place of the dtype relative to each vector's largest element; an
+# off-by-one or a lossy store differs by far more. Allowed: atol + rtol x max |x| over the vector's head_dim.
+# Measured (correct caches, tools in docs/perf.md): float32 at most 0.33 of this allowance (demo), bfloat16
+# 0.3; a float16 store in a float32 cache exceeds it ~10x, an off-by-one by 100x and more.
 CONTENTS_TOLERANCE = {  # (atol, rtol)
-    "float32": (5e-5, 5e-5),
-    "bfloat16": (2e-2, 2e-2),
-    "float16": (2e-3, 2e-3),
+    "float32": (1e-6, 3e-5),
+    "bfloat16": (2e-2, 5e-2),
+    "float16": (2e-3, 5e-3),
 }
 
 

@@ -216,3 +216,12 @@ def test_sharp_temperature_approaches_greedy():
 def test_bad_sampling_options(runner, args, needle):
     result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "5", *args])
     assert result.exit_code == 2 and needle in result.output, result.output
+
+
+def test_every_strategy_passes_past_1000_tokens(runner):
+    """Bugs that appear only late (a slot dropped past 512, a wrap of a 256-token window four times) need long
+    runs: the shipped tiny config holds 1280 positions."""
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "1200",
+                                 "--strategies", "static,dynamic,sliding,quantized", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "1200 tokens" in result.output
