@@ -47,6 +47,7 @@ class Comparison:
     argmax_agreement: float  # fraction of positions whose top token agrees
     worst_ratio: float  # max |actual - expected| / (atol + rtol |expected|): <= 1 passes
     passed: bool
+    nonfinite: str | None = None  # where a NaN or infinity first appears: always a failure
 
 
 def compare_logits(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> Comparison:
@@ -56,7 +57,18 @@ def compare_logits(name: str, actual: torch.Tensor, expected: torch.Tensor, tol:
     max_rel = (diff[large] / expected.abs()[large]).max().item() if large.any() else 0.0
     worst = (diff / tol.bound(expected)).max().item()
     agreement = (actual.argmax(-1) == expected.argmax(-1)).double().mean().item()
-    return Comparison(name, diff.max().item(), max_rel, agreement, worst, bool(worst <= 1.0))
+    nonfinite = first_nonfinite(actual, "actual") or first_nonfinite(expected, "expected")
+    passed = nonfinite is None and worst <= 1.0  # NaN compares False: it never passes
+    return Comparison(name, diff.max().item(), max_rel, agreement, worst, passed, nonfinite)
+
+
+def first_nonfinite(logits: torch.Tensor, side: str) -> str | None:
+    """'<side> logits hold NaN/inf from (row, position)' for logits (B, T, V), or None when all are finite."""
+    bad = ~logits.isfinite().all(-1)  # (B, T)
+    if not bad.any():
+        return None
+    row, position = (int(i) for i in bad.nonzero()[0])
+    return f"{side} logits hold NaN/inf from row {row}, position {position}"
 
 
 # --- expected-logits files -------------------------------------------------------------------------------------

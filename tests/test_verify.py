@@ -182,3 +182,13 @@ def test_fixed_shape_static_cache_equals_the_sliced_one():
             logits.append(model(token[:, None], cache, torch.tensor(5 + i - 1), last_only=True)[:, -1])
             token = eager.tokens[:, i]
     torch.testing.assert_close(torch.stack(logits, dim=1), eager.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_logits_fail_evaluate_and_say_where():
+    expected = torch.zeros(1, 3, 5)
+    actual = expected.clone()
+    actual[0, 1, 2] = float("nan")
+    comparison = verify.compare_logits("torch vs expected", actual, expected, TOL)
+    assert not comparison.passed
+    assert comparison.nonfinite == "actual logits hold NaN/inf from row 0, position 1"
+    assert not verify.compare_logits("x", expected, actual, TOL).passed

@@ -95,6 +95,9 @@ def evaluate(
     source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
     console.print(f"{loaded.name}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype})")
     console.print(comparison_table(result.comparisons, tol))
+    for c in result.comparisons:
+        if c.nonfinite:
+            console.print(f"  [bold red]FAIL[/] {escape(c.name)}: {escape(c.nonfinite)}", highlight=False)
     if write_expected is not None:
         verify.write_expected(write_expected, inputs, reference)
         console.print(f"wrote expected logits of the NumPy reference to {write_expected}")
