@@ -301,35 +301,3 @@ class QuantizedCache(KVCache):
 def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int, bytes_per_element: int) -> int:
     """Size of a full-precision KV cache: K and V, for every layer, head, position and sequence."""
     return 2 * n_layers * n_heads * head_dim * tokens * batch * bytes_per_element
-
-
-COMPILED = "static+compile"  # the static cache with its decode step compiled (fixed shapes)
-STRATEGIES = ("naive", "static", "dynamic", "sliding", "quantized", COMPILED)
-DEFAULT_WINDOW = 256
-# Encoder-decoder only: "<strategy>+self-only" is the self-attention cache only: the cross-attention K/V are
-# projected from the encoder output again at every step (the plain strategy name keeps them all generation).
-SELF_ONLY = "+self-only"
-SEQ2SEQ_STRATEGIES = ("naive", *(f"{s}{suffix}" for s in ("static", "dynamic", "sliding", "quantized")
-                                 for suffix in ("", SELF_ONLY)))
-
-
-def make_cache(strategy: str, config, batch: int, max_len: int, dtype: torch.dtype,
-               device: torch.device | str, window: int | None = None) -> KVCache | None:
-    """The cache a strategy uses; None for naive (no cache: recompute every step)."""
-    shape = (config.n_layers, batch, config.n_heads)
-    if strategy == "naive":
-        return None
-    if strategy in ("static", COMPILED):
-        return StaticCache(*shape, max_len, config.head_dim, dtype, device)
-    if strategy == "dynamic":
-        return DynamicCache(config.n_layers)
-    if strategy == "sliding":
-        return SlidingWindowCache(*shape, window_of(config, window), config.head_dim, dtype, device)
-    if strategy == "quantized":
-        return QuantizedCache(*shape, max_len, config.head_dim, dtype, device)
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def window_of(config, window: int | None) -> int:
-    """The sliding window: the one asked for, else the config's sliding_window, else DEFAULT_WINDOW."""
-    return window or config.sliding_window or DEFAULT_WINDOW

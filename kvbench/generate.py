@@ -12,10 +12,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from kvbench.cache import COMPILED, SELF_ONLY, KVCache, make_cache
+from kvbench.cache import KVCache
 from kvbench.model import Decoder
 from kvbench.sampling import SamplingSettings, Sampler, greedy
 from kvbench.seq2seq import Seq2Seq, Seq2SeqCache, SourceBound
+from kvbench.strategies import CacheShape, Strategy, resolve, window_of
 
 GREEDY = SamplingSettings()
 
@@ -71,9 +72,9 @@ class CompiledDecode:
 _compiled: dict[torch.device, CompiledDecode] = {}
 
 
-def decoder_for(strategy: str, device: torch.device) -> Decode:
-    """The decode step a strategy uses: compiled for static+compile, eager otherwise."""
-    if strategy != COMPILED:
+def decoder_for(strategy: Strategy | str, device: torch.device) -> Decode:
+    """The decode step a strategy uses: compiled for a compiled strategy, eager otherwise."""
+    if not resolve(strategy).compiled:
         return decode_one
     if device not in _compiled:
         _compiled[device] = CompiledDecode(device)
@@ -130,15 +131,17 @@ def cache_tokens(prompt_len: int, new_tokens: int) -> int:
     return prompt_len + new_tokens - 1
 
 
-def new_cache(model: Decoder, strategy: str, batch: int, max_len: int, window: int | None = None) -> KVCache | None:
-    """The strategy's cache sized for max_len tokens (or `window` for sliding), on the model's device and dtype.
-
-    For an encoder-decoder, the self-attention cache is wrapped with the source's cross-attention K/V,
-    kept for the whole generation unless the strategy ends in SELF_ONLY."""
+def new_cache(model: Decoder, strategy: Strategy | str, batch: int, max_len: int,
+              window: int | None = None) -> KVCache | None:
+    """The strategy's cache sized for max_len tokens (or `window` for a windowed one), on the model's device
+    and dtype; None for naive. For an encoder-decoder, the self-attention cache is wrapped with the source's
+    cross-attention K/V, kept for the whole generation if the strategy keeps them."""
+    strategy = resolve(strategy)
     weight = model.lm_head.weight
-    base = strategy.removesuffix(SELF_ONLY)
-    cache = make_cache(base, model.config, batch, max_len, weight.dtype, weight.device, window)
-    return for_model(model, cache, keep_cross=not strategy.endswith(SELF_ONLY))
+    config = model.config
+    shape = CacheShape(config.n_layers, batch, config.n_heads, config.head_dim, max_len, weight.dtype, weight.device,
+                       window_of(config, window))
+    return for_model(model, strategy.new_cache(shape), keep_cross=strategy.keeps_cross)
 
 
 def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache | None:
@@ -148,10 +151,10 @@ def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache 
     return cache
 
 
-def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: str, keep_logits: bool = False,
+def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: Strategy | str, keep_logits: bool = False,
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
              window: int | None = None, cache: KVCache | None = None) -> Generation:
-    """Generate new_tokens after prompt (B, P) with a strategy (see cache.STRATEGIES).
+    """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
     `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);

@@ -13,14 +13,23 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from kvbench.bench.stats import quartiles, step_medians  # noqa: E402
+from kvbench.strategies import NAIVE, names  # noqa: E402
 
-COLORS = {"naive": "#d62728", "static": "#1f77b4", "dynamic": "#ff7f0e", "sliding": "#2ca02c",
-          "quantized": "#9467bd", "static+compile": "#17becf"}
-MARKERS = {"naive": "o", "static": "s", "dynamic": "^", "sliding": "D", "quantized": "v", "static+compile": "P"}
+MARKERS = "osD^vPX*hp"
+
+
+def color_of(strategy: str) -> tuple:
+    """A strategy's colour from matplotlib's default cycle, by registration order (plugins included), so that
+    a strategy keeps its colour across plots and runs; names not registered here come after."""
+    known = names()
+    index = known.index(strategy) if strategy in known else len(known) + sum(map(ord, strategy))
+    return plt.get_cmap("tab10")(index % 10)
 
 
 def _style(strategy: str) -> dict:
-    return dict(color=COLORS.get(strategy), marker=MARKERS.get(strategy, "o"), label=strategy)
+    known = names()
+    index = known.index(strategy) if strategy in known else sum(map(ord, strategy))
+    return dict(color=color_of(strategy), marker=MARKERS[index % len(MARKERS)], label=strategy)
 
 
 def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
@@ -65,9 +74,9 @@ def latency_plot(runs: pd.DataFrame, meta: dict, path: Path) -> Path:
 
 def speedup_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for strategy, points in summary[summary["strategy"] != "naive"].groupby("strategy", sort=False):
+    for strategy, points in summary[summary["strategy"] != NAIVE.name].groupby("strategy", sort=False):
         ax.plot(points["new_tokens"], points["speedup_vs_naive"], **_style(strategy))
-    ax.axhline(1.0, color="gray", lw=1, ls="--", label="naive")
+    ax.axhline(1.0, color="gray", lw=1, ls="--", label=NAIVE.name)
     _tokens_axis(ax, summary["new_tokens"].unique())
     ax.set_ylabel("speed-up over naive (median total time ratio)")
     return _finish(fig, ax, "What the KV cache buys", meta, path)
@@ -79,7 +88,7 @@ def per_token_plot(steps: pd.DataFrame, meta: dict, path: Path, floor: pd.DataFr
     longest = int(steps["new_tokens"].max())
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for strategy, points in step_medians(steps, longest).groupby("strategy", sort=False):
-        ax.plot(points["position"], points["step_ms"], lw=1, color=COLORS.get(strategy), label=strategy)
+        ax.plot(points["position"], points["step_ms"], lw=1, color=color_of(strategy), label=strategy)
     if floor is not None and not floor.empty:
         ax.plot(floor["position"], floor["floor_ms"], color="black", ls="--", lw=1, label="memory-bandwidth floor")
     ax.set_yscale("log")
@@ -95,7 +104,7 @@ def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     for strategy, points in summary.groupby("strategy", sort=False):
         style = _style(strategy)
-        if strategy != "naive":
+        if strategy != NAIVE.name:
             left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ls="none", ms=7,
                       **{**style, "label": f"{strategy} (allocated)"})
             left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
@@ -136,7 +145,7 @@ def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, met
         return []
     floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta) if not steps.empty else None
     written = [latency_plot(runs, meta, out / "latency.png"), memory_plot(summary, meta, out / "memory.png")]
-    if (summary["strategy"] == "naive").any() and (summary["strategy"] != "naive").any():
+    if (summary["strategy"] == NAIVE.name).any() and (summary["strategy"] != NAIVE.name).any():
         written.append(speedup_plot(summary, meta, out / "speedup.png"))
     written.append(per_token_plot(steps, meta, out / "per_token.png", floor))
     return [p for p in written if p is not None]

@@ -28,6 +28,7 @@ class TokenEvent:
 class StreamSummary:
     prompt_tokens: int
     strategy: str
+    cached: bool = True
     times: list[float] = field(default_factory=list)
     cache_bytes: int = 0
 
@@ -46,7 +47,7 @@ class StreamSummary:
         if self.decode_s:
             ms = [1000 * s for s in self.decode_s]
             line += (f"; decode {statistics.median(ms):.2f} ms/token median (min {min(ms):.2f}, max {max(ms):.2f})")
-        cache = f"{self.cache_bytes / 2**20:.2f} MiB" if self.strategy != "naive" else "none (naive recomputes)"
+        cache = f"{self.cache_bytes / 2**20:.2f} MiB" if self.cached else "none (naive recomputes)"
         return line + f"; {self.strategy} cache {cache}"
 
 
@@ -57,7 +58,7 @@ class TextStream:
                  sampling: SamplingSettings, tokenizer: Tokenizer | None, window: int | None = None):
         self.model, self.prompt, self.max_new_tokens = model, prompt, max_new_tokens
         self.strategy, self.cache, self.sampling, self.tokenizer, self.window = strategy, cache, sampling, tokenizer, window
-        self.summary = StreamSummary(len(prompt), strategy)
+        self.summary = StreamSummary(len(prompt), strategy, cache is not None)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         device = self.model.lm_head.weight.device

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.cache import KVCache, window_of
+from kvbench.cache import KVCache
 from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
 from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model, generate, new_cache, random_ids,
@@ -21,6 +21,7 @@ from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model,
 from kvbench.model import Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
+from kvbench.strategies import Strategy, resolve, window_of
 from kvbench.reference import reference_logits, reference_seq2seq_logits
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 
@@ -561,14 +562,14 @@ def _first(mask: torch.Tensor) -> tuple[int, int]:
     return int(mask[:, step].nonzero()[0]), step
 
 
-def check_generation(strategy: str, model: Decoder, prompt: torch.Tensor, generation: Generation, tol: Tolerance,
+def check_generation(model: Decoder, prompt: torch.Tensor, generation: Generation, tol: Tolerance,
                      sampling: SamplingSettings = GREEDY, window: int | None = None, cache: KVCache | None = None,
                      label: str = "generation", main: bool = True) -> GenerationCheck:
     """Compare a generation's logits and tokens with naive recomputation on the same token sequence, and the
     cache's contents (when given) with the K/V of that same forward.
 
-    For sliding, naive attends within the same window (exactness), and for the main generation a second
-    pass with full attention measures how far the window drifts from it."""
+    With a `window` (a windowed strategy), naive attends within the same window (exactness), and for the main
+    generation a second pass with full attention measures how far the window drifts from it."""
     check = GenerationCheck(label, generation.tokens.shape[1], main, tokens=generation.tokens)
     for start, naive in naive_logit_chunks(model, prompt, generation.tokens, window):
         steps = slice(start, start + naive.shape[1])
@@ -592,10 +593,6 @@ def check_generation(strategy: str, model: Decoder, prompt: torch.Tensor, genera
 
 def contents_tolerance(model) -> Tolerance:
     return Tolerance(*CONTENTS_TOLERANCE[dtype_name(model.lm_head.weight.dtype)])
-
-
-def is_sliding(strategy: str) -> bool:
-    return strategy.startswith("sliding")  # "sliding", or an encoder-decoder's "sliding+self-only"
 
 
 # --- the generations kv-evaluate runs per strategy --------------------------------------------------------------
@@ -631,7 +628,7 @@ def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: i
     ]
 
 
-def run_planned(strategy: str, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
+def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
                 sampling: SamplingSettings, window: int | None, on_step: Callable[[Step], None] | None) -> GenerationCheck:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
@@ -641,17 +638,17 @@ def run_planned(strategy: str, model, planned: PlannedGeneration, cache: KVCache
         raise
     except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
         return GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")
-    return check_generation(strategy, model, planned.prompt, generation, tol, sampling, window, cache,
+    return check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
                             planned.label, planned.main)
 
 
-def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: str, tol: Tolerance,
+def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strategy, tol: Tolerance,
                    sampling: SamplingSettings, window: int | None,
                    on_step: Callable[[int], None] | None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
-    win = window if is_sliding(strategy) else None
+    win = window_of(model.config, window) if strategy.windowed else None
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window))
-    if strategy == "naive":  # no cache to reuse: the run asked for only
+    if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)
     callback = (lambda step: on_step(total)) if on_step else None
@@ -663,17 +660,18 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: str, 
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
         checks.append(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
     dtype = dtype_name(model.lm_head.weight.dtype)
-    return StrategyCheck(strategy, not strategy.startswith("quantized"), QUANTIZED_THRESHOLDS[dtype], checks)
+    return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 
 
-def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[str], tol: Tolerance,
+def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[Strategy | str],
+                tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
                 on_step: Callable[[str, int], None] | None = None) -> list[StrategyCheck]:
     """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
     over several generations per cache object (see generation_plan). on_step(strategy, total) after each
     step, with the total number of steps that strategy will run."""
     checks = []
-    for strategy in strategies:
-        callback = (lambda total, s=strategy: on_step(s, total)) if on_step else None
+    for strategy in map(resolve, strategies):
+        callback = (lambda total, s=strategy.name: on_step(s, total)) if on_step else None
         checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback))
     return checks

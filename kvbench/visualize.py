@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from kvbench.generate import generation_steps, new_cache  # noqa: E402
 from kvbench.model import Decoder  # noqa: E402
-from kvbench.plots import COLORS  # noqa: E402
+from kvbench.plots import color_of  # noqa: E402
 
 MAX_LABELS = 48  # more tick labels than this are unreadable: label every n-th token instead
 
@@ -87,7 +87,7 @@ def cache_growth(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategi
 def cache_growth_figure(growth: pd.DataFrame, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for strategy, points in growth.groupby("strategy", sort=False):
-        color = COLORS.get(strategy)
+        color = color_of(strategy)
         ax.plot(points["position"], points["allocated"] / 2**10, label=f"{strategy}: allocated", color=color, lw=1.5)
         ax.plot(points["position"], points["filled"] / 2**10, label=f"{strategy}: holding", color=color, lw=1,
                 ls="--")

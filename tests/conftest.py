@@ -9,6 +9,7 @@ import yaml
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from kvbench import strategies
 from kvbench.config import LoadedConfig, ModelConfig
 from kvbench.model import Decoder, init_weights
 
@@ -35,6 +36,20 @@ def random_model(seed: int = 0, **overrides) -> Decoder:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture
+def register_strategy():
+    """Register strategies for one test, as a plugin would (kvbench.strategies.register), then remove them."""
+    added = []
+
+    def register(strategy: strategies.Strategy) -> strategies.Strategy:
+        added.append(strategies.register(strategy).name)
+        return strategy
+
+    yield register
+    for name in added:
+        strategies.unregister(name)
 
 
 @pytest.fixture

@@ -7,9 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dataclasses
+
 import kvbench.generate
 import kvbench.verify as verify
 from conftest import CONFIGS, random_model, small_models, write_yaml
+from kvbench import strategies
 from kvbench.cache import QuantizedCache, SlidingWindowCache, StaticCache, kv_bytes_formula
 from kvbench.cli import app
 from kvbench.generate import generate
@@ -55,18 +58,14 @@ class OffByOneAtWrap(SlidingWindowCache):
         return k_all, v_all
 
 
-def test_broken_sliding_window_is_caught(runner, monkeypatch):
-    real = kvbench.generate.make_cache
-
-    def make_cache(strategy, config, batch, max_len, dtype, device, window=None):
-        if strategy == "sliding":
-            return OffByOneAtWrap(config.n_layers, batch, config.n_heads, window, config.head_dim, dtype, device)
-        return real(strategy, config, batch, max_len, dtype, device, window)
-
-    monkeypatch.setattr(kvbench.generate, "make_cache", make_cache)
+def test_broken_sliding_window_is_caught(runner, register_strategy):
+    register_strategy(dataclasses.replace(
+        strategies.SLIDING, name="sliding-broken",
+        cache=lambda s: OffByOneAtWrap(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device)))
     result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "reference.yaml"), "--strategies",
-                                 "sliding", "--window", "8", "--new-tokens", "30", "--device", "cpu"])
+                                 "sliding,sliding-broken", "--window", "8", "--new-tokens", "30", "--device", "cpu"])
     assert result.exit_code == 1, result.output
+    assert [line.split()[-1] for line in result.output.splitlines() if line.startswith(" sliding")] == ["pass", "FAIL"]
 
 
 def test_sliding_reports_its_drift_from_full_attention():
@@ -175,12 +174,11 @@ def test_kv_evaluate_checks_sampled_runs(runner):
     assert "temperature 0.9, top-k 50, top-p 0.95" in result.output
 
 
-def test_broken_cache_fails_under_sampling(monkeypatch):
-    from test_verify import break_static_cache
+def test_broken_cache_fails_under_sampling():
+    from test_verify import OFF_BY_ONE
 
-    break_static_cache(monkeypatch)
     model = random_model(2)
-    checks = verify.kv_evaluate(model, torch.randint(0, 97, (1, 4)), 30, ["static"], TOL,
+    checks = verify.kv_evaluate(model, torch.randint(0, 97, (1, 4)), 30, [OFF_BY_ONE], TOL,
                                 SamplingSettings(1.0, seed=5))
     assert not checks[0].passed
 

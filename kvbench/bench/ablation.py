@@ -20,7 +20,7 @@ from kvbench.bench import floor
 from kvbench.bench.stats import iqr
 from kvbench.bench.timing import synchronize
 from kvbench.errors import KVBenchError
-from kvbench.cache import COMPILED
+from kvbench.strategies import COMPILED
 from kvbench.generate import cache_tokens, decoder_for, generation_steps, new_cache
 from kvbench.model import Decoder
 from kvbench.weights import decode_kernel, to_gpt2
@@ -106,7 +106,7 @@ def build_variants(names: list[str], model: Decoder, prompt: torch.Tensor, longe
         "no-inference-mode": lambda: _ours("no-inference-mode", model, prompt, longest, grad_mode=torch.no_grad),
         "1-thread": lambda: _ours("1-thread", model, prompt, longest, threads=1),
         "dynamic": lambda: _ours("dynamic", model, prompt, longest, strategy="dynamic"),
-        "compiled": lambda: _ours("compiled", model, prompt, longest, strategy=COMPILED),
+        "compiled": lambda: _ours("compiled", model, prompt, longest, strategy=COMPILED.name),
         "naive": lambda: _ours("naive", model, prompt, longest, strategy="naive"),
         "hf-cache": lambda: _transformers("hf-cache", model, prompt, use_cache=True),
         "hf-naive": lambda: _transformers("hf-naive", model, prompt, use_cache=False),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kvbench.strategies import NAIVE
+
 NOISY_IQR_RATIO = 0.10  # IQR/median above this: the machine was too noisy to trust the point alone
 POINT = ["strategy", "new_tokens"]
 
@@ -32,7 +34,7 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None) -> pd
         achieved_gflops_median=("achieved_gflops", "median"),
     ).reset_index()
     summary["per_token_over_floor"] = summary["per_token_ms_median"] / summary["floor_ms"]
-    naive = summary[summary["strategy"] == "naive"].set_index("new_tokens")["total_s_median"]
+    naive = summary[summary["strategy"] == NAIVE.name].set_index("new_tokens")["total_s_median"]
     summary["speedup_vs_naive"] = summary["new_tokens"].map(naive) / summary["total_s_median"]
     summary["noisy"] = (summary["total_s_iqr"] / summary["total_s_median"] > NOISY_IQR_RATIO) | (
         summary["per_token_ms_iqr"] / summary["per_token_ms_median"] > NOISY_IQR_RATIO)

@@ -19,10 +19,11 @@ import torch
 from kvbench.bench import floor
 from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, median_seconds
-from kvbench.cache import COMPILED, KVCache
+from kvbench.cache import KVCache
 from kvbench.config import LoadedConfig
 from kvbench.generate import Decode, cache_tokens, decode_one, decoder_for, generation_steps, naive_step, new_cache
 from kvbench.model import Decoder
+from kvbench.strategies import get
 from kvbench.verify import random_prompt
 
 WARMUP_TOKEN_CAP = 100  # warm-up generations stop here: same kernels, without doubling the naive sweep
@@ -92,7 +93,7 @@ class CostModel:
         return max(float(np.polyval(self.naive_poly, seq_len)), 0.0)
 
     def run_s(self, strategy: str, prompt_len: int, new_tokens: int) -> float:
-        if strategy == "naive":
+        if not get(strategy).cached:
             return sum(self.naive_step_s(prompt_len + i) for i in range(new_tokens))
         return self.naive_step_s(prompt_len) + (new_tokens - 1) * self.decode_s
 
@@ -173,28 +174,30 @@ class Sweep:
 
     def cache_for(self, strategy: str, new_tokens: int) -> KVCache | None:
         """Allocated before any timing, reset (not reallocated) per run: one per strategy and length, except
-        the compiled strategy's, sized once for the longest length so that its shapes never change (a new
+        a compiled strategy's, sized once for the longest length so that its shapes never change (a new
         shape would mean a new compilation)."""
-        if strategy == COMPILED:
-            if COMPILED not in self.caches:
+        if get(strategy).compiled:
+            if strategy not in self.caches:
                 tokens = cache_tokens(self.settings.prompt_len, max(self.settings.lengths))
-                self.caches[COMPILED] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
-            return self.caches[COMPILED]
+                self.caches[strategy] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
+            return self.caches[strategy]
         key = (strategy, new_tokens)
         if key not in self.caches:
-            # free the caches of other lengths first
-            self.caches = {k: v for k, v in self.caches.items() if k == COMPILED or k[1] == new_tokens}
+            # free the caches of other lengths first (a compiled strategy's, keyed by its name, stays)
+            self.caches = {k: v for k, v in self.caches.items() if isinstance(k, str) or k[1] == new_tokens}
             tokens = cache_tokens(self.settings.prompt_len, new_tokens)
             self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens, self.settings.window)
         return self.caches[key]
 
     def compile_seconds(self) -> float | None:
-        """Compile the compiled strategy's decode step now, outside every timed run; None if not in the sweep."""
-        if COMPILED not in self.settings.strategies:
+        """Compile the compiled strategies' decode step now, outside every timed run; None if none in the sweep."""
+        compiled = [s for s in self.settings.strategies if get(s).compiled]
+        if not compiled:
             return None
-        cache = self.cache_for(COMPILED, max(self.settings.lengths))
         start = time.perf_counter()
-        time_generation(self.model, self.prompt, 3, cache, self.device, decoder_for(COMPILED, self.device))
+        for strategy in compiled:
+            cache = self.cache_for(strategy, max(self.settings.lengths))
+            time_generation(self.model, self.prompt, 3, cache, self.device, decoder_for(strategy, self.device))
         return time.perf_counter() - start
 
     def execute(self, run: Run) -> dict | None:
@@ -238,7 +241,7 @@ class Sweep:
         mean_visible = sum(visible) / len(visible)
         step_bytes = floor.weight_bytes_per_step(model, s.batch_size) + floor.kv_bytes_read(model, mean_visible,
                                                                                             s.batch_size)
-        if run.strategy == "naive":
+        if not get(run.strategy).cached:
             flops = sum(floor.naive_step_flops(model, v, s.batch_size) for v in visible) / len(visible)
         else:
             flops = floor.cached_step_flops(model, mean_visible, s.batch_size)

@@ -19,7 +19,8 @@ from rich.progress import (
 from rich.table import Table
 
 from kvbench import verify
-from kvbench.cache import COMPILED, STRATEGIES
+from kvbench.strategies import COMPILED, NAIVE
+from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SEQ2SEQ_BENCH,
@@ -38,7 +39,7 @@ from kvbench.cli.common import (
     err_console,
     fail_cleanly,
     is_seq2seq,
-    parse_strategies,
+    parse_choices,
     progress_bar,
     require_positive,
     resolve_config,
@@ -83,7 +84,7 @@ class RichReporter:
         self.announced: set[tuple[str, int]] = set()
 
     def compiled(self, seconds: float) -> None:
-        self.progress.console.print(f"{COMPILED}: decode step compiled in {duration(seconds)} (not in any timing)")
+        self.progress.console.print(f"{COMPILED.name}: decode step compiled in {duration(seconds)} (not in any timing)")
 
     def planned(self, runs) -> None:
         total = sum(r.estimate_s for r in runs)
@@ -118,7 +119,7 @@ def summary_table(summary) -> Table:
     for column in ("strategy", "tokens", "total s", "ms/tok", "IQR", "floor", "×floor", "speedup"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
-        speedup = math.nan if row.strategy == "naive" else row.speedup_vs_naive
+        speedup = math.nan if row.strategy == NAIVE.name else row.speedup_vs_naive
         table.add_row(row.strategy, str(row.new_tokens), _number(row.total_s_median, ".3f"),
                       _number(row.per_token_ms_median, ".2f"),
                       _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f"),
@@ -171,7 +172,7 @@ def benchmark(
     device: DeviceOpt = "auto",
     lengths: Annotated[str | None, typer.Option(help=f"New tokens per point [default: {DEFAULT_LENGTHS}].")] = None,
     strategies: Annotated[str | None, typer.Option(
-        help=f"Comma-separated, from: {', '.join(STRATEGIES)} [default: {DEFAULT_BENCH_STRATEGIES}].")] = None,
+        help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))} [default: {DEFAULT_BENCH_STRATEGIES}].")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per point [default: 3].")] = None,
     warmup: Annotated[int | None, typer.Option(help="Untimed warm-up runs per strategy and length [default: 1].")] = None,
     prompt_len: Annotated[int | None, typer.Option(help="Prompt length in tokens [default: 16].")] = None,
@@ -276,7 +277,7 @@ def ablate(
     from kvbench.bench import ablation, floor
 
     loaded = resolve_config(config)
-    names = parse_strategies(variants, tuple(ablation.VARIANTS))
+    names = parse_choices(variants, tuple(ablation.VARIANTS), "--variants")
     for option, value in (("--new-tokens", new_tokens), ("--repeats", repeats), ("--prompt-len", prompt_len),
                           ("--batch-size", batch_size)):
         require_positive(option, value)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbench import verify
-from kvbench.cache import SEQ2SEQ_STRATEGIES, STRATEGIES
+from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SEQ2SEQ_STRATEGIES,
@@ -170,8 +170,9 @@ def kv_evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
     strategies: Annotated[str | None, typer.Option(
-        help=f"Comma-separated, from: {', '.join(STRATEGIES)} [default: static,dynamic; for an encoder-decoder "
-             f"{DEFAULT_SEQ2SEQ_STRATEGIES}]; an encoder-decoder takes {', '.join(SEQ2SEQ_STRATEGIES)}.")] = None,
+        help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))} [default: static,dynamic; for an "
+             f"encoder-decoder {DEFAULT_SEQ2SEQ_STRATEGIES}]; an encoder-decoder takes "
+             f"{', '.join(strategy_names('encoder-decoder'))}.")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
     src_len: SrcLenOpt = 16,

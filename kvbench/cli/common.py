@@ -20,16 +20,11 @@ from rich.progress import (
 )
 
 from kvbench import verify
-from kvbench.cache import (
-    COMPILED,
-    DEFAULT_WINDOW,
-    SEQ2SEQ_STRATEGIES,
-    STRATEGIES,
-    window_of,
-)
+from kvbench import strategies as registry
 from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
+from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
 
 app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -55,7 +50,7 @@ TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likel
 TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.")]
 PromptOpt = Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")]
 PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED}: the static cache with its decode step "
+CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED.name}: the static cache with its decode step "
                                           "compiled (torch.compile; a CUDA graph on CUDA).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
@@ -106,13 +101,24 @@ def resolve_device(name: str) -> torch.device:
     raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
-def parse_strategies(text: str, allowed: tuple[str, ...] = STRATEGIES) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
+def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """Comma-separated names, each one of `allowed`, in order, without repeats."""
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     if not names:
-        raise KVBenchError(f"--strategies is empty; choose from {', '.join(allowed)}")
+        raise KVBenchError(f"{option} is empty; choose from {', '.join(allowed)}")
     for name in names:
         if name not in allowed:
-            raise KVBenchError(f"--strategies: unknown strategy {name!r}; choose from {', '.join(allowed)}")
+            raise KVBenchError(f"{option}: unknown choice {name!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def parse_strategies(text: str, family: str = "decoder", option: str = "--strategies") -> list[str]:
+    """Registered strategy names for the family, checked once here; the rest of kvbench asks the registry."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise KVBenchError(f"{option} is empty; choose from {', '.join(registry.names(family))}")
+    for name in names:
+        registry.get(name, family, option)
     return list(dict.fromkeys(names))  # keep order, drop repeats
 
 
@@ -131,7 +137,7 @@ def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tole
 
 
 def with_compiled(strategies: list[str], compile: bool) -> list[str]:
-    return strategies + [COMPILED] if compile and COMPILED not in strategies else strategies
+    return strategies + [COMPILED.name] if compile and COMPILED.name not in strategies else strategies
 
 
 def is_seq2seq(loaded: LoadedConfig) -> bool:
@@ -141,11 +147,11 @@ def is_seq2seq(loaded: LoadedConfig) -> bool:
 def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
                    seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES) -> list[str]:
     """The strategies asked for (or the family's default), checked against what the config's family supports."""
-    if not is_seq2seq(loaded):
-        return with_compiled(parse_strategies(text or default), compile)
-    if compile:
+    family = loaded.model.family
+    if compile and family not in COMPILED.families:
         raise KVBenchError(f"--compile supports decoder-only configs; {loaded.source} is an encoder-decoder")
-    return parse_strategies(text or seq2seq_default, SEQ2SEQ_STRATEGIES)
+    chosen = text or (seq2seq_default if is_seq2seq(loaded) else default)
+    return with_compiled(parse_strategies(chosen, family), compile)
 
 
 def require_positive(option: str, value: int) -> None:
@@ -164,7 +170,7 @@ def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: 
     """Every strategy stops at max_seq_len, except sliding with sinusoidal positions: its attention span
     is bounded and sinusoidal encodings exist for any position, so it may run past (learned ones may not)."""
     sinusoidal = loaded.model.positional == "sinusoidal"
-    bounded = [s for s in strategies if not (sinusoidal and s.startswith("sliding"))]
+    bounded = [s for s in strategies if not (sinusoidal and registry.get(s).windowed)]
     if bounded:
         note = f" (for {', '.join(bounded)})" if len(bounded) < len(strategies) else ""
         check_fits(loaded, total, what + note)

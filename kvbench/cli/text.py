@@ -19,7 +19,7 @@ from rich.progress import (
 
 from kvbench import textgen
 from kvbench.bench.machine import command_line as command_line_text
-from kvbench.cache import STRATEGIES
+from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     DEFAULT_CONFIG,
     ConfigOpt,
@@ -85,7 +85,7 @@ def generate_command(
     prompt: PromptOpt = None,
     prompt_ids: PromptIdsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
-    strategy: Annotated[str, typer.Option(help=f"One of {', '.join(STRATEGIES)}.")] = "static",
+    strategy: Annotated[str, typer.Option(help=f"One of {', '.join(strategy_names('decoder'))}.")] = "static",
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,

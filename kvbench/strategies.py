@@ -1,0 +1,123 @@
+"""Cache strategies: each one object, registered under its name; the only place that knows what a name means.
+
+A strategy says which cache it allocates (or none: naive recomputation), how kv-evaluate judges it (exactly,
+within tolerance, or by the KL / top-1 thresholds of an approximate cache), whether its attention is windowed
+(then naive's reference is banded the same way, and its memory is bounded), whether its decode step is
+compiled, and, for an encoder-decoder, whether it keeps the cross-attention K/V for the whole generation.
+Everything else (generation, verification, the benchmark, plots, the CLI) asks the strategy, never its name.
+
+Built-in strategies register here exactly as a plugin registers its own: `register(Strategy(...))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvbench.cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
+from kvbench.errors import KVBenchError
+
+DEFAULT_WINDOW = 256
+FAMILIES = frozenset({"decoder", "encoder-decoder"})
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What a cache allocates for one generation: the model's layers and heads, the run's batch and length."""
+
+    n_layers: int
+    batch: int
+    n_heads: int  # K/V heads
+    head_dim: int
+    max_len: int  # positions a generation writes
+    dtype: torch.dtype
+    device: torch.device
+    window: int = DEFAULT_WINDOW  # read by windowed strategies only
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str  # one line: what it is
+    cache: Callable[[CacheShape], KVCache] | None = None  # None: no cache, every step recomputes (naive)
+    exact: bool = True  # kv-evaluate holds it to the logit tolerance; otherwise to precision's thresholds
+    windowed: bool = False  # attends the last `window` positions: naive's reference is banded alike
+    compiled: bool = False  # decode step compiled at fixed shapes (torch.compile; a CUDA graph on CUDA)
+    keeps_cross: bool = True  # encoder-decoder: cross-attention K/V projected once per generation
+    families: frozenset[str] = FAMILIES  # model families it applies to
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def new_cache(self, shape: CacheShape) -> KVCache | None:
+        return None if self.cache is None else self.cache(shape)
+
+
+REGISTRY: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Make a strategy available under its name to every command. A name is registered once."""
+    if strategy.name in REGISTRY:
+        raise KVBenchError(f"strategy {strategy.name!r} is already registered")
+    REGISTRY[strategy.name] = strategy
+    return strategy
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def names(family: str | None = None) -> tuple[str, ...]:
+    """Registered strategy names, in registration order, for one model family or all."""
+    return tuple(n for n, s in REGISTRY.items() if family is None or family in s.families)
+
+
+def get(name: str, family: str | None = None, option: str = "--strategies") -> Strategy:
+    """The strategy of a name, for a family; an unknown name is a one-line error naming `option`."""
+    if name not in REGISTRY or (family is not None and family not in REGISTRY[name].families):
+        where = f" for {family} models" if family else ""
+        raise KVBenchError(f"{option}: unknown strategy {name!r}{where}; choose from {', '.join(names(family))}")
+    return REGISTRY[name]
+
+
+def resolve(strategy: Strategy | str) -> Strategy:
+    """Library entry points take a Strategy or its registered name."""
+    return strategy if isinstance(strategy, Strategy) else get(strategy)
+
+
+def _full_length(cls) -> Callable[[CacheShape], KVCache]:
+    return lambda s: cls(s.n_layers, s.batch, s.n_heads, s.max_len, s.head_dim, s.dtype, s.device)
+
+
+NAIVE = register(Strategy(
+    "naive", "no cache: every step re-runs the whole sequence through the same model code and kernels"))
+STATIC = register(Strategy(
+    "static", "K and V buffers preallocated for the whole generation, written in place", _full_length(StaticCache)))
+DYNAMIC = register(Strategy(
+    "dynamic", "K and V grow by concatenation each step, as transformers' default cache does",
+    lambda s: DynamicCache(s.n_layers)))
+SLIDING = register(Strategy(
+    "sliding", "a ring buffer of the last W positions (--window); attention windowed alike",
+    lambda s: SlidingWindowCache(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device),
+    windowed=True))
+QUANTIZED = register(Strategy(
+    "quantized", "K and V stored as int8 with a float32 scale per token and head", _full_length(QuantizedCache),
+    exact=False))
+COMPILED = register(dataclasses.replace(
+    STATIC, name="static+compile", summary="the static cache with its decode step compiled at fixed shapes",
+    compiled=True, families=frozenset({"decoder"})))
+SELF_ONLY = "+self-only"
+for _base in (STATIC, DYNAMIC, SLIDING, QUANTIZED):  # the encoder-decoder's self-attention-only variants
+    register(dataclasses.replace(
+        _base, name=_base.name + SELF_ONLY, keeps_cross=False, families=frozenset({"encoder-decoder"}),
+        summary=f"{_base.name} for self-attention; cross-attention K/V projected again every step"))
+
+
+def window_of(config, window: int | None) -> int:
+    """The sliding window: the one asked for, else the config's sliding_window, else DEFAULT_WINDOW."""
+    return window or config.sliding_window or DEFAULT_WINDOW
