@@ -30,7 +30,15 @@ def causal_mask(start_pos: int, n_new: int, n_keys: int, device: torch.device) -
 
 
 class KVCache(ABC):
-    """Per-layer keys and values, shaped (batch, heads, tokens, head_dim)."""
+    """Per-layer keys and values, shaped (batch, heads, tokens, head_dim).
+
+    A forward pass calls begin(), then mask() once and update() once per layer, then end()."""
+
+    def begin(self, start_pos: int | torch.Tensor, n_new: int) -> None:
+        """A forward pass of n_new tokens from start_pos starts (before any layer's update)."""
+
+    def end(self) -> None:
+        """The forward pass is over: every layer has stored its K/V."""
 
     @abstractmethod
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,26 +186,30 @@ class SlidingWindowCache(KVCache):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position per slot; -1 empty
 
+    def begin(self, start_pos, n_new):
+        # the newest `window` of this pass's positions, and the slots they go to: committed to slot_pos at end(),
+        # so that every layer's update (and mask) sees what the ring held before the pass
+        kept = torch.arange(max(0, n_new - self.window), n_new, device=self.slot_pos.device)
+        self.pending = (kept, (start_pos + kept) % self.window, start_pos + kept)  # (index in pass, slot, position)
+
+    def end(self):
+        _, slots, positions = self.pending
+        self.slot_pos[slots] = positions
+
     def update(self, layer, start_pos, k, v):
         n_new = k.shape[2]
         if n_new == 1:
             slot = start_pos % self.window
             self.k[layer][:, :, slot].copy_(k[:, :, 0])
             self.v[layer][:, :, slot].copy_(v[:, :, 0])
-            if layer == len(self.k) - 1:
-                self.slot_pos[slot] = start_pos
             held = min(start_pos + 1, self.window)  # slots fill in order from 0 until the ring wraps
             return self.k[layer][:, :, :held], self.v[layer][:, :, :held]
         held = (self.slot_pos >= 0).nonzero()[:, 0]  # slot order: the same order mask() lists positions in
         k_all = torch.cat([self.k[layer][:, :, held], k], dim=2)  # (B, H, held + T, hd)
         v_all = torch.cat([self.v[layer][:, :, held], v], dim=2)
-        kept = torch.arange(max(0, n_new - self.window), n_new, device=k.device)  # the newest `window`
-        positions = start_pos + kept
-        slots = positions % self.window
+        kept, slots, _ = self.pending
         self.k[layer].index_copy_(2, slots, k[:, :, kept])
         self.v[layer].index_copy_(2, slots, v[:, :, kept])
-        if layer == len(self.k) - 1:  # every layer has written: now the ring holds these positions
-            self.slot_pos[slots] = positions
         return k_all, v_all
 
     def mask(self, start_pos, n_new):

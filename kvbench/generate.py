@@ -137,9 +137,8 @@ def new_cache(model: Decoder, strategy: Strategy | str, batch: int, max_len: int
     and dtype; None for naive. For an encoder-decoder, the self-attention cache is wrapped with the source's
     cross-attention K/V, kept for the whole generation if the strategy keeps them."""
     strategy = resolve(strategy)
-    weight = model.lm_head.weight
     config = model.config
-    shape = CacheShape(config.n_layers, batch, config.n_heads, config.head_dim, max_len, weight.dtype, weight.device,
+    shape = CacheShape(config.n_layers, batch, config.n_heads, config.head_dim, max_len, model.dtype, model.device,
                        window_of(config, window))
     return for_model(model, strategy.new_cache(shape), keep_cross=strategy.keeps_cross)
 
@@ -184,7 +183,7 @@ def for_generation(model, batch: int, src_len: int, seed: int):
     batch (B, src_len), drawn with seed + 1 so that it differs from the target prompt drawn with seed."""
     if not isinstance(model, Seq2Seq):
         return model
-    device = model.lm_head.weight.device
+    device = model.device
     return model.bind(random_ids(model.config.src_vocab_size, batch, src_len, seed + 1).to(device))
 
 

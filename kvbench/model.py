@@ -130,7 +130,21 @@ def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(positions), d_model)  # (T, D)
 
 
-class Decoder(nn.Module):
+class LanguageModel(nn.Module):
+    """What every model kvbench generates with has: an LM head, whose weight says where the model lives."""
+
+    lm_head: Linear
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+
+class Decoder(LanguageModel):
     """Token embedding + positions, n_layers blocks, final norm (pre-norm only), LM head.
 
     The LM head is stored (d_model, vocab) so that decoding streams it row-major (see Linear). With tied
@@ -160,9 +174,10 @@ class Decoder(nn.Module):
         """
         check_positions(self.config, start_pos, ids.shape[1])
         x = self.embed(ids, start_pos)
-        mask = self_attention_mask(cache, start_pos, ids.shape[1], window, ids.device)
+        mask = begin_pass(cache, start_pos, ids.shape[1], window, ids.device)
         for block in self.blocks:
             x = block(x, cache, start_pos, mask)
+        end_pass(cache)
         return self.ln_f(x)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
@@ -175,6 +190,31 @@ class Decoder(nn.Module):
 
     def use_kernel(self, kernel: str) -> Decoder:
         return use_kernel(self, kernel)
+
+    source_len = 0  # positions of a source attended at every step (an encoder-decoder's); none here
+
+    def step_weight_bytes(self, batch: int) -> int:
+        """Bytes of parameters one cached decode step reads: every block, the final norm and the LM head in
+        full, one token row per sequence (an untied table; a tied one is the LM head) and one position row."""
+        tables = (batch * row_bytes(self.tok_emb) if self.tok_emb is not None else 0) + row_bytes(self.pos_emb)
+        return parameter_bytes(self.blocks, self.ln_f, self.lm_head) + tables
+
+    def step_matrices(self) -> int:
+        """Elements of the weight matrices every new token is multiplied through (the LM head apart)."""
+        return matrix_elements(self.blocks)
+
+
+def parameter_bytes(*modules: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def row_bytes(table: torch.Tensor | None) -> int:
+    """One row of an embedding table (what a lookup reads); 0 without a table."""
+    return 0 if table is None else table.shape[1] * table.element_size()
+
+
+def matrix_elements(*modules: nn.Module) -> int:
+    return sum(m.weight.numel() for module in modules for m in module.modules() if isinstance(m, Linear))
 
 
 def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
@@ -194,6 +234,19 @@ def add_positions(x: torch.Tensor, table: torch.Tensor | None, start_pos: Positi
     if table is not None:
         return x + table[positions]
     return x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
+
+
+def begin_pass(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
+               device: torch.device) -> Mask:
+    """Tell the cache a forward pass starts; the visibility every layer of the pass uses."""
+    if cache is not None:
+        cache.begin(start_pos, n_new)
+    return self_attention_mask(cache, start_pos, n_new, window, device)
+
+
+def end_pass(cache: KVCache | None) -> None:
+    if cache is not None:
+        cache.end()
 
 
 def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,

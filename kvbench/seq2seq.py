@@ -16,8 +16,8 @@ from torch import nn
 
 from kvbench.cache import KVCache, Mask
 from kvbench.config import Seq2SeqConfig
-from kvbench.model import (MLP, Attention, Block, Linear, Position, add_positions, check_positions, layer_norm,
-                           self_attention_mask, use_kernel)
+from kvbench.model import (MLP, Attention, Block, LanguageModel, Linear, Position, add_positions, begin_pass, check_positions,
+                           end_pass, layer_norm, matrix_elements, parameter_bytes, row_bytes, use_kernel)
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: K and V (B, H, S, hd) of the source
 
@@ -68,7 +68,7 @@ class DecoderBlock(nn.Module):
         return self.ln3(x + self.mlp(x))
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(LanguageModel):
     """Encoder (source embedding + positions, bidirectional blocks) and decoder (target embedding + positions,
     decoder blocks, LM head). Final LayerNorms only with pre-norm, as in the decoder-only model."""
 
@@ -104,9 +104,10 @@ class Seq2Seq(nn.Module):
         check_positions(self.config, start_pos, ids.shape[1])
         table = self.lm_head.rows_by_output() if self.tgt_emb is None else self.tgt_emb  # (V, D)
         x = add_positions(F.embedding(ids, table), self.tgt_pos_emb, start_pos)  # (B, T, D)
-        mask = self_attention_mask(cache, start_pos, ids.shape[1], window, ids.device)
+        mask = begin_pass(cache, start_pos, ids.shape[1], window, ids.device)
         for block, kv in zip(self.decoder, cross_kv, strict=True):
             x = block(x, cache, start_pos, mask, kv)
+        end_pass(cache)
         return self.ln_f(x)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,12 @@ class Seq2SeqCache(KVCache):
         self.memory: torch.Tensor | None = None  # (B, S, D) encoder output
         self.cross_kv: CrossKV | None = None
         self.projections = 0  # how many times the cross K/V were computed this generation (tests count)
+
+    def begin(self, start_pos, n_new):
+        self.self_cache.begin(start_pos, n_new)
+
+    def end(self):
+        self.self_cache.end()
 
     def update(self, layer, start_pos, k, v):
         return self.self_cache.update(layer, start_pos, k, v)
@@ -175,7 +182,7 @@ class Seq2SeqCache(KVCache):
         return cross_kv
 
 
-class SourceBound(nn.Module):
+class SourceBound(LanguageModel):
     """An encoder-decoder with one source batch attached: generation code treats it as a decoder-only model.
 
     Without a cache (naive), every call recomputes everything, the encoder included.
@@ -198,3 +205,21 @@ class SourceBound(nn.Module):
                 last_only: bool = False, window: int | None = None) -> torch.Tensor:
         h = self.hidden(ids, cache, start_pos, window)
         return self.lm_head(h[:, -1:] if last_only else h)
+
+    @property
+    def source_len(self) -> int:
+        return self.src.shape[1]
+
+    def step_weight_bytes(self, batch: int) -> int:
+        """Bytes one cached decode step reads: the decoder's blocks without their cross-attention K/V
+        projections (their output is cached), the final norm and LM head, one target token and position row,
+        and the cached cross-attention K/V of the source. The encoder ran once, at the prefill: not read."""
+        m = self.model
+        blocks = parameter_bytes(m.decoder) - parameter_bytes(*(block.cross.kv for block in m.decoder))
+        tables = (batch * row_bytes(m.tgt_emb) if m.tgt_emb is not None else 0) + row_bytes(m.tgt_pos_emb)
+        cross_kv = 2 * len(m.decoder) * self.source_len * m.config.d_model * batch * self.dtype.itemsize
+        return blocks + parameter_bytes(m.ln_f, m.lm_head) + tables + cross_kv
+
+    def step_matrices(self) -> int:
+        m = self.model
+        return matrix_elements(m.decoder) - matrix_elements(*(block.cross.kv for block in m.decoder))

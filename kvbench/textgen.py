@@ -61,7 +61,7 @@ class TextStream:
         self.summary = StreamSummary(len(prompt), strategy, cache is not None)
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         ids = torch.tensor([self.prompt], device=device)  # (1, P)
         feed = self.tokenizer.decoder() if self.tokenizer else (lambda token: f"{token} ")
         steps = generation_steps(self.model, ids, self.max_new_tokens, self.cache, Sampler(self.sampling),

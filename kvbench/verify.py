@@ -161,7 +161,7 @@ def evaluate(model: Decoder | Seq2Seq, cpu_weights: dict[str, torch.Tensor], inp
 
     Returns the result and the reference logits (for --write-expected).
     """
-    device = model.lm_head.weight.device
+    device = model.device
     args = [inputs.input_ids.to(device)]
     if inputs.src_ids is not None:
         args.insert(0, inputs.src_ids.to(device))  # Seq2Seq.forward(src, tgt)
@@ -592,7 +592,7 @@ def check_generation(model: Decoder, prompt: torch.Tensor, generation: Generatio
 
 
 def contents_tolerance(model) -> Tolerance:
-    return Tolerance(*CONTENTS_TOLERANCE[dtype_name(model.lm_head.weight.dtype)])
+    return Tolerance(*CONTENTS_TOLERANCE[dtype_name(model.dtype)])
 
 
 # --- the generations kv-evaluate runs per strategy --------------------------------------------------------------
@@ -659,7 +659,7 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
         if planned.fresh_cache or cache is None:
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
         checks.append(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
-    dtype = dtype_name(model.lm_head.weight.dtype)
+    dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 
 

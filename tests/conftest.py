@@ -52,6 +52,12 @@ def register_strategy():
         strategies.unregister(name)
 
 
+def verdicts(output: str) -> dict[str, str]:
+    """kv-evaluate's table as {strategy: 'pass' | 'FAIL'}, read from its rows (strategy first, verdict last)."""
+    rows = (line.split() for line in output.splitlines())
+    return {cells[0]: cells[-1] for cells in rows if len(cells) > 2 and cells[-1] in ("pass", "FAIL")}
+
+
 @pytest.fixture
 def tiny_yaml(tmp_path: Path) -> Path:
     return write_yaml(tmp_path)

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import time
+
 import torch
 
 from conftest import CONFIGS
@@ -196,10 +198,12 @@ def test_plan_interleaves_strategies_and_skips_recorded_runs():
 
 def test_step_clock_gives_one_duration_per_interval():
     clock = StepClock(torch.device("cpu"))
-    for _ in range(4):
+    clock.mark()
+    for pause in (0.0, 0.02, 0.0):
+        time.sleep(pause)
         clock.mark()
     durations = clock.durations()
-    assert len(durations) == 3 and all(d >= 0 for d in durations)
+    assert len(durations) == 3 and durations[1] >= 0.02 > max(durations[0], durations[2])
 
 
 def test_peak_memory_sees_a_large_allocation():

@@ -6,6 +6,8 @@ import torch
 
 from conftest import random_model
 from kvbench.bench import floor
+from kvbench.config import Seq2SeqConfig
+from kvbench.seq2seq import Seq2Seq
 
 
 def test_weight_bytes_by_hand():
@@ -39,3 +41,18 @@ def test_bandwidth_measurement_is_positive_and_sized():
     assert limits.bandwidth_bytes >= floor.BANDWIDTH_MIN_BYTES
     assert limits.best_bandwidth_gbs == max(limits.bandwidth_gbs.values()) > 0
     assert limits.matmul_gflops > 0
+
+
+def test_encoder_decoder_step_reads_the_decoder_and_the_cached_source_only():
+    """The encoder runs once per generation and the cross-attention K/V projection's output is cached: a
+    decode step reads neither, but reads the cached K/V of every source position."""
+    config = Seq2SeqConfig(family="encoder-decoder", n_encoder_layers=2, n_decoder_layers=1, d_model=16, n_heads=2,
+                           d_ff=32, src_vocab_size=11, tgt_vocab_size=13, max_seq_len=20)
+    model = Seq2Seq(config).bind(torch.zeros(3, 5, dtype=torch.long))  # batch 3, source 5
+    d, f, v = 16, 32, 13
+    norms = 3 * 2 * d  # three LayerNorms (gain and bias) per decoder block
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * d + d) + (d * d + d) + (d * f + f) + (f * d + d) + norms
+    #        self qkv            self proj       cross q         cross proj      mlp fc          mlp proj
+    head_and_norm, position_row, cached_cross_kv = d * v + 2 * d, d, 2 * 1 * 5 * d * 3
+    assert floor.weight_bytes_per_step(model, 3) == 4 * (block + head_and_norm + position_row + cached_cross_kv)
+    assert floor.matmul_weights(model) == d * 3 * d + d * d + d * d + d * d + d * f + f * d

@@ -60,3 +60,32 @@ def test_unsupported_gpt2_option(runner, tmp_path):
     (tmp_path / "config.json").write_text(text)
     result = runner.invoke(app, ["evaluate", "--config", str(tmp_path)])
     assert result.exit_code == 2 and "scale_attn_by_inverse_layer_idx" in result.output, result.output
+
+
+def test_to_gpt2_is_the_inverse_of_the_checkpoint_mapping(tmp_path):
+    """kvbench's weights written under GPT-2's names (ablate's transformers variants load them) give
+    transformers' GPT-2 the same logits."""
+    from kvbench.weights import to_gpt2
+
+    hf = save_random_gpt2(tmp_path, tie=False)
+    model = build_model(load_config(tmp_path))
+    fresh = transformers.GPT2LMHeadModel(hf.config).eval()
+    missing, unexpected = fresh.load_state_dict(to_gpt2(model), strict=False)
+    assert not unexpected and all(name.endswith(("attn.bias", "attn.masked_bias")) for name in missing)
+    ids = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(ids).logits, hf(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_ablation_times_kvbench_against_transformers_on_the_same_weights():
+    from conftest import random_model
+    from kvbench.bench import ablation
+
+    model = random_model(0)
+    prompt = torch.randint(0, 97, (1, 4))
+    variants = ablation.build_variants(["kvbench", "naive", "hf-cache"], model, prompt, 6)
+    rows = ablation.run_ablation(variants, 6, 2, torch.device("cpu"))
+    assert sorted(rows["variant"].unique()) == ["hf-cache", "kvbench", "naive"] and len(rows) == 6
+    summary = ablation.summarize_ablation(rows, model, 4, 6, 1, bandwidth_gbs=10.0)
+    assert summary["variant"].tolist() == ["kvbench", "naive", "hf-cache"]
+    assert (summary["per_token_ms"] > 0).all() and summary["x_first"].iloc[0] == 1.0

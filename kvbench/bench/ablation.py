@@ -65,7 +65,7 @@ def _transformers(name: str, model: Decoder, prompt: torch.Tensor, use_cache: bo
     missing, unexpected = hf.load_state_dict(to_gpt2(model), strict=False)
     if unexpected or any(not name.endswith(("attn.bias", "attn.masked_bias")) for name in missing):
         raise KVBenchError(f"weights do not map onto transformers' GPT-2: missing {missing}, unexpected {unexpected}")
-    hf = hf.to(device=prompt.device, dtype=model.lm_head.weight.dtype)
+    hf = hf.to(device=prompt.device, dtype=model.dtype)
     mask = torch.ones_like(prompt)
 
     def generate(n: int) -> None:
@@ -92,7 +92,7 @@ VARIANTS = {
 
 
 def build_variants(names: list[str], model: Decoder, prompt: torch.Tensor, longest: int) -> list[Variant]:
-    device, dtype = prompt.device, model.lm_head.weight.dtype
+    device, dtype = prompt.device, model.dtype
     shipped = decode_kernel(device, dtype)
 
     def with_kernel(kernel: str) -> Decoder:

@@ -18,58 +18,28 @@ from kvbench.cache import kv_bytes_formula
 BANDWIDTH_MIN_BYTES = 64 * 2**20  # smaller buffers would measure a cache level, not the read path
 
 
-def _read_once(name: str) -> bool:
-    """Parameters a cached decode step does not read at all: the encoder and its source tables (run once
-    per generation, at the prefill) and the cross-attention K/V projection (its output is cached)."""
-    return ".encoder." in f".{name}" or ".src_" in f".{name}" or ".encoder_norm." in f".{name}" or ".cross.kv." in name
-
-
 def weight_bytes_per_step(model, batch: int) -> int:
-    """Bytes of parameters one decode step reads: every matrix, vector and norm in full, but only the
-    looked-up rows of the token and position tables (the tied LM head is read in full by the head matmul)."""
-    total = 0
-    for name, p in model.named_parameters():
-        table = name.rsplit(".", 1)[-1]
-        if _read_once(name):
-            continue
-        if table in ("pos_emb", "tgt_pos_emb"):
-            total += p.shape[1] * p.element_size()  # one position row
-        elif table in ("tok_emb", "tgt_emb"):
-            total += batch * p.shape[1] * p.element_size()  # one token row per sequence
-        else:
-            total += p.numel() * p.element_size()
-    return total + source_bytes_per_step(model, batch)
-
-
-def source_bytes_per_step(model, batch: int) -> int:
-    """Encoder-decoder: the cached cross-attention K/V every decoder layer reads at every step (0 otherwise)."""
-    src = getattr(model, "src", None)
-    if src is None:
-        return 0
-    c = model.config
-    return 2 * c.n_decoder_layers * src.shape[1] * c.d_model * batch * model.lm_head.weight.element_size()
+    """Bytes of parameters (and cached source K/V) one decode step reads: the model family says which."""
+    return model.step_weight_bytes(batch)
 
 
 def kv_bytes_read(model, tokens: float, batch: int) -> float:
     """Bytes of K and V one decode step attends to when `tokens` positions are visible."""
     c = model.config
-    element = model.lm_head.weight.element_size()
+    element = model.dtype.itemsize
     return kv_bytes_formula(c.n_layers, c.n_heads, c.head_dim, 1, batch, element) * tokens
 
 
 def matmul_weights(model) -> int:
     """Elements of the weight matrices every new token is multiplied through (LM head and tables apart)."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if p.dim() == 2 and (name.startswith("blocks.") or ".decoder." in f".{name}")
-               and not _read_once(name))
+    return model.step_matrices()
 
 
 def cached_step_flops(model, visible: float, batch: int) -> float:
     """One cached decode step: each matrix once for the new token, attention over `visible` keys (and, in an
     encoder-decoder, over the source's cached cross K/V)."""
     c = model.config
-    src_len = model.src.shape[1] if getattr(model, "src", None) is not None else 0
-    attention = 2 * 2 * c.n_layers * c.d_model * (visible + src_len)  # q.k scores and the weighted sum of v
+    attention = 2 * 2 * c.n_layers * c.d_model * (visible + model.source_len)  # q.k scores and the weighted sum of v
     return batch * (2 * matmul_weights(model) + 2 * c.d_model * c.vocab_size + attention)
 
 
