@@ -6,6 +6,7 @@ it takes token ids, an optional KV cache and the position of the first id.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Union
 
@@ -88,20 +89,22 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+ACTIVATIONS = {  # config `activation` -> the function; a new one is one entry here (and in the reference)
+    "gelu": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's
+    "gelu_exact": F.gelu,
+    "relu": F.relu,
+}
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = Linear(config.d_model, config.d_ff, config.bias)
         self.proj = Linear(config.d_ff, config.d_model, config.bias)
-        self.activation = config.activation
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if self.activation == "relu":
-            h = F.relu(h)
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu" else "none")
-        return self.proj(h)
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
