@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -139,15 +140,37 @@ def validate_config(data: Any, origin: str) -> AnyConfig:
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:  # non-string keys are refused later, by validate_config
+                raise DuplicateKeyError(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again}); keep one")
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KVBenchError(f"{path}: not a text file; give a YAML config") from None
     if not text.strip():
-        raise KVBenchError(f"{path}: the file is empty; give a YAML mapping of config keys (see configs/)")
+        raise KVBenchError(f"{path}: the file is empty; give a YAML mapping of config keys (see the shipped configs, e.g. configs/tiny.yaml)")
     try:
-        return yaml.safe_load(text)  # safe_load: a config can never construct Python objects
+        # a SafeLoader: a config can never construct Python objects
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
+    except DuplicateKeyError as exc:
+        raise KVBenchError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -210,11 +233,43 @@ def load_gpt2_dir(path: Path) -> LoadedConfig:
     return LoadedConfig(name=path.name, source=path, model=model, weights_path=weights)
 
 
-def load_config(path: Path | str) -> LoadedConfig:
-    """Load a YAML config file or a Hugging Face GPT-2 checkpoint directory."""
-    path = Path(path)
-    if path.is_dir():
-        return load_gpt2_dir(path)
+def shipped_configs() -> Path:
+    """The directory of the configs kvbench ships (package data, so present after any install).
+
+    as_file gives a plain directory for a package installed on disk, which every pip install is; the YAMLs
+    there name their weight files by relative path, so they must be read in place.
+    """
+    with resources.as_file(resources.files("kvbench") / "configs") as path:
+        return Path(path)
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in shipped_configs().glob("*.yaml"))
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped YAML a bare name (`default`, `tiny`, `tiny.yaml`) stands for, else None."""
+    if Path(name).name != name or Path(name).suffix not in ("", ".yaml"):
+        return None  # a path with a directory part, or another kind of file: never a shipped name
+    path = shipped_configs() / f"{Path(name).stem}.yaml"
+    return path if path.is_file() else None
+
+
+def find_config(text: Path | str) -> Path:
+    """A config argument as a path: a shipped config's bare name (`default`, `tiny`) names the shipped file
+    wherever kvbench runs from (write ./tiny for a local file of that name), anything else is a path."""
+    text = str(text)
+    shipped = shipped_config(text) if not text.endswith(".yaml") or not Path(text).exists() else None
+    if shipped is not None:
+        return shipped
+    path = Path(text)
     if not path.exists():
-        raise KVBenchError(f"config '{path}' not found; give a YAML file (see configs/) or a GPT-2 checkpoint directory")
-    return load_yaml_config(path)
+        raise KVBenchError(f"config '{text}' not found; give a YAML file, a GPT-2 checkpoint directory or a "
+                           f"shipped config: {', '.join(shipped_names())}")
+    return path
+
+
+def load_config(path: Path | str) -> LoadedConfig:
+    """Load a YAML config file, a Hugging Face GPT-2 checkpoint directory, or a shipped config by name."""
+    path = find_config(path)
+    return load_gpt2_dir(path) if path.is_dir() else load_yaml_config(path)

@@ -123,3 +123,12 @@ def test_shipped_configs_load():
 def test_error_is_a_kvbench_error(tmp_path):
     with pytest.raises(KVBenchError):
         load_config(write_yaml(tmp_path, n_heads=3))
+
+
+def test_a_key_given_twice_is_refused(runner, tmp_path):
+    path = write_yaml(tmp_path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + ["n_layers: 3"]) + "\n")  # plain YAML would keep the last value silently
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith("n_layers:"))
+    assert_clean_error(run_evaluate(runner, path), str(path), "'n_layers' is given twice",
+                       f"lines {first} and {len(lines) + 1}")

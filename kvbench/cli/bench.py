@@ -42,13 +42,12 @@ from kvbench.cli.common import (
     parse_choices,
     progress_bar,
     require_positive,
-    resolve_config,
     resolve_device,
     resolve_dtype,
     resolve_window,
     strategies_for,
 )
-from kvbench.config import LoadedConfig
+from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
 
@@ -201,7 +200,7 @@ def benchmark(
         resolve_device(run.settings.device)
         console.print(f"resuming {resume}: {len(run.results.completed())} runs already recorded")
     else:
-        loaded = resolve_config(config)
+        loaded = load_config(config)
         settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
                                 threads, dtype, seed, compile, window, src_len)
         run = bench.start(loaded, settings, out, Path("results"))
@@ -276,7 +275,7 @@ def ablate(
     """Time decode-step variants in one run: what each design choice of the cached path buys."""
     from kvbench.bench import ablation, floor
 
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     names = parse_choices(variants, tuple(ablation.VARIANTS), "--variants")
     for option, value in (("--new-tokens", new_tokens), ("--repeats", repeats), ("--prompt-len", prompt_len),
                           ("--batch-size", batch_size)):

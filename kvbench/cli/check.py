@@ -38,13 +38,13 @@ from kvbench.cli.common import (
     is_seq2seq,
     progress_bar,
     require_positive,
-    resolve_config,
     resolve_device,
     resolve_dtype,
     resolve_window,
     strategies_for,
     tolerance,
 )
+from kvbench.config import load_config
 from kvbench.generate import for_generation
 from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model
@@ -78,7 +78,7 @@ def evaluate(
     seed: SeedOpt = 0,
 ) -> None:
     """Check the model's logits after a prompt against the NumPy float64 reference and expected values."""
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
         require_positive(option, value)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
@@ -197,7 +197,7 @@ def kv_evaluate(
     top_p: TopPOpt = None,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     names = strategies_for(loaded, strategies, "static,dynamic", compile)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
                           ("--src-len", src_len)):

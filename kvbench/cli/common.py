@@ -21,7 +21,7 @@ from rich.progress import (
 
 from kvbench import verify
 from kvbench import strategies as registry
-from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
+from kvbench.config import LoadedConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
@@ -31,10 +31,12 @@ app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it
 console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
 err_console = Console(stderr=True, soft_wrap=True)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = Path("configs/default.yaml")
+DEFAULT_CONFIG = "default"  # a shipped config's name: found wherever kvbench runs from
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config, or a GPT-2 checkpoint directory.")]
+ConfigOpt = Annotated[str, typer.Option(
+    "--config", "-c", metavar="NAME|PATH",
+    help="A shipped config's name (default, tiny, demo, reference, seq2seq, single-head), a YAML file, or a "
+         "GPT-2 checkpoint directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
@@ -76,12 +78,6 @@ def fail_cleanly(command: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def resolve_config(path: Path) -> LoadedConfig:
-    if path == DEFAULT_CONFIG and not path.exists():
-        path = REPO_CONFIGS / "default.yaml"  # running outside the checkout root
-    return load_config(path)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -39,12 +39,12 @@ from kvbench.cli.common import (
     is_seq2seq,
     parse_strategies,
     require_positive,
-    resolve_config,
     resolve_device,
     resolve_dtype,
     resolve_window,
     strategies_for,
 )
+from kvbench.config import load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
@@ -98,7 +98,7 @@ def generate_command(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Stream generated text with each token's time, then a summary (tokens/s, prefill, decode, cache size)."""
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     if is_seq2seq(loaded):
         raise KVBenchError(f"generate supports decoder-only configs; {loaded.source} is an encoder-decoder")
     [name] = strategies_for(loaded, strategy, strategy, compile=False)
@@ -153,7 +153,7 @@ def visualize_command(
     """Attention heatmaps of every layer and head for a prompt, and each cache's size over decode steps."""
     from kvbench import visualize as vis
 
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     if is_seq2seq(loaded):
         raise KVBenchError(f"visualize supports decoder-only configs; {loaded.source} is an encoder-decoder")
     if prompt is None and prompt_ids is None:
@@ -199,7 +199,7 @@ def train_command(
     """Train a byte-level model (vocab 256) on text, from its config's random initialisation."""
     from kvbench import train as training
 
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     target = out or loaded.weights_path
     if target is None:
         raise KVBenchError(f"{loaded.source} names no weights file: give --out FILE")
@@ -251,7 +251,7 @@ def init_weights_command(
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write seeded random weights for a config (a reference model for evaluate, or a starting point)."""
-    loaded = resolve_config(config)
+    loaded = load_config(config)
     if out.exists() and not force:
         raise KVBenchError(f"{out} exists; pass --force to overwrite it")
     model = new_model(loaded.model)
