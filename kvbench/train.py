@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kvbench.config import ModelConfig
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder
 
@@ -123,13 +124,18 @@ def optimizer_for(model: Decoder, s: TrainSettings) -> torch.optim.AdamW:
                               {"params": others, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
 
 
+def check_trainable(config: ModelConfig, seq_len: int) -> None:
+    """What train can refuse from the config alone: checked before the corpus is read."""
+    if config.vocab_size != 256:
+        raise KVBenchError(f"train makes byte-level models: vocab_size must be 256 (got {config.vocab_size})")
+    if seq_len > config.max_seq_len:
+        raise KVBenchError(f"--seq-len {seq_len} exceeds max_seq_len {config.max_seq_len}")
+
+
 def train(model: Decoder, corpus: bytes, s: TrainSettings,
           on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None) -> TrainLog:
     """Train in place; on_step(step, loss, lr) after every step. KeyboardInterrupt leaves the model as trained."""
-    if model.config.vocab_size != 256:
-        raise KVBenchError(f"train makes byte-level models: vocab_size must be 256 (got {model.config.vocab_size})")
-    if s.seq_len > model.config.max_seq_len:
-        raise KVBenchError(f"--seq-len {s.seq_len} exceeds max_seq_len {model.config.max_seq_len}")
+    check_trainable(model.config, s.seq_len)
     train_data, val_data = split_corpus(torch.frombuffer(bytearray(corpus), dtype=torch.uint8))
     if len(val_data) <= s.seq_len + 1:
         raise KVBenchError(f"the corpus is too small for --seq-len {s.seq_len}: give more text or a shorter length")

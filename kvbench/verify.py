@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from kvbench.cache import KVCache
 from kvbench.config import AnyConfig, Seq2SeqConfig
@@ -24,6 +24,7 @@ from kvbench.seq2seq import Seq2Seq
 from kvbench.strategies import Strategy, resolve, window_of
 from kvbench.reference import reference_logits, reference_seq2seq_logits
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
+from kvbench.weights import save_tensors
 
 LM_HEAD_CHUNK = 128  # positions per LM-head matmul when checking long runs: bounds memory at chunk x vocab
 
@@ -87,7 +88,7 @@ def write_expected(path: Path, inputs: EvalInputs, logits: torch.Tensor) -> None
                "logits": logits.to(torch.float32).contiguous()}
     if inputs.src_ids is not None:
         tensors["src_ids"] = inputs.src_ids.to(torch.int64).contiguous()
-    save_file(tensors, str(path))
+    save_tensors(tensors, path)
 
 
 def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tensor]:

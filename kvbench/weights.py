@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -144,7 +145,18 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
 def save_weights(model: Decoder | Seq2Seq, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Float32 tensors in (in, out) layout under the model's names, written atomically."""
     canonical = copy.deepcopy(model).use_kernel("matmul").float()
-    tensors = {name: t.detach().contiguous().cpu() for name, t in canonical.state_dict().items()}
+    save_tensors({name: t.detach().contiguous().cpu() for name, t in canonical.state_dict().items()}, path, metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written atomically, readable as any new file is (safetensors alone makes it 0600)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(path)  # a reader never sees half a file
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask

@@ -95,10 +95,16 @@ def interrupt_after(monkeypatch, n_calls: int):
     monkeypatch.setattr(sweep_module.Sweep, "execute", execute)
 
 
+def invoke_as_typed(runner, monkeypatch, args):
+    """Run the CLI with sys.argv as a shell would set it: meta.json records the command line from there."""
+    monkeypatch.setattr("sys.argv", ["/usr/bin/kvbench", *args])
+    return runner.invoke(app, args)
+
+
 def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_after(monkeypatch, 5)  # 2 warm-ups + 3 timed runs of the first length
-    result = bench(runner, out)
+    result = invoke_as_typed(runner, monkeypatch, ["benchmark", *SMALL_SWEEP, "--out", str(out)])
     assert result.exit_code == 130, result.output
     assert "--resume" in result.output
     kept = pd.read_csv(out / "results.csv")
@@ -106,13 +112,21 @@ def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_pa
     assert json.loads((out / "meta.json").read_text())["status"] == "interrupted"
 
     monkeypatch.undo()
-    resumed = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    resumed = invoke_as_typed(runner, monkeypatch, ["benchmark", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
     runs = pd.read_csv(out / "results.csv")
     assert len(runs) == 8 and runs.groupby(["strategy", "new_tokens", "repeat"]).size().max() == 1
     pd.testing.assert_frame_equal(runs.iloc[:3], kept)  # nothing recorded was redone
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["status"] == "complete" and len(meta["resumed_at"]) == 1
+    assert meta["status"] == "complete"
+    # the record of what ran keeps the first command line; the resume is appended with the runs it did
+    assert meta["command_line"] == " ".join(["kvbench", "benchmark", *SMALL_SWEEP, "--out", str(out)])
+    [again] = meta["resumes"]
+    assert again["command_line"] == f"kvbench benchmark --resume {out}"
+    assert again["status"] == "complete" and again["started_at"] <= again["ended_at"]
+    key = ["strategy", "new_tokens", "repeat"]
+    done_now = set(runs[key].itertuples(index=False, name=None)) - set(kept[key].itertuples(index=False, name=None))
+    assert {tuple(run) for run in again["runs"]} == done_now and len(done_now) == 5
 
 
 def test_resume_of_a_finished_run_runs_nothing(runner, finished_run):
@@ -162,7 +176,7 @@ def hand_runs() -> pd.DataFrame:
         for repeat, total in enumerate(totals):
             rows.append(dict(strategy=strategy, new_tokens=11, repeat=repeat, total_s=total, prefill_s=0.0,
                              decode_s=total, per_token_ms=100 * total, tokens_per_s=11 / total, kv_cache_bytes=0,
-                             kv_cache_formula_bytes=0, peak_mem_bytes=1, floor_ms=50.0, bandwidth_gbs=1.0,
+                             kv_cache_formula_bytes=0, peak_mem_bytes=1, mem_growth_bytes=0, floor_ms=50.0, bandwidth_gbs=1.0,
                              gflops_per_token=1.0, achieved_gflops=1.0))
     return pd.DataFrame(rows)
 
@@ -228,18 +242,13 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def test_compare_gives_ratios_of_medians(runner, tmp_path):
-    for name, scale in (("a", 1.0), ("b", 0.5)):
-        results = ResultsDir.create(tmp_path / name, tmp_path, "x", "cpu")
-        runs = hand_runs()
-        runs[["total_s", "per_token_ms"]] *= scale
-        runs.assign(config="x", device="cpu", device_name="cpu", dtype="float32", threads=1, batch_size=1,
-                    prompt_len=1, finished_at="")[RUN_COLUMNS].to_csv(results.runs_csv, index=False)
-        results.write_meta({"config_name": "x", "settings": {}})
-    joined, _, _ = compare(tmp_path / "a", tmp_path / "b")
+    write_results(tmp_path / "a")
+    write_results(tmp_path / "b", scale=0.5)
+    joined = compare(tmp_path / "a", tmp_path / "b").joined
     assert list(joined["total_ratio"]) == [0.5, 0.5] and list(joined["per_token_ratio"]) == [0.5, 0.5]
     result = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert " 0.50 " in result.output
+    assert " 0.50 " in result.output and "warning" not in result.output  # same settings: nothing to warn about
 
 
 def test_plot_redraws(runner, finished_run):
@@ -278,3 +287,235 @@ def test_every_strategy_side_by_side(runner, tmp_path):
     assert runs.loc[("quantized", 12), "kv_cache_bytes"] == (16 + 11) * 2 * 2 * 4 * (16 + 4)  # int8 + scales
     assert (runs["kv_cache_bytes"] == runs["kv_cache_formula_bytes"]).all()
     assert json.loads((out / "meta.json").read_text())["settings"]["window"] == 8
+
+
+# --- results directories: what a resume, a Ctrl-C, a second process or a damaged file leave ------------------
+
+def copy_of(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    return out
+
+
+def no_work_allowed(monkeypatch):
+    """Any model building or sweeping fails the test: resuming a complete directory must do none."""
+    from kvbench.bench import session
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work was done")
+
+    monkeypatch.setattr(session, "run", forbidden)
+    monkeypatch.setattr(session, "build_model", forbidden)
+
+
+def test_resume_of_a_complete_directory_says_nothing_to_do_before_any_work(runner, finished_run, tmp_path,
+                                                                           monkeypatch):
+    out = copy_of(finished_run, tmp_path)
+    no_work_allowed(monkeypatch)
+    result = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.output and "timed runs to do" not in result.output
+
+
+def test_ctrl_c_while_writing_plots_leaves_a_directory_resume_completes(runner, tmp_path, monkeypatch):
+    from kvbench.bench import session
+
+    out = tmp_path / "run"
+
+    def interrupted_plots(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "draw_all", interrupted_plots)
+    result = bench(runner, out)
+    assert result.exit_code == 130, result.output
+    assert f"kvbench benchmark --resume {out}" in result.output
+    assert json.loads((out / "meta.json").read_text())["status"] == "interrupted"
+    assert not (out / "latency.png").exists()
+
+    monkeypatch.undo()
+    no_work_allowed(monkeypatch)
+    resumed = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert resumed.exit_code == 0 and "nothing to do" in resumed.output, resumed.output
+    assert (out / "latency.png").exists() and (out / "summary.csv").exists()
+    assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+
+
+def test_a_second_ctrl_c_while_writing_after_the_first_still_says_how_to_resume(runner, tmp_path, monkeypatch):
+    from kvbench.bench import session
+
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, 3)
+
+    def interrupted_summary(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session.ResultsDir, "write_summary", interrupted_summary)
+    result = bench(runner, out)
+    assert result.exit_code == 130 and "--resume" in result.output, result.output
+    assert json.loads((out / "meta.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_stops_a_benchmark_keeping_its_runs(tmp_path):
+    """A real SIGINT to a real process, as a terminal sends it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    # SIGINT's default disposition restored in the child: a parent started in the background ignores it, and
+    # Python raises KeyboardInterrupt only where SIGINT was not ignored when it started. One thread: the
+    # machine may be busy, and torch's spinning threads then slow to a crawl.
+    child = subprocess.Popen([sys.executable, "-m", "kvbench", "benchmark", "--config", TINY, "--lengths", "50",
+                              "--strategies", "naive", "--repeats", "5000", "--warmup", "0", "--threads", "1",
+                              "--device", "cpu", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "results.csv").exists() and len((out / "results.csv").read_text().splitlines()) > 2):
+            assert child.poll() is None and time.monotonic() < deadline, "no run finished within a minute"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, stderr
+    assert f"kvbench benchmark --resume {out}" in stderr and "Traceback" not in stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["runs_recorded"] == len(pd.read_csv(out / "results.csv")) >= 2
+
+
+def hold_lock(path):
+    """Another process holding a results directory, as a running benchmark does."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                              "from kvbench.bench.results import ResultsDir\n"
+                              f"with ResultsDir(Path({str(path)!r})).lock():\n"
+                              "    print('held', flush=True); time.sleep(60)\n"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+@pytest.mark.slow
+def test_a_directory_another_process_writes_is_refused_naming_it(runner, finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
+    before = (out / "results.csv").read_bytes()
+    holder = hold_lock(out)
+    try:
+        for args in (["benchmark", "--resume", str(out)], ["plot", str(out)]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, result.output
+            assert f"pid {holder.pid}" in result.output and "being written by another kvbench process" in \
+                result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "results.csv").read_bytes() == before
+    assert runner.invoke(app, ["benchmark", "--resume", str(out)]).exit_code == 0  # free again once it ends
+
+
+@pytest.mark.parametrize("damage", ["mid-line", "fewer fields"])
+def test_resume_drops_an_unfinished_last_row_and_never_appends_onto_it(runner, finished_run, tmp_path, damage):
+    out = copy_of(finished_run, tmp_path)
+    csv_path = out / "results.csv"
+    text = csv_path.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    cut = last[: len(last) // 2]
+    csv_path.write_text(text[: len(text) - len(last) - 1] + (cut if damage == "mid-line" else cut + "\n"))
+    result = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "dropped an unfinished last line" in result.stderr
+    runs = pd.read_csv(csv_path)  # parses: no row was glued onto the half one
+    assert len(runs) == 8 and runs.groupby(["strategy", "new_tokens", "repeat"]).size().max() == 1
+    assert runs["total_s"].notna().all()
+
+
+def test_resume_with_a_non_numeric_cell_is_one_clear_line(runner, finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
+    runs = pd.read_csv(out / "results.csv")
+    runs["total_s"] = runs["total_s"].astype(object)
+    runs.loc[2, "total_s"] = "fast"
+    runs.to_csv(out / "results.csv", index=False)
+    result = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (f"error: {out / 'results.csv'}, line 4: column total_s "
+                                                      "holds 'fast', not a number; correct or delete that row")
+
+
+def test_too_many_threads_are_refused_also_when_resuming(runner, finished_run, tmp_path):
+    from kvbench.bench.machine import available_cores
+
+    cores = available_cores()
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--threads", "100000", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert f"--threads 100000 exceeds the {cores} cores" in result.output and not (tmp_path / "x").exists()
+    out = copy_of(finished_run, tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["settings"]["threads"] = 100000
+    (out / "meta.json").write_text(json.dumps(meta))
+    resumed = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert resumed.exit_code == 2 and "records --threads 100000" in resumed.output, resumed.output
+
+
+def test_out_naming_an_existing_file_is_refused(runner, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--out", str(target)])
+    assert result.exit_code == 2 and "is a file" in result.output and "Traceback" not in result.output
+    assert target.read_text() == "keep me"
+
+
+def test_columns_md_explains_every_column(finished_run):
+    out = finished_run[0]
+    doc = (out / "columns.md").read_text()
+    for name in ("results.csv", "steps.csv", "summary.csv"):
+        section = doc.split(f"## {name}")[1].split("## ")[0]
+        for column in pd.read_csv(out / name).columns:
+            assert f"| `{column}` |" in section, (name, column)
+
+
+def test_benchmark_table_shows_prefill_and_tokens_per_second(finished_run):
+    header = next(line for line in finished_run[1].output.splitlines() if "strategy" in line and "tokens" in line)
+    assert "prefill" in header and "tok/s" in header and "speedup" in header
+
+
+def write_results(directory, scale=1.0, drop=None, **settings):
+    """A results directory holding hand_runs(), its times scaled, optionally without one strategy."""
+    results = ResultsDir.create(directory, directory.parent, "x", "cpu")
+    runs = hand_runs()
+    runs[["total_s", "per_token_ms"]] *= scale
+    runs = runs[runs["strategy"] != drop]
+    runs.assign(config="x", device="cpu", device_name="cpu", dtype="float32", threads=1, batch_size=1,
+                prompt_len=1, finished_at="")[RUN_COLUMNS].to_csv(results.runs_csv, index=False)
+    results.write_meta({"config_name": "x", "config": {"d_model": 8}, "device_name": "cpu",
+                        "settings": {"dtype": "float32", "batch_size": 1, **settings}})
+    return results
+
+
+def test_compare_warns_what_differs_and_lists_unshared_points(runner, tmp_path):
+    write_results(tmp_path / "a")
+    write_results(tmp_path / "b", scale=0.5, drop="naive", dtype="bfloat16", batch_size=4)
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "warning: A and B differ in dtype: float32 vs bfloat16" in result.stderr
+    assert "warning: A and B differ in batch_size: 1 vs 4" in result.stderr
+    assert "only in A, not compared: naive at 11" in result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+
+
+def test_compare_with_a_bad_cell_says_what_is_wrong(runner, tmp_path):
+    write_results(tmp_path / "a")
+    bad = write_results(tmp_path / "b")
+    text = bad.runs_csv.read_text().splitlines()
+    text[1] = text[1].replace(",11,", ",eleven,", 1)
+    bad.runs_csv.write_text("\n".join(text) + "\n")
+    result = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "line 2: column new_tokens holds 'eleven', not a number" in result.output
+    assert "share no point" not in result.output

@@ -61,3 +61,107 @@ def test_python_dash_m_runs():
     result = subprocess.run([sys.executable, "-m", "kvbench", "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "kv-evaluate" in result.stdout
+
+
+# --- help reads as a user expects -------------------------------------------------------------------------------
+
+def help_of(runner, command: str) -> str:
+    result = runner.invoke(app, [command, "--help"], prog_name="kvbench", terminal_width=200, max_content_width=200)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def option_line(help_text: str, option: str) -> str:
+    """The option's entry in the help, its wrapped lines joined."""
+    lines = help_text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option + " ") or f", {option} " in line)
+    end = next((i for i in range(first + 1, len(lines)) if lines[i].lstrip().startswith("-") or not lines[i].strip()),
+               len(lines))
+    return " ".join(line.strip() for line in lines[first:end])
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("benchmark", {"--config": "default", "--lengths": "10,50,100,500,1000", "--strategies": "(naive,static;",
+                   "--repeats": "3", "--warmup": "1", "--prompt-len": "16", "--batch-size": "1",
+                   "--threads": "(torch's own choice)", "--dtype": "float32", "--seed": "0",
+                   "--window": "(the config's sliding_window, else 256)", "--src-len": "16",
+                   "--out": "(results/<date-time>-<config>-<device>)"}),
+    ("evaluate", {"--atol": "(by dtype: float32 0.0001", "--rtol": "(by dtype: float32 0.0001", "--dtype": "float32",
+                  "--batch-size": "1", "--prompt-len": "16", "--src-len": "16", "--seed": "0", "--device": "auto"}),
+    ("kv-evaluate", {"--new-tokens": "1000", "--strategies": "(static,dynamic;", "--atol": "(by dtype:",
+                     "--window": "(the config's", "--temperature": "0.0", "--top-k": "(every token)"}),
+    ("train", {"--corpus": "(Python's standard library)", "--max-bytes": "4000000", "--steps": "2000",
+               "--batch-size": "32", "--seq-len": "256", "--lr": "0.003", "--save-every": "250",
+               "--out": "(the config's weights file)"}),
+])
+def test_help_shows_every_default(runner, command, defaults):
+    text = help_of(runner, command)
+    for option, default in defaults.items():
+        assert f"[default: {default}" in option_line(text, option), (option, option_line(text, option))
+
+
+def test_help_shows_flags_without_a_value_and_arguments_by_name(runner):
+    bench = help_of(runner, "benchmark")
+    assert "<bool>" not in bench and option_line(bench, "--compile").split()[0] == "--compile"
+    assert "Usage: kvbench plot [OPTIONS] RESULTS_DIR" in help_of(runner, "plot")
+    assert "Usage: kvbench compare [OPTIONS] DIR_A DIR_B" in help_of(runner, "compare")
+    assert "{" not in help_of(runner, "init-weights")
+
+
+def test_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith(f"kvbench {version('kvbench')} (torch ")
+
+
+# --- options are named as typed; output paths refused or created up front ------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--strategy", "statik", "--prompt", "x"], "--strategy: unknown strategy 'statik'"),
+    (["generate", "--strategy", "naive,static", "--prompt", "x"], "--strategy takes one strategy"),
+    (["ablate", "--variants", "x"], "--variants: unknown choice 'x'"),
+    (["visualize", "--strategies", "x", "--prompt", "x", "--out", "unused"], "--strategies: unknown strategy 'x'"),
+])
+def test_errors_name_the_option_typed(runner, args, needle):
+    result = runner.invoke(app, [*args, "--config", TINY])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+
+
+def test_output_files_get_their_parent_directories_or_one_clear_line(runner, tmp_path):
+    weights = tmp_path / "new" / "deeper" / "w.safetensors"
+    assert runner.invoke(app, ["init-weights", str(weights), "--config", TINY]).exit_code == 0
+    expected = tmp_path / "more" / "e.safetensors"
+    wrote = runner.invoke(app, ["evaluate", "--config", TINY, "--prompt-len", "4", "--device", "cpu",
+                                "--write-expected", str(expected)])
+    assert wrote.exit_code == 0 and expected.is_file(), wrote.output
+    (tmp_path / "plain").write_text("a file")
+    for args in (["init-weights", str(tmp_path / "plain" / "w.safetensors")],
+                 ["evaluate", "--write-expected", str(tmp_path / "plain" / "e.safetensors")]):
+        result = runner.invoke(app, [*args, "--config", TINY, "--device", "cpu"] if args[0] == "evaluate" else
+                               [*args, "--config", TINY])
+        assert result.exit_code == 2 and "is a file, not a directory" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_write_expected_never_overwrites_without_force(runner, tmp_path):
+    precious = tmp_path / "weights.safetensors"
+    assert runner.invoke(app, ["init-weights", str(precious), "--config", TINY]).exit_code == 0
+    before = precious.read_bytes()
+    args = ["evaluate", "--config", TINY, "--prompt-len", "4", "--device", "cpu", "--write-expected", str(precious)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--force" in refused.output and precious.read_bytes() == before
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0 and precious.read_bytes() != before
+
+
+def test_written_files_have_the_usual_permissions(runner, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    weights, expected = tmp_path / "w.safetensors", tmp_path / "e.safetensors"
+    assert runner.invoke(app, ["init-weights", str(weights), "--config", TINY]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "--config", TINY, "--prompt-len", "4", "--device", "cpu",
+                               "--write-expected", str(expected)]).exit_code == 0
+    for path in (weights, expected):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, oct(path.stat().st_mode)

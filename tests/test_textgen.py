@@ -86,7 +86,7 @@ def test_byte_tokenizer_streams_multibyte_characters():
 def test_train_lowers_the_loss_and_saves(runner, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n\n" * 400)
-    out = tmp_path / "w.safetensors"
+    out = tmp_path / "not" / "yet" / "w.safetensors"  # parent directories are created
     config = write_yaml(tmp_path, vocab_size=256, max_seq_len=64)
     result = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--steps", "40",
                                  "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--out", str(out)])
@@ -95,7 +95,9 @@ def test_train_lowers_the_loss_and_saves(runner, tmp_path):
     assert float(after) < float(before) - 1.0
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["trained_by"] == "kvbench train" and f.metadata()["steps"] == "40"
-    again = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--out", str(out)])
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()  # as any new file (safetensors alone writes 0600)
+    again = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--seq-len", "32",
+                                "--out", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
 
 
@@ -117,12 +119,44 @@ def test_interrupted_training_keeps_its_weights(runner, tmp_path, monkeypatch):
         assert f.metadata()["interrupted"] == "true"
 
 
-def test_train_refuses_a_non_byte_vocabulary(runner, tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("x" * 5000)
-    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path)), "--corpus", str(corpus),
-                                 "--out", str(tmp_path / "w.safetensors")])
+def umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def no_training(monkeypatch):
+    import kvbench.train
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(kvbench.train, "train", forbidden)
+    monkeypatch.setattr(kvbench.train, "read_corpus", forbidden)
+
+
+def test_train_refuses_a_non_byte_vocabulary_before_reading_the_corpus(runner, tmp_path, monkeypatch):
+    no_training(monkeypatch)
+    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path)), "--out", str(tmp_path / "w.st")])
     assert result.exit_code == 2 and "vocab_size must be 256" in result.output, result.output
+
+
+def test_train_checks_it_can_write_before_it_trains(runner, tmp_path, monkeypatch):
+    no_training(monkeypatch)
+    (tmp_path / "plain").write_text("a file")
+    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path, vocab_size=256)), "--seq-len", "16",
+                                 "--out", str(tmp_path / "plain" / "w.safetensors")])
+    assert result.exit_code == 2 and "is a file, not a directory" in result.output, result.output
+
+
+def test_visualize_out_naming_a_file_is_one_line(runner, tmp_path):
+    target = tmp_path / "picture.png"
+    target.write_text("not a directory")
+    result = runner.invoke(app, ["visualize", "--config", TINY, "--prompt", "x", "--out", str(target)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == f"error: --out {target} is a file; give a directory (it is created)"
 
 
 def test_visualize_writes_its_pictures(runner, tmp_path):

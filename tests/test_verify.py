@@ -186,3 +186,20 @@ def test_nan_logits_fail_evaluate_and_say_where():
     assert not comparison.passed
     assert comparison.nonfinite == "actual logits hold NaN/inf from row 0, position 1"
     assert not verify.compare_logits("x", expected, actual, TOL).passed
+
+
+def test_tables_say_what_each_row_is_judged_by(runner):
+    evaluated = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--prompt-len", "4",
+                                    "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "judged by err/tol" in evaluated.output and "max rel and argmax: for information, not judged" in \
+        evaluated.output
+    header = next(line for line in evaluated.output.splitlines() if "comparison" in line).split()
+    assert header.index("err/tol") + 1 == header.index("result")  # the criterion stands beside the verdict
+    checked = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "20",
+                                  "--strategies", "static,quantized", "--device", "cpu"])
+    assert checked.exit_code == 0, checked.output
+    rows = {line.split()[0]: line.split() for line in checked.output.splitlines()
+            if line.strip().startswith(("static ", "quantized "))}
+    assert rows["static"][1] == "tol" and rows["quantized"][1] == "KL"
+    assert rows["quantized"][3] == "—"  # no Δ/tol beside an approximate strategy's verdict

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import kvbench
+from kvbench.errors import KVBenchError
 
 REPO = Path(kvbench.__file__).resolve().parent.parent
 
@@ -73,3 +74,23 @@ def _nvidia_driver() -> str | None:
 
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, resuming: Path | None = None) -> None:
+    """More torch threads than cores only slows a run down, and far more crashes torch (a segfault at 100000)."""
+    cores = available_cores()
+    if threads is None or threads <= cores:
+        return
+    if resuming is None:
+        raise KVBenchError(f"--threads {threads} exceeds the {cores} cores this machine lets kvbench use; "
+                           f"give at most {cores}")
+    raise KVBenchError(f"{resuming} records --threads {threads}, more than the {cores} cores this machine lets "
+                       "kvbench use; resume on a machine with that many cores, or start a new run")

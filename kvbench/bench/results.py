@@ -1,41 +1,96 @@
 """A results directory: results.csv (one row per timed run), steps.csv, summary.csv, meta.json, plots.
 
 Rows are appended and flushed (and fsynced) as each run finishes, so an interrupted sweep leaves a valid CSV
-holding every finished run, and --resume can continue from it.
+holding every finished run, and --resume can continue from it. A process that writes a directory holds its
+lock (.kvbench.lock) for as long as it runs, so that two processes never append to one directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
+from kvbench.bench.columns import write_columns_doc
+from kvbench.bench.machine import command_line
 from kvbench.errors import KVBenchError
 
 RUN_COLUMNS = [
     "config", "strategy", "device", "device_name", "dtype", "threads", "batch_size", "prompt_len", "new_tokens",
     "repeat", "total_s", "prefill_s", "decode_s", "per_token_ms", "tokens_per_s", "kv_cache_bytes",
-    "kv_cache_formula_bytes", "peak_mem_bytes", "floor_ms", "bandwidth_gbs", "gflops_per_token", "achieved_gflops",
-    "finished_at",
+    "kv_cache_formula_bytes", "peak_mem_bytes", "mem_growth_bytes", "floor_ms", "bandwidth_gbs", "gflops_per_token",
+    "achieved_gflops", "finished_at",
 ]
+ADDED_RUN_COLUMNS = {"mem_growth_bytes"}  # absent from directories written before it existed: read as NaN
+TEXT_RUN_COLUMNS = {"config", "strategy", "device", "device_name", "dtype", "finished_at"}
+KEY_COLUMNS = ["strategy", "new_tokens", "repeat"]  # a run's identity: never empty
 STEP_COLUMNS = ["strategy", "new_tokens", "repeat", "step", "position", "step_ms"]
 RunKey = tuple[str, int, int]  # (strategy, new_tokens, repeat)
+LOCK_NAME, OWNER_NAME = ".kvbench.lock", ".kvbench.owner"
+
+
+def _header(path: Path) -> list[str] | None:
+    with path.open(newline="") as f:
+        return next(csv.reader(f), None)
 
 
 def _append_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    new_file = not path.exists()
+    # an existing file keeps its own header (a directory resumed after a column was added keeps its shape)
+    header = _header(path) if path.exists() and path.stat().st_size else None
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new_file:
+        writer = csv.DictWriter(f, fieldnames=header or columns, extrasaction="ignore" if header else "raise")
+        if header is None:
             writer.writeheader()
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())  # a finished run survives even a killed process
+
+
+def drop_partial_last_line(path: Path) -> str | None:
+    """Cut a last line that a killed process left unfinished (no newline at the end, or fewer fields than the
+    header), so that appending never continues it. Returns what was dropped, for the user, or None."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    if len(lines) < 2:
+        return None
+    last = lines[-1]
+    n_fields = len(next(csv.reader([lines[0].decode("utf-8", "replace")])))
+    complete = last.endswith(b"\n") and len(next(csv.reader([last.decode("utf-8", "replace")]), [])) >= n_fields
+    if complete:
+        return None
+    with path.open("r+b") as f:
+        f.truncate(len(data) - len(last))
+        f.flush()
+        os.fsync(f.fileno())
+    return f"{path}: dropped an unfinished last line ({last[:60]!r}), left by an interrupted write"
+
+
+def _as_numbers(runs: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Every column but the text ones must hold numbers: name the first cell that does not."""
+    for column in runs.columns:
+        if column in TEXT_RUN_COLUMNS or column not in RUN_COLUMNS:
+            continue
+        numbers = pd.to_numeric(runs[column], errors="coerce")
+        bad = numbers.isna() & runs[column].notna()
+        if bad.any():
+            row = int(bad.idxmax())
+            raise KVBenchError(f"{path}, line {row + 2}: column {column} holds {runs[column][row]!r}, not a number; "
+                               "correct or delete that row")
+        runs[column] = numbers
+    for column in KEY_COLUMNS:
+        if runs[column].isna().any():
+            row = int(runs[column].isna().idxmax())
+            raise KVBenchError(f"{path}, line {row + 2}: column {column} is empty; correct or delete that row")
+    return runs
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -63,9 +118,14 @@ class ResultsDir:
             while out.exists():
                 suffix += 1
                 out = base / f"{name}-{suffix}"
+        elif out.exists() and not out.is_dir():
+            raise KVBenchError(f"--out {out} is a file; give a directory for the results (it is created)")
         elif (out / "results.csv").exists() or (out / "meta.json").exists():
             raise KVBenchError(f"--out {out} already holds results; choose another directory or --resume {out}")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KVBenchError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
         return cls(out)
 
     @classmethod
@@ -74,6 +134,39 @@ class ResultsDir:
         if not results.meta_json.is_file():
             raise KVBenchError(f"{path} is not a kvbench results directory (no meta.json)")
         return results
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for this process, or refuse naming the process that holds it."""
+        lock = FileLock(str(self.path / LOCK_NAME), timeout=0)
+        owner = self.path / OWNER_NAME
+        try:
+            lock.acquire()
+        except Timeout:
+            raise KVBenchError(f"{self.path} is being written by another kvbench process ({self._owner(owner)}); "
+                               "wait for it to finish, or stop it and --resume") from None
+        try:
+            owner.write_text(json.dumps({"pid": os.getpid(), "command_line": command_line(),
+                                         "since": datetime.now().isoformat(timespec="seconds")}) + "\n")
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
+            lock.release()
+
+    @staticmethod
+    def _owner(owner: Path) -> str:
+        try:
+            info = json.loads(owner.read_text())
+            return f"pid {info['pid']}, since {info['since']}: {info['command_line']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "process unknown"
+
+    def drop_partial_lines(self) -> list[str]:
+        """Before appending to a directory an interrupted process wrote: its CSVs end on whole rows."""
+        return [note for note in map(drop_partial_last_line, (self.steps_csv, self.runs_csv)) if note]
+
+    def write_columns_doc(self) -> None:
+        write_columns_doc(self.path / "columns.md")
 
     def append_run(self, row: dict[str, Any], steps: list[dict[str, Any]]) -> None:
         _append_csv(self.steps_csv, STEP_COLUMNS, steps)  # steps first: a run row implies its steps exist
@@ -86,10 +179,11 @@ class ResultsDir:
             runs = pd.read_csv(self.runs_csv)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise KVBenchError(f"{self.runs_csv} is not a readable CSV ({exc})") from None
-        missing = [c for c in RUN_COLUMNS if c not in runs.columns]
+        missing = [c for c in RUN_COLUMNS if c not in runs.columns and c not in ADDED_RUN_COLUMNS]
         if missing:
             raise KVBenchError(f"{self.runs_csv} lacks column(s) {', '.join(missing)}; was it written by kvbench?")
-        return runs
+        return _as_numbers(runs.reindex(columns=[*RUN_COLUMNS, *(c for c in runs if c not in RUN_COLUMNS)]),
+                           self.runs_csv)
 
     def read_steps(self) -> pd.DataFrame:
         if not self.steps_csv.exists():

@@ -28,6 +28,7 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None) -> pd
         kv_cache_bytes=("kv_cache_bytes", "max"),
         kv_cache_formula_bytes=("kv_cache_formula_bytes", "max"),
         peak_mem_bytes_median=("peak_mem_bytes", "median"),
+        mem_growth_bytes_median=("mem_growth_bytes", "median"),
         floor_ms=("floor_ms", "median"),
         bandwidth_gbs_median=("bandwidth_gbs", "median"),
         gflops_per_token=("gflops_per_token", "median"),

@@ -123,6 +123,11 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
 
 # --- plan -------------------------------------------------------------------------------------------------------
 
+def timed_runs(settings: SweepSettings) -> set[RunKey]:
+    """Every timed run the settings ask for."""
+    return {(s, n, r) for n in settings.lengths for s in settings.strategies for r in range(settings.repeats)}
+
+
 def plan_runs(settings: SweepSettings, costs: CostModel, done: set[RunKey]) -> list[Run]:
     """Every run still to do, in order: per length, warm-ups, then repeats with strategies interleaved."""
     runs: list[Run] = []
@@ -224,7 +229,7 @@ class Sweep:
             tokens_per_s=s.batch_size * run.new_tokens / timing.total_s,
             kv_cache_bytes=cache.nbytes if cache is not None else 0,
             kv_cache_formula_bytes=cache.expected_bytes(held) if cache is not None else 0,
-            peak_mem_bytes=peak, **self.limits_columns(run, decode_s / n_decode if n_decode else math.nan),
+            peak_mem_bytes=peak, mem_growth_bytes=self.memory.growth_bytes(peak), **self.limits_columns(run, decode_s / n_decode if n_decode else math.nan),
             finished_at=datetime.now().isoformat(timespec="seconds"),
         )
 

@@ -63,6 +63,9 @@ class PeakMemory:
     (VmHWM in /proc/self/status), reset before the run by writing 5 to /proc/self/clear_refs, so the
     value is the highest RSS reached during this run: weights, cache, activations and the interpreter.
     Where the reset is unavailable (non-Linux), the lifetime peak is reported and `exact` is False.
+
+    growth_bytes() is the peak minus the same measure at the start: what the run itself added. On CPU the
+    peak RSS is mostly weights and interpreter, the same for every strategy, so the growth is what differs.
     """
 
     STATUS = Path("/proc/self/status")
@@ -71,6 +74,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.exact = device.type == "cuda" or self._can_reset_rss()
+        self.base = 0
 
     def describe(self) -> str:
         if self.device.type == "cuda":
@@ -84,6 +88,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.exact:
             self.CLEAR_REFS.write_text("5")
+        self.base = self.peak_bytes()  # just reset: the current value
+
+    def growth_bytes(self, peak: int) -> float:
+        return peak - self.base if self.exact else float("nan")  # a lifetime peak says nothing about this run
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -9,6 +9,7 @@ from typing import Annotated
 import torch
 import typer
 from rich import box
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -47,6 +48,7 @@ from kvbench.cli.common import (
     resolve_window,
     strategies_for,
 )
+from kvbench.bench.machine import check_threads
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
@@ -112,17 +114,19 @@ def _number(value: float, fmt: str) -> str:
 
 
 def summary_table(summary) -> Table:
-    table = Table(title="medians over repeats; ms/tok: decode time per token (IQR: its interquartile range); floor: "
-                        "ms to read what a decode step must, at the measured bandwidth", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
-    for column in ("strategy", "tokens", "total s", "ms/tok", "IQR", "floor", "×floor", "speedup"):
+    """Fits 80 columns with every strategy's name; the title says what each column is."""
+    table = Table(title="medians over repeats; prefill: ms of the prompt's forward; ms/tok: decode time per token "
+                        "(IQR: its interquartile range); floor: ms to read what a decode step must, at the measured "
+                        "bandwidth; tok/s: batch x tokens / total s", box=box.SIMPLE_HEAD, padding=(0, 0))
+    for column in ("strategy", "tokens", "total s", "prefill", "ms/tok", "IQR", "floor", "×floor", "tok/s",
+                   "speedup"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
         speedup = math.nan if row.strategy == NAIVE.name else row.speedup_vs_naive
         table.add_row(row.strategy, str(row.new_tokens), _number(row.total_s_median, ".3f"),
-                      _number(row.per_token_ms_median, ".2f"),
+                      _number(1000 * row.prefill_s_median, ".1f"), _number(row.per_token_ms_median, ".2f"),
                       _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f"),
-                      _number(row.per_token_over_floor, ".2f"),
+                      _number(row.per_token_over_floor, ".2f"), _number(row.tokens_per_s_median, ".0f"),
                       _number(speedup, ".1f") + ("x" if speedup == speedup else ""))
     return table
 
@@ -136,27 +140,26 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
     console.print(f"results in {results_path}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
 
 
-def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
-                 warmup: int | None, prompt_len: int | None, batch_size: int | None, threads: int | None,
-                 dtype: str | None, seed: int | None, compile: bool, window: int | None, src_len: int | None):
-    """Sweep settings from the options given, defaults for the rest, every value checked."""
+def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: str | None, repeats: int,
+                 warmup: int, prompt_len: int, batch_size: int, threads: int | None, dtype: str, seed: int,
+                 compile: bool, window: int | None, src_len: int):
+    """Sweep settings from the options, every value checked."""
     from kvbench.bench.sweep import SweepSettings
 
-    given = {"--repeats": repeats, "--prompt-len": prompt_len, "--batch-size": batch_size, "--threads": threads,
-             "--src-len": src_len}
-    for option, value in given.items():
+    for option, value in (("--repeats", repeats), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
+                          ("--src-len", src_len), ("--threads", threads)):
         if value is not None:
             require_positive(option, value)
-    if warmup is not None and warmup < 0:
+    if warmup < 0:
         raise KVBenchError(f"--warmup must be 0 or more (got {warmup})")
+    check_threads(threads)
+    resolve_dtype(dtype)
     settings = SweepSettings(
-        lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
+        lengths=parse_lengths(lengths),
         strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
-        repeats=3 if repeats is None else repeats, warmup=1 if warmup is None else warmup,
-        prompt_len=prompt_len or 16, batch_size=batch_size or 1, device=str(resolve_device(device)),
-        dtype=dtype or "float32", threads=threads, seed=seed or 0, window=resolve_window(loaded, window),
-        src_len=(src_len or 16) if is_seq2seq(loaded) else None)
-    resolve_dtype(settings.dtype)
+        repeats=repeats, warmup=warmup, prompt_len=prompt_len, batch_size=batch_size,
+        device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
+        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
     if settings.src_len:
@@ -164,97 +167,157 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
     return settings
 
 
-@app.command()
-@fail_cleanly
-def benchmark(
-    config: ConfigOpt = DEFAULT_CONFIG,
-    device: DeviceOpt = "auto",
-    lengths: Annotated[str | None, typer.Option(help=f"New tokens per point [default: {DEFAULT_LENGTHS}].")] = None,
-    strategies: Annotated[str | None, typer.Option(
-        help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))} [default: {DEFAULT_BENCH_STRATEGIES}].")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed runs per point [default: 3].")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Untimed warm-up runs per strategy and length [default: 1].")] = None,
-    prompt_len: Annotated[int | None, typer.Option(help="Prompt length in tokens [default: 16].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch [default: 1].")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch [default: torch's].")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the random prompt [default: 0].")] = None,
-    compile: CompileOpt = False,
-    window: WindowOpt = None,
-    src_len: Annotated[int | None, typer.Option(help="Source length (encoder-decoder configs) [default: 16].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Results directory [default: results/<date-time>-<config>-<device>].")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory.")] = None,
-) -> None:
-    """Time cached against naive generation over sequence lengths; write CSVs and plots."""
+def options_given(ctx: typer.Context, but: str) -> list[str]:
+    """The options typed on the command line, other than `but`."""
+    return [f"--{name.replace('_', '-')}" for name in ctx.params
+            if name != but and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+
+
+def open_for_resume(ctx: typer.Context, path: Path):
+    from kvbench.bench.results import ResultsDir
+
+    given = options_given(ctx, but="resume")
+    if given:
+        raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given)}")
+    return ResultsDir.open(path)
+
+
+def resume_session(results):
+    """Reopen under the lock: a partial last row is dropped first (said on stderr), never appended to."""
     from kvbench.bench import session as bench
 
-    if resume is not None:
-        given = [name for name, value in (("--lengths", lengths), ("--strategies", strategies), ("--repeats", repeats),
-                 ("--warmup", warmup), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
-                 ("--threads", threads), ("--dtype", dtype), ("--seed", seed), ("--out", out),
-                 ("--compile", compile or None), ("--window", window), ("--src-len", src_len))
-                 if value is not None]
-        if given or config != DEFAULT_CONFIG:
-            raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
-        run = bench.resume(resume)
-        resolve_device(run.settings.device)
-        console.print(f"resuming {resume}: {len(run.results.completed())} runs already recorded")
-    else:
-        loaded = load_config(config)
-        settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                                threads, dtype, seed, compile, window, src_len)
-        run = bench.start(loaded, settings, out, Path("results"))
-        console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
+    for note in results.drop_partial_lines():
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    run = bench.resume(results)
+    resolve_device(run.settings.device)
+    console.print(f"resuming {results.path}: {len(run.recorded_before)} runs already recorded, {run.to_do} to do")
+    return run
+
+
+def run_and_finish(run) -> None:
+    """Sweep, then write summary, plots and meta. Ctrl-C at any point leaves a directory that --resume
+    completes, and says so."""
+    from kvbench.bench import session as bench
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
                         auto_refresh=False, transient=True)
+    status = "complete"
     try:
-        with progress:
-            bench.run(run, torch.device(run.settings.device), RichReporter(progress, run.settings.repeats))
+        if run.to_do:
+            with progress:
+                bench.run(run, torch.device(run.settings.device), RichReporter(progress, run.settings.repeats))
     except KeyboardInterrupt:
-        summary, plots = bench.finish(run, "interrupted")
-        report_finish(summary, plots, run.results.path)
-        err_console.print(f"interrupted: {len(run.results.completed())} finished runs kept in "
-                          f"{run.results.runs_csv}; continue with: kvbench benchmark --resume {run.results.path}",
-                          highlight=False)
+        status = "interrupted"
+    hint = (f"{len(run.results.completed())} finished runs kept in {run.results.runs_csv}; continue with: "
+            f"kvbench benchmark --resume {run.results.path}")
+    try:
+        summary, plots = bench.finish(run, status)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted while writing the summary and plots: {hint}", highlight=False)
         raise typer.Exit(130) from None
-    summary, plots = bench.finish(run, "complete")
     report_finish(summary, plots, run.results.path)
+    if status == "interrupted":
+        err_console.print(f"interrupted: {hint}", highlight=False)
+        raise typer.Exit(130)
 
 
 @app.command()
 @fail_cleanly
-def plot(results_dir: Annotated[Path, typer.Argument(help="A results directory written by benchmark.")]) -> None:
+def benchmark(
+    ctx: typer.Context,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    device: DeviceOpt = "auto",
+    lengths: Annotated[str, typer.Option(metavar="N,N,...", help="New tokens per point.")] = DEFAULT_LENGTHS,
+    strategies: Annotated[str | None, typer.Option(
+        metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}.",
+        show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = 1,
+    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch, at most the cores available.",
+                                                show_default="torch's own choice")] = None,
+    dtype: DtypeOpt = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    compile: CompileOpt = False,
+    window: WindowOpt = None,
+    src_len: Annotated[int, typer.Option(help="Source length (encoder-decoder configs).")] = 16,
+    out: Annotated[Path | None, typer.Option(help="Results directory (created).",
+                                             show_default="results/<date-time>-<config>-<device>")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory, with its "
+                                                "recorded settings.")] = None,
+) -> None:
+    """Time cached against naive generation over sequence lengths; write CSVs and plots."""
+    from kvbench.bench import session as bench
+    from kvbench.bench.results import ResultsDir
+
+    if resume is not None:
+        results = open_for_resume(ctx, resume)
+        with results.lock():
+            run = resume_session(results)
+            if not run.to_do:
+                console.print("nothing to do: every run is recorded; writing the summary and plots")
+            run_and_finish(run)
+        return
+    loaded = load_config(config)
+    settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
+                            threads, dtype, seed, compile, window, src_len)
+    results = ResultsDir.create(out, Path("results"), loaded.name, settings.device, settings.dtype)
+    with results.lock():
+        run = bench.start(loaded, settings, results)
+        console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {results.path}")
+        run_and_finish(run)
+
+
+@app.command()
+@fail_cleanly
+def plot(results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR",
+                                                     help="A results directory written by benchmark.")]) -> None:
     """Redraw the plots (and summary.csv) of a results directory."""
     from kvbench.bench import session as bench
+    from kvbench.bench.results import ResultsDir
 
-    summary, plots = bench.redraw(results_dir)
+    results = ResultsDir.open(results_dir)
+    with results.lock():
+        summary, plots = bench.redraw(results)
     report_finish(summary, plots, results_dir)
+
+
+def compare_table(joined) -> Table:
+    """At most 80 columns wide: totals in s, decode per token in ms, each with B/A."""
+    table = Table(title="B / A, ratio of medians (below 1: B is faster)", box=box.SIMPLE_HEAD, padding=(0, 0))
+    for column in ("strategy", "tokens", "total A", "total B", "B/A", "ms/tok A", "ms/tok B", "B/A"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    for r in joined.itertuples():
+        table.add_row(r.strategy, str(r.new_tokens), f"{r.total_s_median_a:.3f}", f"{r.total_s_median_b:.3f}",
+                      f"{r.total_ratio:.2f}", _number(r.per_token_ms_median_a, ".2f"),
+                      _number(r.per_token_ms_median_b, ".2f"), _number(r.per_token_ratio, ".2f"))
+    return table
 
 
 @app.command()
 @fail_cleanly
 def compare(
-    dir_a: Annotated[Path, typer.Argument(help="Baseline results directory (A).")],
-    dir_b: Annotated[Path, typer.Argument(help="Results directory to compare (B).")],
+    dir_a: Annotated[Path, typer.Argument(metavar="DIR_A", help="Baseline results directory (A).")],
+    dir_b: Annotated[Path, typer.Argument(metavar="DIR_B", help="Results directory to compare (B).")],
 ) -> None:
     """Per-point ratios of medians, B against A (below 1.00: B is faster)."""
     from kvbench.bench import session as bench
 
-    joined, meta_a, meta_b = bench.compare(dir_a, dir_b)
-    for label, meta in (("A", meta_a), ("B", meta_b)):
+    c = bench.compare(dir_a, dir_b)
+    for label, meta in (("A", c.meta_a), ("B", c.meta_b)):
         s = meta.get("settings", {})
-        console.print(f"{label}: {meta.get('config_name')} on {meta.get('device_name')} ({s.get('dtype')}, batch "
-                      f"{s.get('batch_size')}, commit {str(meta.get('git_commit'))[:10]})", highlight=False)
-    table = Table(title="B / A, ratio of medians")
-    for column in ("strategy", "new tokens", "total A", "total B", "B/A total", "per token A", "per token B",
-                   "B/A per token"):
-        table.add_column(column, justify="left" if column == "strategy" else "right")
-    for r in joined.itertuples():
-        table.add_row(r.strategy, str(r.new_tokens), f"{r.total_s_median_a:.3f} s", f"{r.total_s_median_b:.3f} s",
-                      f"{r.total_ratio:.2f}", f"{r.per_token_ms_median_a:.2f} ms", f"{r.per_token_ms_median_b:.2f} ms",
-                      f"{r.per_token_ratio:.2f}")
-    console.print(table)
+        console.print(f"{label}: {meta.get('config_name')} on {meta.get('device_name')}, {s.get('dtype')}, batch "
+                      f"{s.get('batch_size')}, commit {str(meta.get('git_commit'))[:7]}", highlight=False)
+    for difference in c.differences:
+        err_console.print(f"[yellow]warning:[/] A and B differ in {escape(difference)}; the ratios mix it in",
+                          highlight=False)
+    for label, points in (("A", c.only_a), ("B", c.only_b)):
+        if points:
+            err_console.print(f"only in {label}, not compared: " + ", ".join(f"{s} at {n}" for s, n in points),
+                              highlight=False)
+    console.print(compare_table(c.joined))
 
 
 @app.command()

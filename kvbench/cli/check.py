@@ -36,6 +36,7 @@ from kvbench.cli.common import (
     err_console,
     fail_cleanly,
     is_seq2seq,
+    output_file,
     progress_bar,
     require_positive,
     resolve_device,
@@ -52,13 +53,16 @@ from kvbench.weights import build_model, decode_kernel, load_cpu_model
 # --- evaluate ---------------------------------------------------------------------------------------------------
 
 def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance) -> Table:
-    table = Table(title=f"logits compared (atol {tol.atol:g}, rtol {tol.rtol:g})")
-    for column in ("comparison", "max abs", "max rel", "argmax agree", "err/tol", "result"):
-        table.add_column(column, justify="left" if column == "comparison" else "right")
+    """Judged by err/tol alone, so it stands beside the verdict; max rel and argmax agreement inform only."""
+    table = Table(title=f"logits compared, judged by err/tol = max |Δ| / (atol + rtol |expected|) <= 1 (atol "
+                        f"{tol.atol:g}, rtol {tol.rtol:g}); max rel and argmax: for information, not judged",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("comparison", "max |Δ|", "err/tol", "result", "max rel", "argmax"):
+        table.add_column(column, justify="left" if column == "comparison" else "right", no_wrap=True)
     for c in comparisons:
         verdict = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
-        table.add_row(c.name, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", f"{c.argmax_agreement:.1%}",
-                      f"{c.worst_ratio:.3f}", verdict)
+        table.add_row(c.name, f"{c.max_abs:.2e}", f"{c.worst_ratio:.3f}", verdict, f"{c.max_rel:.1e}",
+                      f"{c.argmax_agreement:.1%}")
     return table
 
 
@@ -67,7 +71,9 @@ def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance
 def evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     expected: Annotated[Path | None, typer.Option(help="Expected-logits .safetensors (input_ids, logits).")] = None,
-    write_expected: Annotated[Path | None, typer.Option(help="Write the NumPy reference's logits here.")] = None,
+    write_expected: Annotated[Path | None, typer.Option(help="Write the NumPy reference's logits here (an expected "
+                                                         "file for --expected).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --write-expected overwrite an existing file.")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     device: DeviceOpt = "auto",
@@ -82,6 +88,8 @@ def evaluate(
     for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
         require_positive(option, value)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    if write_expected is not None:
+        output_file(write_expected, "--write-expected", force)
     expected_logits = None
     if expected is not None:
         inputs, expected_logits = verify.read_expected(expected, loaded.model)
@@ -179,9 +187,9 @@ def kv_evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
     strategies: Annotated[str | None, typer.Option(
-        help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))} [default: static,dynamic; for an "
-             f"encoder-decoder {DEFAULT_SEQ2SEQ_STRATEGIES}]; an encoder-decoder takes "
-             f"{', '.join(strategy_names('encoder-decoder'))}.")] = None,
+        metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}; an encoder-decoder "
+                                 f"takes {', '.join(strategy_names('encoder-decoder'))}.",
+        show_default=f"static,dynamic; encoder-decoder: {DEFAULT_SEQ2SEQ_STRATEGIES}")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
     src_len: SrcLenOpt = 16,

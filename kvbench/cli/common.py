@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import tempfile
 from pathlib import Path
 from typing import Annotated, Callable
 
 import torch
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+import kvbench
 from kvbench import verify
 from kvbench import strategies as registry
 from kvbench.config import LoadedConfig, Seq2SeqConfig
@@ -26,8 +29,29 @@ from kvbench.errors import KVBenchError
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
 
-app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+class Command(typer.core.TyperCommand):
+    """A usage line as users read them, `kvbench plot RESULTS_DIR`, where typer writes `{results_dir}`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class App(typer.Typer):
+    def command(self, *args, cls: type | None = None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+# Plain help (no rich markup mode): rich markup would swallow bracketed text such as "[default: ...]", and
+# typer's rich panels label every flag <bool> although flags take no value.
+app = App(help="Prove a transformer's KV cache exact and measure what it buys.", rich_markup_mode=None,
+          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -46,16 +70,35 @@ SrcLenOpt = Annotated[int, typer.Option(help="Source length in tokens (encoder-d
 DEFAULT_SEQ2SEQ_STRATEGIES = "naive,static,static+self-only,dynamic,dynamic+self-only"
 DEFAULT_SEQ2SEQ_BENCH = "naive,static+self-only,static"  # the three ways: nothing, self-attention, both cached
 WindowOpt = Annotated[int | None, typer.Option(
-    help=f"Sliding window W [default: the config's sliding_window, else {DEFAULT_WINDOW}].")]
+    help="Sliding window W.", show_default=f"the config's sliding_window, else {DEFAULT_WINDOW}")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
-TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.")]
-TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.")]
+TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likely tokens.", show_default="every token")]
+TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.",
+                                               show_default="every token")]
 PromptOpt = Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")]
 PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED.name}: the static cache with its decode step "
                                           "compiled (torch.compile; a CUDA graph on CUDA).")]
-AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits [default: by dtype].")]
-RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
+TOLERANCES = ", ".join(f"{name} {atol:g}" for name, (atol, _) in DEFAULT_TOLERANCE.items())
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logits.", show_default=f"by dtype: {TOLERANCES}")]
+RtolOpt = Annotated[float | None, typer.Option(
+    help="Relative tolerance on logits.",
+    show_default="by dtype: " + ", ".join(f"{name} {rtol:g}" for name, (_, rtol) in DEFAULT_TOLERANCE.items()))]
+
+
+def version(value: bool) -> None:
+    if value:
+        console.print(f"kvbench {kvbench.__version__} (torch {torch.__version__})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True,
+                                               help="Print kvbench's version and exit.")] = False,
+) -> None:
+    """Prove a transformer's KV cache exact and measure what it buys."""
 
 
 def fail_cleanly(command: Callable) -> Callable:
@@ -141,13 +184,43 @@ def is_seq2seq(loaded: LoadedConfig) -> bool:
 
 
 def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
-                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES) -> list[str]:
+                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES, option: str = "--strategies") -> list[str]:
     """The strategies asked for (or the family's default), checked against what the config's family supports."""
     family = loaded.model.family
     if compile and family not in COMPILED.families:
         raise KVBenchError(f"--compile supports decoder-only configs; {loaded.source} is an encoder-decoder")
     chosen = text or (seq2seq_default if is_seq2seq(loaded) else default)
-    return with_compiled(parse_strategies(chosen, family), compile)
+    return with_compiled(parse_strategies(chosen, family, option), compile)
+
+
+def output_dir(path: Path, option: str) -> Path:
+    """A directory a command writes into, created with its parents; refused up front if that cannot be."""
+    if path.exists() and not path.is_dir():
+        raise KVBenchError(f"{option} {path} is a file; give a directory (it is created)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KVBenchError(f"{option} {path}: cannot create the directory ({exc.strerror})") from None
+    return path
+
+
+def output_file(path: Path, option: str, force: bool) -> Path:
+    """A file a command will write, checked before any work: not a directory, not overwritten without --force,
+    its directory created and writable (so that nothing computed is lost at the end)."""
+    if path.is_dir():
+        raise KVBenchError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise KVBenchError(f"{option} {path} exists; pass --force to overwrite it")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise KVBenchError(f"{option} {path}: {blocking} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".kvbench-probe-"):
+            pass
+    except OSError as exc:
+        raise KVBenchError(f"{option} {path}: cannot write in {path.parent} ({exc.strerror})") from None
+    return path
 
 
 def require_positive(option: str, value: int) -> None:

@@ -25,6 +25,7 @@ from kvbench.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    ForceOpt,
     PromptIdsOpt,
     PromptOpt,
     TemperatureOpt,
@@ -37,6 +38,8 @@ from kvbench.cli.common import (
     err_console,
     fail_cleanly,
     is_seq2seq,
+    output_dir,
+    output_file,
     parse_strategies,
     require_positive,
     resolve_device,
@@ -85,7 +88,8 @@ def generate_command(
     prompt: PromptOpt = None,
     prompt_ids: PromptIdsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
-    strategy: Annotated[str, typer.Option(help=f"One of {', '.join(strategy_names('decoder'))}.")] = "static",
+    strategy: Annotated[str, typer.Option(metavar="NAME", help=f"One of {', '.join(strategy_names('decoder'))}.")] = \
+        "static",
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -101,7 +105,10 @@ def generate_command(
     loaded = load_config(config)
     if is_seq2seq(loaded):
         raise KVBenchError(f"generate supports decoder-only configs; {loaded.source} is an encoder-decoder")
-    [name] = strategies_for(loaded, strategy, strategy, compile=False)
+    names = strategies_for(loaded, strategy, strategy, compile=False, option="--strategy")
+    if len(names) != 1:
+        raise KVBenchError(f"--strategy takes one strategy (got {strategy!r}); kv-evaluate compares several")
+    [name] = names
     require_positive("--max-new-tokens", max_new_tokens)
     if not interactive and prompt is None and prompt_ids is None:
         raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3 (or --interactive)")
@@ -142,11 +149,12 @@ def generate_command(
 @app.command("visualize")
 @fail_cleanly
 def visualize_command(
-    out: Annotated[Path, typer.Option(help="Directory for attention.png and cache_growth.png.")],
+    out: Annotated[Path, typer.Option(help="Directory for attention.png and cache_growth.png (created).")],
     config: ConfigOpt = DEFAULT_CONFIG,
     prompt: PromptOpt = None,
     prompt_ids: PromptIdsOpt = None,
-    strategies: Annotated[str, typer.Option(help="Caches whose growth to plot.")] = "static,dynamic,sliding,quantized",
+    strategies: Annotated[str, typer.Option(metavar="NAME,...", help="Caches whose growth to plot.")] = \
+        "static,dynamic,sliding,quantized",
     new_tokens: Annotated[int, typer.Option(help="Decode steps to follow the caches over.")] = 200,
     window: WindowOpt = None,
 ) -> None:
@@ -160,11 +168,11 @@ def visualize_command(
         raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3")
     names = parse_strategies(strategies)
     require_positive("--new-tokens", new_tokens)
+    output_dir(out, "--out")  # before the model runs: a file there would only be found at the end
     model = build_model(loaded, "cpu")
     tokenizer = tokenizer_for(loaded)
     tokens = prompt_tokens(tokenizer, prompt, prompt_ids, loaded.model.vocab_size, loaded.source)
     check_length(loaded, len(tokens) + new_tokens - 1, names, "prompt + --new-tokens - 1")
-    out.mkdir(parents=True, exist_ok=True)
     ids = torch.tensor([tokens])  # (1, T)
     labels = [tokenizer.label(t) if tokenizer else str(t) for t in tokens]
     maps = vis.attention_maps(model, ids)
@@ -184,8 +192,9 @@ def visualize_command(
 @fail_cleanly
 def train_command(
     config: ConfigOpt = DEFAULT_CONFIG,
-    corpus: Annotated[list[Path] | None, typer.Option(help="Text file, or directory of *.py files; repeatable "
-                                                       "[default: Python's standard library].")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option(
+        metavar="PATH", help="Text file, or directory of *.py files; repeatable.",
+        show_default="Python's standard library")] = None,
     max_bytes: Annotated[int, typer.Option(help="Read at most this many bytes of corpus.")] = 4_000_000,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 32,
@@ -193,23 +202,25 @@ def train_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of batches (initial weights come from the config's seed).")] = 0,
     save_every: Annotated[int, typer.Option(help="Save the weights every N steps too.")] = 250,
-    out: Annotated[Path | None, typer.Option(help="Weights file to write [default: the config's weights].")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing weights file.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Weights file to write (parent directories are created).",
+                                             show_default="the config's weights file")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Train a byte-level model (vocab 256) on text, from its config's random initialisation."""
     from kvbench import train as training
 
     loaded = load_config(config)
-    target = out or loaded.weights_path
-    if target is None:
-        raise KVBenchError(f"{loaded.source} names no weights file: give --out FILE")
-    if target.exists() and not force:
-        raise KVBenchError(f"{target} exists; pass --force to overwrite it")
     for option, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len),
                           ("--max-bytes", max_bytes), ("--save-every", save_every)):
         require_positive(option, value)
+    # everything that can refuse, before the corpus is read and the first step taken
     if is_seq2seq(loaded):
         raise KVBenchError("train makes decoder-only byte-level models; this config is an encoder-decoder")
+    training.check_trainable(loaded.model, seq_len)
+    target = out or loaded.weights_path
+    if target is None:
+        raise KVBenchError(f"{loaded.source} names no weights file: give --out FILE")
+    output_file(target, "--out" if out else f"{loaded.source}'s weights file", force)
     sources = corpus or [training.stdlib_dir()]
     text = training.read_corpus(sources, max_bytes)
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
@@ -244,16 +255,16 @@ def train_command(
 @app.command("init-weights")
 @fail_cleanly
 def init_weights_command(
-    out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The .safetensors file to write (parent directories are "
+                                                           "created).")],
     config: ConfigOpt = DEFAULT_CONFIG,
-    seed: Annotated[int | None, typer.Option(help="Seed (default: the config's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random weights.", show_default="the config's seed")] = None,
     every_tensor: Annotated[bool, typer.Option(help="Randomise LayerNorm gains and biases too.")] = True,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Write seeded random weights for a config (a reference model for evaluate, or a starting point)."""
     loaded = load_config(config)
-    if out.exists() and not force:
-        raise KVBenchError(f"{out} exists; pass --force to overwrite it")
+    output_file(out, "OUT", force)
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
     save_weights(model, out)

@@ -1,0 +1,83 @@
+"""What every column of a results directory's CSVs means: written beside them as columns.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RUNS = {  # results.csv: one row per timed run
+    "config": "config name (the YAML file's stem, or the checkpoint directory's name)",
+    "strategy": "cache strategy: naive (no cache), static, dynamic, sliding, quantized, static+compile; an "
+                "encoder-decoder's +self-only caches self-attention only",
+    "device": "cpu or cuda",
+    "device_name": "CPU model or GPU name",
+    "dtype": "float32, bfloat16 or float16",
+    "threads": "torch's CPU threads during the run",
+    "batch_size": "sequences generated at once",
+    "prompt_len": "prompt tokens per sequence (random ids, seeded)",
+    "new_tokens": "tokens generated per sequence: the sweep point's length",
+    "repeat": "0-based repeat index of this point (repeats are interleaved across strategies)",
+    "total_s": "seconds for the whole generation: prefill_s + decode_s",
+    "prefill_s": "seconds of the prompt's forward pass, which yields the first new token",
+    "decode_s": "seconds of the new_tokens - 1 decode steps together",
+    "per_token_ms": "1000 x decode_s / (new_tokens - 1): milliseconds per decode step (empty for 1 token)",
+    "tokens_per_s": "batch_size x new_tokens / total_s",
+    "kv_cache_bytes": "bytes the cache had allocated at the end of the run (0 for naive)",
+    "kv_cache_formula_bytes": "bytes the README's formula gives for the tokens held at the end",
+    "peak_mem_bytes": "CPU: the process's peak resident set size during the run (weights, cache, activations, "
+                      "interpreter); CUDA: torch.cuda.max_memory_allocated during the run",
+    "mem_growth_bytes": "peak_mem_bytes minus the same measure at the run's start: what the run itself added "
+                        "(CPU: resident memory; CUDA: allocated tensors)",
+    "floor_ms": "milliseconds a decode step needs at least: the bytes it must read (weights, K/V attended, "
+                "averaged over the steps) / the read bandwidth measured in the same run",
+    "bandwidth_gbs": "those bytes / the measured per-token time, in GB/s",
+    "gflops_per_token": "arithmetic of one decode step (naive: of recomputing the sequence), GFLOP",
+    "achieved_gflops": "gflops_per_token / the measured per-token time, GFLOP/s",
+    "finished_at": "local time the run finished",
+}
+
+STEPS = {  # steps.csv: one row per decode step of each timed run
+    "strategy": "as in results.csv",
+    "new_tokens": "as in results.csv",
+    "repeat": "as in results.csv",
+    "step": "decode step, 1 .. new_tokens - 1 (the prefill is not a step)",
+    "position": "position of the token this step feeds: prompt_len + step - 1",
+    "step_ms": "milliseconds of this decode step",
+}
+
+SUMMARY = {  # summary.csv: one row per strategy and length, over the repeats
+    "strategy": "as in results.csv",
+    "new_tokens": "as in results.csv",
+    "repeats": "timed runs recorded for this point",
+    "total_s_median": "median of total_s",
+    "total_s_iqr": "interquartile range of total_s",
+    "prefill_s_median": "median of prefill_s",
+    "per_token_ms_median": "median of per_token_ms",
+    "per_token_ms_iqr": "interquartile range of per_token_ms",
+    "tokens_per_s_median": "median of tokens_per_s",
+    "kv_cache_bytes": "largest kv_cache_bytes over the repeats",
+    "kv_cache_formula_bytes": "largest kv_cache_formula_bytes over the repeats",
+    "peak_mem_bytes_median": "median of peak_mem_bytes",
+    "mem_growth_bytes_median": "median of mem_growth_bytes",
+    "floor_ms": "median of floor_ms",
+    "bandwidth_gbs_median": "median of bandwidth_gbs",
+    "gflops_per_token": "median of gflops_per_token",
+    "achieved_gflops_median": "median of achieved_gflops",
+    "per_token_over_floor": "per_token_ms_median / floor_ms: 1.0 is as fast as memory allows",
+    "speedup_vs_naive": "naive's total_s_median at this length / this strategy's",
+    "noisy": "True when an IQR exceeds 10% of its median: too noisy to trust the point alone",
+}
+
+FILES = {"results.csv": RUNS, "steps.csv": STEPS, "summary.csv": SUMMARY}
+
+
+def columns_markdown() -> str:
+    parts = ["# Columns of this results directory\n",
+             "Written by kvbench. meta.json holds what ran (settings, config, machine, versions, command lines).\n"]
+    for name, columns in FILES.items():
+        parts.append(f"\n## {name}\n\n| column | meaning |\n|---|---|\n")
+        parts += [f"| `{column}` | {meaning} |\n" for column, meaning in columns.items()]
+    return "".join(parts)
+
+
+def write_columns_doc(path: Path) -> None:
+    path.write_text(columns_markdown())
