@@ -41,6 +41,8 @@ class StreamSummary:
         return self.times[1:]
 
     def describe(self) -> str:
+        if not self.times:
+            return f"no token generated ({self.prompt_tokens} prompt tokens)"
         total = sum(self.times)
         line = (f"{len(self.times)} tokens in {total:.3f} s ({len(self.times) / total:.1f} tokens/s); prefill "
                 f"{1000 * self.prefill_s:.1f} ms for {self.prompt_tokens} prompt tokens")
@@ -71,6 +73,7 @@ class TextStream:
         for step in steps:
             token = int(step.token[0])  # a host copy: synchronises the device, so the time below is real
             self.summary.times.append(time.perf_counter() - start)
+            # kept current (outside the timed region), so that a summary after Ctrl-C is right too
+            self.summary.cache_bytes = self.cache.nbytes if self.cache is not None else 0
             yield TokenEvent(step.index, token, feed(token), self.summary.times[-1])
             start = time.perf_counter()  # restart after the caller has printed: its time is not the model's
-        self.summary.cache_bytes = self.cache.nbytes if self.cache is not None else 0

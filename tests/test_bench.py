@@ -232,13 +232,17 @@ def test_peak_memory_sees_a_large_allocation():
         "assert meter.exact, 'no per-run RSS reset on this platform'\n"
         "meter.start(); base = meter.peak_bytes()\n"
         "block = torch.ones(64 * 2**20 // 4); del block\n"  # 64 MiB touched, then freed: the peak remembers
-        "print(meter.peak_bytes() - base)\n"
+        "peak = meter.peak_bytes(); print(peak - base, meter.growth_bytes(peak))\n"
+        "meter.start(); print(meter.growth_bytes(meter.peak_bytes()))\n"  # a new run starts from what is resident
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if "no per-run RSS reset" in done.stderr:
         pytest.skip("no per-run RSS reset on this platform")
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout) >= 60 * 2**20
+    first, again = done.stdout.splitlines()
+    by_hand, growth = map(int, first.split())
+    assert by_hand >= 60 * 2**20 and growth == by_hand
+    assert abs(int(again)) < 8 * 2**20
 
 
 def test_compare_gives_ratios_of_medians(runner, tmp_path):

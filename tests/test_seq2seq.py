@@ -164,10 +164,16 @@ def test_cli_evaluate_writes_and_checks_src_ids(runner, tmp_path):
 
 def test_cli_kv_evaluate_and_benchmark_run_the_three_ways(runner, tmp_path):
     result = runner.invoke(app, ["kv-evaluate", "--config", "configs/seq2seq.yaml", "--new-tokens", "8",
-                                 "--device", "cpu"])
+                                 "--src-len", "7", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     for name in ("naive", "static+self-only", "dynamic+self-only"):
         assert name in result.output
+    # the report says what each way caches, and the source length
+    assert result.output.startswith("seq2seq: batch 1, source 7, prompt 16")
+    assert "  static: self-attention K/V cached (static); encoder and cross-attention K/V computed once" in \
+        result.output
+    assert "  static+self-only: self-attention K/V cached (static); encoder once, cross-attention K/V " \
+        "recomputed every step" in result.output
     out = tmp_path / "run"
     result = runner.invoke(app, ["benchmark", "--config", "configs/seq2seq.yaml", "--lengths", "3,5", "--repeats",
                                  "1", "--src-len", "6", "--device", "cpu", "--out", str(out)])

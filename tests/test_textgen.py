@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -22,6 +23,7 @@ def test_generate_streams_text_and_a_summary(runner):
     assert result.exit_code == 0, result.output
     assert "20 tokens in" in result.output and "tokens/s" in result.output and "prefill" in result.output
     assert "static cache" in result.output and "MiB" in result.output
+    assert result.stdout.startswith("def f(x):")  # the prompt, then its continuation
 
 
 def test_naive_and_cached_generate_the_same_greedy_text(runner):
@@ -69,6 +71,65 @@ def test_interactive_resets_the_cache_between_prompts(runner):
     assert result.exit_code == 0, result.output
     answers = [line for line in result.output.splitlines() if line.startswith("prompt> ") and len(line) > 8]
     assert len(answers) == 2 and answers[0] == answers[1]  # same prompt, fresh cache: same text
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(runner, monkeypatch):
+    import kvbench.textgen as textgen
+
+    real, calls = textgen.generation_steps, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        for i, step in enumerate(real(*args, **kwargs)):
+            if len(calls) == 1 and i == 3:
+                raise KeyboardInterrupt  # as Ctrl-C during the first answer
+            yield step
+
+    monkeypatch.setattr(textgen, "generation_steps", interrupted_once)
+    result = runner.invoke(app, ["generate", "--config", TINY, "--interactive", "--max-new-tokens", "12",
+                                 "--device", "cpu"], input="print(\nprint(\n\n")
+    assert result.exit_code == 0, result.output
+    assert "stopped; next prompt" in result.stderr
+    assert "3 tokens in" in result.stderr and "12 tokens in" in result.stderr  # the stopped answer, then the next
+
+
+@pytest.mark.slow
+def test_interactive_prompt_has_line_editing():
+    """In a terminal, the left arrow moves the cursor: 'abc', left, 'X' is the 4-byte prompt 'abXc'."""
+    import os
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+    import time
+
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-m", "kvbench", "generate", "--config", TINY, "--interactive",
+                              "--max-new-tokens", "2", "--device", "cpu"], stdin=terminal, stdout=terminal,
+                             stderr=terminal, env={**os.environ, "TERM": "xterm"}, close_fds=True)
+    os.close(terminal)
+    seen, typed = b"", False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if select.select([controller], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+            if not typed and b"prompt> " in seen:
+                os.write(controller, b"abc\x1b[DX\r")
+                typed = True
+            if typed and re.search(rb"for \d+ prompt tokens", seen) and seen.count(b"prompt> ") >= 2:
+                os.write(controller, b"\x04")  # Ctrl-D at the next prompt ends the session
+                break
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+        os.close(controller)
+    assert child.returncode == 0, seen
+    assert re.search(rb"for 4 prompt tokens", seen), seen
 
 
 def test_generate_refuses_too_long_a_generation(runner):

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbench import verify
+from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     DEFAULT_CONFIG,
@@ -163,6 +164,17 @@ def rules_text(checks: list[verify.StrategyCheck]) -> list[str]:
                              "own storage bound (int8: max|x|/254 per vector)"]
 
 
+def seq2seq_way(name: str) -> str:
+    """What an encoder-decoder strategy caches: its two caches are easy to confuse."""
+    strategy = registry.get(name, "encoder-decoder")
+    if not strategy.cached:
+        return "nothing cached: the encoder, cross- and self-attention K/V rerun every step"
+    kind = name.removesuffix(registry.SELF_ONLY)
+    if not strategy.keeps_cross:
+        return f"self-attention K/V cached ({kind}); encoder once, cross-attention K/V recomputed every step"
+    return f"self-attention K/V cached ({kind}); encoder and cross-attention K/V computed once per generation"
+
+
 def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, window: int) -> None:
     console.print(strategy_table(checks, tol))
     for rule in rules_text(checks):
@@ -218,8 +230,12 @@ def kv_evaluate(
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
-    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
+    source = f", source {src_len}" if is_seq2seq(loaded) else ""
+    console.print(f"{loaded.name}: batch {batch_size}{source}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
                   f"({dtype}), {sampling.describe()}")
+    if is_seq2seq(loaded):
+        for name in names:
+            console.print(f"  {name}: {seq2seq_way(name)}", highlight=False)
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,

@@ -69,16 +69,54 @@ def prompt_tokens(tokenizer, text: str | None, ids: str | None, vocab: int, sour
     return tokens
 
 
-def stream_one(stream: textgen.TextStream, token_times: bool) -> None:
-    """Print tokens as they come (or one line per token with its time), then the summary."""
-    for event in stream:
-        if token_times:
-            console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {event.text!r}", highlight=False)
-        else:
-            console.out(event.text, end="", highlight=False)
-            console.file.flush()
-    console.print("" if token_times else "\n", end="")
-    err_console.print(f"[dim]{stream.summary.describe()}[/]", highlight=False)
+def stream_one(stream: textgen.TextStream, token_times: bool, echo: str | None) -> None:
+    """Print the prompt (unless the user just typed it), then tokens as they come (or one line per token with
+    its time), then the summary. Ctrl-C stops the answer with what was generated so far summarised."""
+    if echo is not None:
+        console.out(f"prompt: {echo!r}" if token_times else echo, end="\n" if token_times else "", highlight=False)
+    try:
+        for event in stream:
+            if token_times:
+                console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {event.text!r}", highlight=False)
+            else:
+                console.out(event.text, end="", highlight=False)
+                console.file.flush()
+    finally:  # also when interrupted: end the line and say what was generated
+        console.print("" if token_times else "\n", end="")
+        err_console.print(f"[dim]{escape(stream.summary.describe())}[/]", highlight=False)
+
+
+def prompt_text(tokenizer, text: str | None, ids: list[int]) -> str:
+    """The prompt as the answer continues it: text through the tokenizer, ids as the ids are printed."""
+    return tokenizer.decode(ids) if tokenizer else "".join(f"{token} " for token in ids)
+
+
+def enable_line_editing() -> bool:
+    """input() edits lines (arrows, history) once readline is imported; not every platform has it."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interact(run) -> None:
+    """Prompt after prompt until an empty line or end of input. Ctrl-C stops the answer being generated, not
+    the session; Ctrl-C at the prompt ends the session (as interrupted)."""
+    enable_line_editing()
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        try:
+            run(line)
+        except KVBenchError as exc:  # a prompt too long or malformed: say so and ask again
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        except KeyboardInterrupt:
+            err_console.print("stopped; next prompt (an empty line or Ctrl-D ends)", highlight=False)
 
 
 @app.command("generate")
@@ -95,8 +133,9 @@ def generate_command(
     top_p: TopPOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
     window: WindowOpt = None,
-    interactive: Annotated[bool, typer.Option("--interactive", help="Prompt after prompt; an empty line or "
-                                              "Ctrl-D ends. The cache is reset between prompts.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", help="Prompt after prompt, with line editing; an "
+                                              "empty line or Ctrl-D ends, Ctrl-C stops the answer being written. "
+                                              "The cache is reset between prompts.")] = False,
     token_times: Annotated[bool, typer.Option("--token-times", help="One line per token with its time.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -122,26 +161,16 @@ def generate_command(
     err_console.print(f"[dim]{loaded.name} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
                       f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
 
-    def run(text: str | None, ids: str | None) -> None:
+    def run(text: str | None, ids: str | None, echo: bool = True) -> None:
         tokens = prompt_tokens(tokenizer, text, ids, loaded.model.vocab_size, loaded.source)
         check_length(loaded, len(tokens) + max_new_tokens - 1, [name], "prompt + --max-new-tokens - 1")
         stream_one(textgen.TextStream(model, tokens, max_new_tokens, name, cache, sampling, tokenizer, win),
-                   token_times)
+                   token_times, prompt_text(tokenizer, text, tokens) if echo else None)
 
-    if not interactive:
+    if interactive:  # the typed prompt is on the screen already: not echoed
+        interact(lambda line: run(line if tokenizer else None, None if tokenizer else line, echo=False))
+    else:
         run(prompt, prompt_ids)
-        return
-    while True:
-        try:
-            line = input("prompt> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        try:
-            run(line if tokenizer else None, None if tokenizer else line)
-        except KVBenchError as exc:  # a prompt too long or malformed: say so and ask again
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
 
 
 # --- visualize --------------------------------------------------------------------------------------------------
