@@ -32,20 +32,49 @@ def _style(strategy: str) -> dict:
     return dict(color=color_of(strategy), marker=MARKERS[index % len(MARKERS)], label=strategy)
 
 
+SUBTITLE_WIDTH = 95  # characters per subtitle line at font size 9 across a 7.5-inch figure
+
+
+def wrap_at_dots(text: str, width: int = SUBTITLE_WIDTH) -> str:
+    """Break a ' · '-separated subtitle into lines of at most `width` characters, between items."""
+    lines: list[str] = []
+    for item in text.split(" · "):
+        if lines and len(lines[-1]) + 3 + len(item) <= width:
+            lines[-1] += " · " + item
+        else:
+            lines.append(item)
+    return "\n".join(lines)
+
+
 def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
     s = meta["settings"]
-    return (f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · batch {s['batch_size']}"
-            f" · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
+    return wrap_at_dots(f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · batch "
+                        f"{s['batch_size']} · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
 
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
 
-def _finish(fig, ax, title: str, meta: dict, path: Path, what: str = "median of {repeats}") -> Path:
-    ax.set_title(f"{title}\n{_subtitle(meta, what)}", fontsize=10)
+def _figure(width: float, height: float, ncols: int = 1):
+    """Constrained layout: titles, labels and a legend placed outside the axes all get room."""
+    return plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
+
+
+def _legend_below(fig, handles=None, labels=None) -> None:
+    """Under the axes, never over the data."""
+    if handles is None:
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+
+
+def _finish(fig, ax, title: str, meta: dict, what: str = "median of {repeats}"):
+    ax.set_title(f"{title}\n{_subtitle(meta, what)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    _legend_below(fig)
+    return fig
+
+
+def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
@@ -58,8 +87,8 @@ def _tokens_axis(ax, lengths) -> None:
     ax.set_xlabel("new tokens generated")
 
 
-def latency_plot(runs: pd.DataFrame, meta: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def latency_figure(runs: pd.DataFrame, meta: dict):
+    fig, ax = _figure(7.5, 5.2)
     q = quartiles(runs, "total_s")
     for strategy, points in q.groupby("strategy", sort=False):
         err = [points["median"] - points["q25"], points["q75"] - points["median"]]
@@ -68,25 +97,23 @@ def latency_plot(runs: pd.DataFrame, meta: dict, path: Path) -> Path:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PLAIN)
     ax.set_ylabel("total generation time (s)")
-    return _finish(fig, ax, "Generation latency: prefill + decode", meta, path,
+    return _finish(fig, ax, "Generation latency: prefill + decode", meta,
                    "median of {repeats} runs, bars: interquartile range")
 
 
-def speedup_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def speedup_figure(summary: pd.DataFrame, meta: dict):
+    fig, ax = _figure(7.5, 5.2)
     for strategy, points in summary[summary["strategy"] != NAIVE.name].groupby("strategy", sort=False):
         ax.plot(points["new_tokens"], points["speedup_vs_naive"], **_style(strategy))
     ax.axhline(1.0, color="gray", lw=1, ls="--", label=NAIVE.name)
     _tokens_axis(ax, summary["new_tokens"].unique())
     ax.set_ylabel("speed-up over naive (median total time ratio)")
-    return _finish(fig, ax, "What the KV cache buys", meta, path)
+    return _finish(fig, ax, "What the KV cache buys", meta)
 
 
-def per_token_plot(steps: pd.DataFrame, meta: dict, path: Path, floor: pd.DataFrame | None = None) -> Path | None:
-    if steps.empty:
-        return None
+def per_token_figure(steps: pd.DataFrame, meta: dict, floor: pd.DataFrame | None = None):
     longest = int(steps["new_tokens"].max())
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _figure(7.5, 5.2)
     for strategy, points in step_medians(steps, longest).groupby("strategy", sort=False):
         ax.plot(points["position"], points["step_ms"], lw=1, color=color_of(strategy), label=strategy)
     if floor is not None and not floor.empty:
@@ -96,36 +123,43 @@ def per_token_plot(steps: pd.DataFrame, meta: dict, path: Path, floor: pd.DataFr
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("token position (prompt + generated)")
     ax.set_ylabel("decode step time (ms, median over repeats)")
-    return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta, path,
+    return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta,
                    "median of {repeats} runs per position")
 
 
-def memory_plot(summary: pd.DataFrame, meta: dict, path: Path) -> Path:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+def _memory_measure(summary: pd.DataFrame, meta: dict) -> tuple[pd.Series, str]:
+    """What the run itself added, where recorded (directories before mem_growth_bytes hold only the peak)."""
+    where = "GPU allocator" if meta["settings"]["device"].startswith("cuda") else "process RSS"
+    growth = summary.get("mem_growth_bytes_median")
+    if growth is not None and growth.notna().any():
+        return growth, f"Memory the run added over its start ({where})"
+    return summary["peak_mem_bytes_median"], f"Peak memory during the run ({where}; growth not recorded)"
+
+
+def memory_figure(summary: pd.DataFrame, meta: dict):
+    fig, (left, right) = _figure(11, 5.0, ncols=2)
+    measure, what = _memory_measure(summary, meta)
     for strategy, points in summary.groupby("strategy", sort=False):
         style = _style(strategy)
-        if strategy != NAIVE.name:
-            left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ls="none", ms=7,
-                      **{**style, "label": f"{strategy} (allocated)"})
+        if strategy != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
+            left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ls="none", ms=7, **style)
             left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
-                      ls="--", label=f"{strategy} (formula)")
-        right.plot(points["new_tokens"], points["peak_mem_bytes_median"] / 2**20, **style)
+                      ls="--")
+        right.plot(points["new_tokens"], measure[points.index] / 2**20, **style)
     for ax in (left, right):
         _tokens_axis(ax, summary["new_tokens"].unique())
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     left.set_ylabel("KV cache at the end of the run (MiB)")
     left.set_yscale("log")
     left.yaxis.set_major_formatter(PLAIN)
     left.set_title("KV cache: allocated (markers) vs its formula (dashed, see README)", fontsize=9)
-    right.set_ylabel("peak memory during the run (MiB)")
-    right.set_title(f"Peak memory ({'GPU allocator' if meta['settings']['device'].startswith('cuda') else 'process RSS'})",
-                    fontsize=9)
-    fig.suptitle(f"Memory\n{_subtitle(meta, 'median of {repeats} runs')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    right.set_ylabel("MiB")
+    # from zero, and at least 1 MiB tall: page-sized (4 KiB) noise must not fill the panel
+    right.set_ylim(0, max(1.0, 1.1 * float(measure.max()) / 2**20))
+    right.set_title(what, fontsize=9)
+    fig.suptitle(f"Memory\n{_subtitle(meta, 'median of {repeats} runs')}", fontsize=9)
+    _legend_below(fig, *right.get_legend_handles_labels())
+    return fig
 
 
 def floor_line(steps: pd.DataFrame, meta: dict) -> pd.DataFrame | None:
@@ -143,9 +177,11 @@ def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, met
     """Every plot for a results directory; returns the files written."""
     if runs.empty:
         return []
-    floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta) if not steps.empty else None
-    written = [latency_plot(runs, meta, out / "latency.png"), memory_plot(summary, meta, out / "memory.png")]
+    written = [save(latency_figure(runs, meta), out / "latency.png"),
+               save(memory_figure(summary, meta), out / "memory.png")]
     if (summary["strategy"] == NAIVE.name).any() and (summary["strategy"] != NAIVE.name).any():
-        written.append(speedup_plot(summary, meta, out / "speedup.png"))
-    written.append(per_token_plot(steps, meta, out / "per_token.png", floor))
-    return [p for p in written if p is not None]
+        written.append(save(speedup_figure(summary, meta), out / "speedup.png"))
+    if not steps.empty:
+        floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta)
+        written.append(save(per_token_figure(steps, meta, floor), out / "per_token.png"))
+    return written

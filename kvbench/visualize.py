@@ -46,28 +46,42 @@ def attention_maps(model: Decoder, ids: torch.Tensor) -> list[torch.Tensor]:
     return maps
 
 
-def attention_figure(maps: list[torch.Tensor], labels: list[str], path: Path, title: str) -> Path:
+MAX_COLUMNS = 6  # heads per figure row: more would shrink each panel below readability
+
+
+def panel_grid(n_layers: int, n_heads: int) -> tuple[int, int, int]:
+    """(rows, columns, rows per layer): each layer's heads fill whole rows of at most MAX_COLUMNS panels."""
+    columns = min(n_heads, MAX_COLUMNS)
+    per_layer = math.ceil(n_heads / columns)
+    return n_layers * per_layer, columns, per_layer
+
+
+def attention_figure(maps: list[torch.Tensor], labels: list[str], title: str):
     n_layers, n_heads = len(maps), maps[0].shape[0]
-    size = 2.6 if len(labels) <= 24 else 3.4
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads + 1, size * n_layers + 0.8), squeeze=False)
+    rows, columns, per_layer = panel_grid(n_layers, n_heads)
+    size = 2.4 if len(labels) <= 24 else 3.2
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns + 1.2, size * rows + 1.0), squeeze=False,
+                             layout="constrained")
     step = max(1, math.ceil(len(labels) / MAX_LABELS))
     ticks = list(range(0, len(labels), step))
+    image = None
     for layer, heads in enumerate(maps):
         for head in range(n_heads):
-            ax = axes[layer][head]
-            ax.imshow(heads[head].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            row, column = layer * per_layer + head // columns, head % columns
+            ax = axes[row][column]
+            image = ax.imshow(heads[head].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"layer {layer} · head {head}", fontsize=8)
-            # token labels on the outer axes only: the bottom row and the first column
-            bottom, left = layer == n_layers - 1, head == 0
-            ax.set_xticks(ticks, [labels[i] for i in ticks] if bottom else [], fontsize=6, rotation=90)
-            ax.set_yticks(ticks, [labels[i] for i in ticks] if left else [], fontsize=6)
+            # token labels on the outer axes only: the first column, and the last row of panels
+            ax.set_xticks(ticks, [labels[i] for i in ticks] if row == rows - 1 else [], fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [labels[i] for i in ticks] if column == 0 else [], fontsize=6)
+    for layer in range(n_layers):  # a layer's last row may have empty places
+        for place in range(n_heads, per_layer * columns):
+            axes[layer * per_layer + place // columns][place % columns].set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=min(1.0, 4 / rows), label="attention weight (each row sums to 1)")
     fig.supxlabel("key (attended) token")
     fig.supylabel("query token")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def cache_growth(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[str],
@@ -84,8 +98,8 @@ def cache_growth(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategi
     return pd.DataFrame(rows)
 
 
-def cache_growth_figure(growth: pd.DataFrame, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+def cache_growth_figure(growth: pd.DataFrame, title: str):
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
     for strategy, points in growth.groupby("strategy", sort=False):
         color = color_of(strategy)
         ax.plot(points["position"], points["allocated"] / 2**10, label=f"{strategy}: allocated", color=color, lw=1.5)
@@ -95,8 +109,6 @@ def cache_growth_figure(growth: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_ylabel("KV cache held (KiB)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncols=2, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8, frameon=False)  # off the data
+    return fig

@@ -51,6 +51,7 @@ from kvbench.config import load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
+from kvbench.plots import save
 from kvbench.sampling import SamplingSettings
 from kvbench.tokenizer import parse_ids, tokenizer_for
 from kvbench.weights import build_model, new_model, save_weights
@@ -205,13 +206,13 @@ def visualize_command(
     ids = torch.tensor([tokens])  # (1, T)
     labels = [tokenizer.label(t) if tokenizer else str(t) for t in tokens]
     maps = vis.attention_maps(model, ids)
-    written = [vis.attention_figure(maps, labels, out / "attention.png",
-                                    f"{loaded.name}: attention of every layer and head over the prompt")]
+    written = [save(vis.attention_figure(maps, labels, f"{loaded.name}: attention of every layer and head over "
+                                                       "the prompt"), out / "attention.png")]
     win = resolve_window(loaded, window)
     growth = vis.cache_growth(model, ids, new_tokens, names, win)
     growth.to_csv(out / "cache_growth.csv", index=False)
-    written.append(vis.cache_growth_figure(growth, out / "cache_growth.png",
-                                           f"{loaded.name}: KV cache over {new_tokens} decode steps (window {win})"))
+    written.append(save(vis.cache_growth_figure(growth, f"{loaded.name}: KV cache over {new_tokens} decode steps "
+                                                        f"(window {win})"), out / "cache_growth.png"))
     console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 

@@ -1,0 +1,110 @@
+"""Figures people can read: every text inside the figure, legends off the data, titles apart, a colour bar."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kvbench import plots, visualize
+from kvbench.bench.stats import summarize
+
+STRATEGIES = ["naive", "static", "dynamic", "sliding", "quantized", "static+compile"]
+LENGTHS = [10, 50, 100, 500, 1000]
+META = {"config_name": "default", "device_name": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz",
+        "settings": {"device": "cpu", "dtype": "bfloat16", "batch_size": 16, "prompt_len": 128, "repeats": 3}}
+
+
+def runs() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for (i, strategy), length, repeat in itertools.product(enumerate(STRATEGIES), LENGTHS, range(3)):
+        total = length * (0.07 if strategy == "naive" else 0.008) * (1 + 0.05 * rng.random())
+        rows.append(dict(strategy=strategy, new_tokens=length, repeat=repeat, total_s=total, prefill_s=0.01,
+                         decode_s=total - 0.01, per_token_ms=1000 * total / length, tokens_per_s=length / total,
+                         kv_cache_bytes=0 if strategy == "naive" else 12288 * (16 + length) * (1 + i % 2),
+                         kv_cache_formula_bytes=0 if strategy == "naive" else 12288 * (16 + length),
+                         peak_mem_bytes=700e6 + length * 1e5, mem_growth_bytes=length * 1e4 * (i + 1),
+                         floor_ms=7.0, bandwidth_gbs=30.0, gflops_per_token=0.4, achieved_gflops=50.0))
+    return pd.DataFrame(rows)
+
+
+def steps() -> pd.DataFrame:
+    return pd.DataFrame([dict(strategy=s, new_tokens=1000, repeat=0, step=i, position=16 + i, step_ms=7.0 + i / 100)
+                         for s in STRATEGIES for i in range(1, 1000)])
+
+
+def figures() -> dict:
+    r = runs()
+    summary = summarize(r, STRATEGIES)
+    return {"latency": plots.latency_figure(r, META), "speedup": plots.speedup_figure(summary, META),
+            "per_token": plots.per_token_figure(steps(), META), "memory": plots.memory_figure(summary, META)}
+
+
+def boxes(fig, artists):
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in artists]
+
+
+def assert_readable(fig) -> None:
+    """Everything drawn lies inside the figure (nothing cut at an edge); no legend over an axes (data) area."""
+    fig.canvas.draw()
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, of what is drawn: out-of-view ticks excluded
+    inside = fig.bbox_inches
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= inside.x1 + 0.01 and drawn.y1 <= inside.y1 + 0.01, \
+        f"something is cut at the figure's edge: drawn {drawn}, figure {inside}"
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    assert legends, "no legend"
+    for legend, ax in itertools.product(legends, fig.axes):
+        assert not legend.get_window_extent().overlaps(ax.bbox), "a legend covers an axes' data"
+
+
+@pytest.mark.parametrize("name", ["latency", "speedup", "per_token", "memory"])
+def test_benchmark_figures_are_readable(name):
+    fig = figures()[name]
+    try:
+        assert_readable(fig)
+    finally:
+        plt.close("all")
+
+
+def test_memory_panel_measures_what_the_run_added_from_zero():
+    fig = figures()["memory"]
+    right = fig.axes[1]
+    assert right.get_ylim()[0] == 0 and "added over its start" in right.get_title()
+    plt.close("all")
+
+
+def test_attention_figure_has_a_colour_bar_and_titles_apart_for_many_heads():
+    maps = [torch.softmax(torch.randn(12, 20, 20), -1) for _ in range(2)]  # 2 layers x 12 heads, as default.yaml
+    fig = visualize.attention_figure(maps, [f"t{i}" for i in range(20)], "default: attention")
+    try:
+        fig.canvas.draw()
+        colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(colorbars) == 1 and "attention weight" in colorbars[0].get_ylabel()
+        panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_visible() and ax.axison]
+        assert len(panels) == 24
+        titles = boxes(fig, [ax.title for ax in panels])
+        for a, b in itertools.combinations(titles, 2):
+            assert not a.overlaps(b), "two panel titles collide"
+        for title, ax in itertools.product(titles, panels):
+            assert not title.overlaps(ax.bbox), "a panel title covers a panel"
+        assert all(t.get_fontsize() >= 8 for t in (ax.title for ax in panels))
+        width, height = fig.get_size_inches()
+        assert width < 20 and height < 20  # wrapped into rows, not one 24-panel strip
+    finally:
+        plt.close("all")
+
+
+def test_cache_growth_legend_is_off_the_data():
+    growth = pd.DataFrame([dict(strategy=s, step=i, position=16 + i, allocated=1000 * (16 + i), filled=100 * i)
+                           for s in ("static", "dynamic", "sliding", "quantized") for i in range(200)])
+    fig = visualize.cache_growth_figure(growth, "demo: KV cache over 200 decode steps (window 64)")
+    try:
+        assert_readable(fig)
+    finally:
+        plt.close("all")
