@@ -108,3 +108,18 @@ def test_cache_growth_legend_is_off_the_data():
         assert_readable(fig)
     finally:
         plt.close("all")
+
+
+def test_a_strategys_markers_and_lines_share_one_colour():
+    """static+self-only had no colour of its own: its markers and its dashed formula line took two different
+    colours from matplotlib's cycle. A name kvbench does not know gets a fixed colour too."""
+    from matplotlib.colors import to_hex
+
+    summary = summarize(runs().replace({"strategy": {"dynamic": "static+self-only", "sliding": "plugin-cache"}}))
+    fig = plots.memory_figure(summary, META)
+    try:
+        colours = [to_hex(line.get_color()) for line in fig.axes[0].get_lines()]  # markers, then formula line
+        assert len(colours) == 10 and colours[::2] == colours[1::2], colours
+        assert len(set(colours[::2])) == 5  # and every strategy its own
+    finally:
+        plt.close("all")
