@@ -523,3 +523,16 @@ def test_compare_with_a_bad_cell_says_what_is_wrong(runner, tmp_path):
     assert result.exit_code == 2, result.output
     assert "line 2: column new_tokens holds 'eleven', not a number" in result.output
     assert "share no point" not in result.output
+
+
+def test_ctrl_c_while_redrawing_says_to_run_plot_again(runner, finished_run, tmp_path, monkeypatch):
+    from kvbench.bench import session
+
+    out = copy_of(finished_run, tmp_path)
+
+    def interrupted_plots(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "draw_all", interrupted_plots)
+    result = runner.invoke(app, ["plot", str(out)])
+    assert result.exit_code == 130 and f"run kvbench plot {out} again" in result.output, result.output

@@ -190,7 +190,8 @@ def resume_session(results):
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     run = bench.resume(results)
     resolve_device(run.settings.device)
-    console.print(f"resuming {results.path}: {len(run.recorded_before)} runs already recorded, {run.to_do} to do")
+    console.print(escape(f"resuming {results.path}: {len(run.recorded_before)} runs already recorded, "
+                         f"{run.to_do} to do"), highlight=False)
     return run
 
 
@@ -280,7 +281,12 @@ def plot(results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR",
 
     results = ResultsDir.open(results_dir)
     with results.lock():
-        summary, plots = bench.redraw(results)
+        try:
+            summary, plots = bench.redraw(results)
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted while redrawing; run kvbench plot {escape(str(results_dir))} again",
+                              highlight=False)
+            raise typer.Exit(130) from None
     report_finish(summary, plots, results_dir)
 
 
@@ -308,14 +314,14 @@ def compare(
     c = bench.compare(dir_a, dir_b)
     for label, meta in (("A", c.meta_a), ("B", c.meta_b)):
         s = meta.get("settings", {})
-        console.print(f"{label}: {meta.get('config_name')} on {meta.get('device_name')}, {s.get('dtype')}, batch "
-                      f"{s.get('batch_size')}, commit {str(meta.get('git_commit'))[:7]}", highlight=False)
+        console.print(escape(f"{label}: {meta.get('config_name')} on {meta.get('device_name')}, {s.get('dtype')}, "
+                             f"batch {s.get('batch_size')}, commit {str(meta.get('git_commit'))[:7]}"), highlight=False)
     for difference in c.differences:
         err_console.print(f"[yellow]warning:[/] A and B differ in {escape(difference)}; the ratios mix it in",
                           highlight=False)
     for label, points in (("A", c.only_a), ("B", c.only_b)):
         if points:
-            err_console.print(f"only in {label}, not compared: " + ", ".join(f"{s} at {n}" for s, n in points),
+            err_console.print(escape(f"only in {label}, not compared: " + ", ".join(f"{s} at {n}" for s, n in points)),
                               highlight=False)
     console.print(compare_table(c.joined))
 

@@ -24,7 +24,7 @@ from rich.progress import (
 import kvbench
 from kvbench import verify
 from kvbench import strategies as registry
-from kvbench.config import LoadedConfig, Seq2SeqConfig
+from kvbench.config import LoadedConfig, Seq2SeqConfig, shipped_names
 from kvbench.errors import KVBenchError
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
@@ -59,8 +59,7 @@ DEFAULT_CONFIG = "default"  # a shipped config's name: found wherever kvbench ru
 
 ConfigOpt = Annotated[str, typer.Option(
     "--config", "-c", metavar="NAME|PATH",
-    help="A shipped config's name (default, tiny, demo, reference, seq2seq, single-head), a YAML file, or a "
-         "GPT-2 checkpoint directory.")]
+    help=f"A shipped config's name ({', '.join(shipped_names())}), a YAML file, or a GPT-2 checkpoint directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
