@@ -46,7 +46,8 @@ def test_generate_without_a_tokenizer_takes_and_gives_ids(runner, tmp_path):
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     ids = generated_text(result).split()
-    assert len(ids) == 5 and all(0 <= int(i) < 97 for i in ids)
+    assert ids[:3] == ["1", "2", "3"]  # the prompt's ids, echoed
+    assert len(ids) == 3 + 5 and all(0 <= int(i) < 97 for i in ids)
 
 
 def test_generate_uses_a_checkpoints_tokenizer_json(runner, tmp_path):
