@@ -215,11 +215,11 @@ def run_and_finish(run) -> None:
     try:
         summary, plots = bench.finish(run, status)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted while writing the summary and plots: {hint}", highlight=False)
+        err_console.print(f"interrupted while writing the summary and plots: {escape(hint)}", highlight=False)
         raise typer.Exit(130) from None
     report_finish(summary, plots, run.results.path)
     if status == "interrupted":
-        err_console.print(f"interrupted: {hint}", highlight=False)
+        err_console.print(f"interrupted: {escape(hint)}", highlight=False)
         raise typer.Exit(130)
 
 
