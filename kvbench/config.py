@@ -12,6 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvbench.errors import KVBenchError
 
+# torch's generators take seeds up to 2**64 - 1; kvbench also draws with seed + 1, so it accepts 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Refuse a seed torch cannot take, naming the option or key it came from."""
+    if not 0 <= seed <= MAX_SEED:
+        raise KVBenchError(f"{name} must be an integer in 0..{MAX_SEED} (2**63 - 1) (got {seed})")
+
 
 class ArchitectureConfig(BaseModel):
     """What every model family shares. Strict: unknown keys and wrong types are errors, never coerced."""
@@ -27,8 +36,8 @@ class ArchitectureConfig(BaseModel):
     activation: Literal["gelu", "gelu_exact", "relu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
     tie_embeddings: bool = True  # the LM head reuses the (target) token embedding matrix
     bias: bool = True  # biases in linear layers and LayerNorms
-    layer_norm_eps: float = Field(default=1e-5, gt=0)
-    seed: int = 0  # seeds the random initialisation when no weights are given
+    layer_norm_eps: float = Field(default=1e-5, gt=0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # seeds the random initialisation when no weights are given
     sliding_window: int | None = Field(default=None, gt=0)  # default window W of the `sliding` strategy
     weights: str | None = None  # .safetensors path; relative paths are relative to the YAML file
 

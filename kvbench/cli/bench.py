@@ -35,6 +35,7 @@ from kvbench.cli.common import (
     app,
     check_fits,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -48,7 +49,7 @@ from kvbench.cli.common import (
     resolve_window,
     strategies_for,
 )
-from kvbench.config import LoadedConfig
+from kvbench.config import LoadedConfig, check_seed
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
 
@@ -150,6 +151,7 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
             require_positive(option, value)
     if warmup is not None and warmup < 0:
         raise KVBenchError(f"--warmup must be 0 or more (got {warmup})")
+    check_seed("--seed", seed or 0)
     settings = SweepSettings(
         lengths=parse_lengths(lengths or DEFAULT_LENGTHS),
         strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
@@ -157,11 +159,13 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strateg
         prompt_len=prompt_len or 16, batch_size=batch_size or 1, device=str(resolve_device(device)),
         dtype=dtype or "float32", threads=threads, seed=seed or 0, window=resolve_window(loaded, window),
         src_len=(src_len or 16) if is_seq2seq(loaded) else None)
-    resolve_dtype(settings.dtype)
+    torch_dtype = resolve_dtype(settings.dtype)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
     if settings.src_len:
         check_fits(loaded, settings.src_len, "--src-len")
+    check_memory(loaded, settings.device, torch_dtype, settings.strategies, settings.batch_size,
+                 settings.prompt_len + max(settings.lengths) - 1, settings.window, "--lengths, --prompt-len")
     return settings
 
 
@@ -281,6 +285,7 @@ def ablate(
     for option, value in (("--new-tokens", new_tokens), ("--repeats", repeats), ("--prompt-len", prompt_len),
                           ("--batch-size", batch_size)):
         require_positive(option, value)
+    check_seed("--seed", seed)
     if new_tokens < 2:
         raise KVBenchError("--new-tokens must be at least 2: per-token time is (t(N) - t(1)) / (N - 1)")
     check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")

@@ -32,6 +32,7 @@ from kvbench.cli.common import (
     app,
     check_fits,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -45,7 +46,8 @@ from kvbench.cli.common import (
     strategies_for,
     tolerance,
 )
-from kvbench.generate import for_generation
+from kvbench.config import check_seed
+from kvbench.generate import cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model
 
@@ -81,6 +83,7 @@ def evaluate(
     loaded = resolve_config(config)
     for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
         require_positive(option, value)
+    check_seed("--seed", seed)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     expected_logits = None
     if expected is not None:
@@ -208,6 +211,8 @@ def kv_evaluate(
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    check_memory(loaded, dev, torch_dtype, names, batch_size, cache_tokens(prompt_len, new_tokens), win,
+                 "--new-tokens, --prompt-len")
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "

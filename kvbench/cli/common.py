@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -19,10 +22,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from kvbench import verify
+from kvbench import memory, verify
 from kvbench import strategies as registry
 from kvbench.config import LoadedConfig, Seq2SeqConfig, load_config
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
 
@@ -56,26 +59,61 @@ AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logit
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance on logits [default: by dtype].")]
 
 
+MEMORY_ADVICE = "lower --batch-size, the lengths (--new-tokens, --lengths, --window) or use a smaller config"
+
+
 def fail_cleanly(command: Callable) -> Callable:
     """Turn KVBenchError into one line on stderr plus its exit code; Ctrl-C into a short message; running out
-    of memory into advice (it depends on the sizes asked for, which the user can change)."""
+    of memory into advice (it depends on the sizes asked for, which the user can change). KVBenchWarnings
+    print as one line each and the command goes on."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", KVBenchWarning)
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except KVBenchError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except torch.OutOfMemoryError:
-            err_console.print("[bold red]error:[/] out of device memory; lower --batch-size, the lengths or "
-                              "--new-tokens, or use a smaller config", highlight=False)
+            err_console.print(f"[bold red]error:[/] out of device memory; {MEMORY_ADVICE}", highlight=False)
+            raise typer.Exit(2) from None
+        except RuntimeError as exc:
+            if not is_allocation_failure(exc):
+                raise
+            err_console.print(f"[bold red]error:[/] out of memory{allocation_size(exc)}; {MEMORY_ADVICE}",
+                              highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+_original_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, KVBenchWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    else:
+        _original_showwarning(message, category, filename, lineno, file, line)
+
+
+# What torch's CPU allocator says when malloc fails (an allocation the estimates in kvbench.memory missed)
+ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_allocation_failure(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in ALLOCATION_FAILURES)
+
+
+def allocation_size(exc: RuntimeError) -> str:
+    found = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    return f": an allocation of {memory.size_text(int(found.group(1)))} failed" if found else ""
 
 
 def resolve_config(path: Path) -> LoadedConfig:
@@ -131,8 +169,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tolerance:
     default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
     tol = verify.Tolerance(default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
-    if tol.atol < 0 or tol.rtol < 0:
-        raise KVBenchError(f"tolerances must be 0 or more (got --atol {tol.atol:g}, --rtol {tol.rtol:g})")
+    for option, value in (("--atol", tol.atol), ("--rtol", tol.rtol)):
+        # nan compares false with everything and inf allows everything: either would switch the check off
+        if not (math.isfinite(value) and value >= 0):
+            raise KVBenchError(f"{option} must be a finite number, 0 or more (got {value:g})")
     return tol
 
 
@@ -157,6 +197,22 @@ def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile
 def require_positive(option: str, value: int) -> None:
     if value <= 0:
         raise KVBenchError(f"{option} must be a positive integer (got {value})")
+
+
+def check_memory(loaded: LoadedConfig, device: torch.device | str, dtype: torch.dtype, strategies: list[str],
+                 batch: int, tokens: int, window: int, lengths: str) -> None:
+    """Refuse, before allocating anything, weights plus a strategy's cache that cannot fit in the device's
+    memory: one line naming the option to lower, instead of the allocator's traceback."""
+    from kvbench.weights import model_bytes, require_model_fits
+
+    require_model_fits(loaded.model, device, dtype)  # first: too large a model is the config's fault alone
+    weights = model_bytes(loaded.model, dtype)
+    for name in strategies:
+        windowed = registry.get(name).windowed
+        held = f"window {window}" if windowed else f"{tokens} tokens"
+        memory.require(weights + memory.cache_bytes(loaded.model, name, batch, tokens, window, dtype), device,
+                       f"the {name} cache ({held} x batch {batch}) with the model's weights",
+                       f"lower {'--window' if windowed else lengths} or --batch-size")
 
 
 def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:

@@ -33,6 +33,7 @@ from kvbench.cli.common import (
     WindowOpt,
     app,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -45,6 +46,7 @@ from kvbench.cli.common import (
     resolve_window,
     strategies_for,
 )
+from kvbench.config import check_seed
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
@@ -108,9 +110,10 @@ def generate_command(
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
+    check_memory(loaded, dev, torch_dtype, [name], 1, room, win, "max_seq_len (generate's cache covers it)")
     model = build_model(loaded, dev, torch_dtype)
     tokenizer = tokenizer_for(loaded)
-    room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
     cache = new_cache(model, name, 1, room, win)
     err_console.print(f"[dim]{loaded.name} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
                       f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
@@ -210,9 +213,9 @@ def train_command(
         require_positive(option, value)
     if is_seq2seq(loaded):
         raise KVBenchError("train makes decoder-only byte-level models; this config is an encoder-decoder")
+    settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
     sources = corpus or [training.stdlib_dir()]
     text = training.read_corpus(sources, max_bytes)
-    settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -233,8 +236,13 @@ def train_command(
             task = progress.add_task("starting", total=steps)
             log = training.train(model, text, settings, on_step)
     except KeyboardInterrupt:
-        save_weights(model, target, {**meta, "interrupted": "true"})
-        err_console.print(f"interrupted: the weights trained so far are saved in {target}", highlight=False)
+        try:
+            save_weights(model, target, {**meta, "interrupted": "true"})
+        except KVBenchError as exc:  # interrupted in the middle of a diverging update: keep the file as it was
+            err_console.print(f"interrupted: the weights were not saved ({escape(str(exc))})", highlight=False)
+            raise typer.Exit(130) from None
+        err_console.print(f"interrupted: the weights trained so far are saved in {escape(str(target))}",
+                          highlight=False)
         raise typer.Exit(130) from None
     save_weights(model, target, {**meta, "val_loss": f"{log.val_after:.4f}"})
     console.print(f"held-out loss {log.val_before:.3f} -> {log.val_after:.3f} nats/byte; "
@@ -254,6 +262,8 @@ def init_weights_command(
     loaded = resolve_config(config)
     if out.exists() and not force:
         raise KVBenchError(f"{out} exists; pass --force to overwrite it")
+    if seed is not None:
+        check_seed("--seed", seed)
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
     save_weights(model, out)
