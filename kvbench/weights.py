@@ -160,16 +160,22 @@ def new_model(config: AnyConfig) -> Decoder | Seq2Seq:
     return _construct(config)
 
 
-def load_cpu_model(loaded: LoadedConfig) -> Decoder | Seq2Seq:
-    """The config's model in float32 on CPU: weights from its file, or seeded random ones."""
+def read_weights(loaded: LoadedConfig) -> dict[str, torch.Tensor]:
+    """The config's weight file under kvbench's names, every tensor in the file's own dtype."""
+    tensors = read_safetensors(loaded.weights_path)
+    if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
+        tensors = from_gpt2(tensors, loaded.model)
+    return tensors
+
+
+def load_cpu_model(loaded: LoadedConfig, tensors: dict[str, torch.Tensor] | None = None) -> Decoder | Seq2Seq:
+    """The config's model in float32 on CPU: weights from its file (or `tensors` already read from it), or
+    seeded random ones."""
     model = new_model(loaded.model)
     if loaded.weights_path is None:
         init_weights(model, loaded.model.seed)
     else:
-        tensors = read_safetensors(loaded.weights_path)
-        if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
-            tensors = from_gpt2(tensors, loaded.model)
-        load_state(model, tensors, str(loaded.weights_path))
+        load_state(model, read_weights(loaded) if tensors is None else tensors, str(loaded.weights_path))
     return model.eval().requires_grad_(False)
 
 

@@ -3,7 +3,11 @@ never a check silently switched off, never one of two conflicting options silent
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import CONFIGS, write_yaml
 from kvbench.cli import app
@@ -54,6 +58,75 @@ def test_config_seed_outside_torchs_range_is_refused(runner, tmp_path, seed):
 def test_config_layer_norm_eps_must_be_finite(runner, tmp_path):
     assert_refused(runner.invoke(app, ["evaluate", "--config", str(write_yaml(tmp_path, layer_norm_eps=float("inf")))]),
                    "layer_norm_eps")
+
+
+def gpt2_dir(tmp_path, **overrides):
+    """A checkpoint directory whose config.json has the given values (the weights are never reached)."""
+    hf = {**dict(model_type="gpt2", n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=64,
+                 layer_norm_epsilon=1e-5), **overrides}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize("key, value", [("layer_norm_epsilon", "abc"), ("layer_norm_epsilon", None),
+                                        ("n_embd", "32"), ("n_layer", [1]), ("tie_word_embeddings", "yes"),
+                                        ("n_positions", 64.5), ("activation_function", ["gelu"])])
+def test_gpt2_config_json_with_a_wrong_type_names_its_key(runner, tmp_path, key, value):
+    result = runner.invoke(app, ["evaluate", "--config", str(gpt2_dir(tmp_path, **{key: value}))])
+    assert_refused(result, "config.json", key)
+
+
+def test_generate_takes_exactly_one_strategy(runner):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--strategy", "naive,static", "--prompt-ids", "1"])
+    assert_refused(result, "--strategy", "naive,static")
+
+
+def test_generate_refuses_both_prompt_forms(runner):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--prompt", "x", "--prompt-ids", "1"])
+    assert_refused(result, "--prompt", "--prompt-ids", "not both")
+
+
+@pytest.mark.parametrize("ids, position", [("1,,2", "item 2"), ("1,2,", "item 3"), (",1", "item 1")])
+def test_prompt_ids_with_an_empty_item_are_refused(runner, ids, position):
+    result = runner.invoke(app, ["generate", "--config", TINY, "--prompt-ids", ids, "--max-new-tokens", "2"])
+    assert_refused(result, "--prompt-ids", position)
+
+
+def test_device_cuda_x_is_not_a_device_and_prints_as_typed(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--config", TINY, "--device", "cuda:x"])
+    assert_refused(result, "'cuda:x' is not a device")
+    assert "❌" not in result.output  # rich read `:x:` as an emoji code
+
+
+def test_user_text_is_printed_as_typed_not_as_markup(runner, tmp_path):
+    config = write_yaml(tmp_path, name="[red]tiny:x:.yaml")
+    result = runner.invoke(app, ["evaluate", "--config", str(config), "--prompt-len", "4"])
+    assert result.exit_code == 0, result.output
+    assert "[red]tiny:x:" in result.output
+
+
+@pytest.fixture
+def expected_file(runner, tmp_path):
+    path = tmp_path / "expected.safetensors"
+    result = runner.invoke(app, ["evaluate", "--config", TINY, "--prompt-len", "4", "--write-expected", str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_expected_file_with_integer_logits_is_refused(runner, expected_file):
+    tensors = load_file(expected_file)
+    save_file({**tensors, "logits": tensors["logits"].to(torch.int32)}, str(expected_file))
+    assert_refused(runner.invoke(app, ["evaluate", "--config", TINY, "--expected", str(expected_file)]),
+                   "logits must be floating point", "int32")
+
+
+def test_expected_file_with_zero_length_ids_is_refused(runner, expected_file):
+    tensors = load_file(expected_file)
+    save_file({"input_ids": tensors["input_ids"][:, :0].contiguous(), "logits": tensors["logits"][:, :0].contiguous()},
+              str(expected_file))
+    assert_refused(runner.invoke(app, ["evaluate", "--config", TINY, "--expected", str(expected_file)]),
+                   "input_ids", "no token")
 
 
 def test_train_refuses_a_non_finite_or_non_positive_lr(runner, tmp_path):

@@ -1,13 +1,16 @@
-"""Weight files: never written with NaN/inf, and flagged when read with them."""
+"""Weight files: never written with NaN/inf, flagged when read with them, and read at their own precision by
+the float64 reference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_model, write_yaml
+from kvbench import verify
 from kvbench.cli import app
 from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.weights import save_weights
@@ -46,3 +49,24 @@ def test_reading_nan_weights_warns_with_kvbench_warning(tmp_path, runner):
 
     with pytest.warns(KVBenchWarning, match="ln_f.weight"):
         load_cpu_model(load_config(weights_file(runner, tmp_path, poison)))
+
+
+def test_the_reference_reads_float64_weights_unrounded(runner, tmp_path, monkeypatch):
+    def to_float64_off_the_float32_grid(tensors):
+        for name, t in tensors.items():
+            tensors[name] = t.double() + 1e-12  # no float32 holds these values
+
+    config = weights_file(runner, tmp_path, to_float64_off_the_float32_grid)
+    seen = {}
+    original = verify.numpy_reference
+
+    def spy(cpu_weights, config_, inputs):
+        seen.update(cpu_weights)
+        return original(cpu_weights, config_, inputs)
+
+    monkeypatch.setattr(verify, "numpy_reference", spy)
+    result = runner.invoke(app, ["evaluate", "--config", str(config), "--prompt-len", "4"])
+    assert result.exit_code == 0, result.output
+    assert "weights float64" in result.output
+    file = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(seen[name].double(), file[name]) for name in file)

@@ -9,6 +9,7 @@ from typing import Annotated
 import torch
 import typer
 from rich import box
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -135,7 +136,7 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
         for row in summary[summary["noisy"]].itertuples():
             err_console.print(f"[yellow]warning:[/] {row.strategy} at {row.new_tokens} tokens: IQR above 10% of the "
                               "median; the machine was noisy, consider more --repeats", highlight=False)
-    console.print(f"results in {results_path}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
+    console.print(f"results in {escape(str(results_path))}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
 
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str | None, strategies: str | None, repeats: int | None,
@@ -203,13 +204,14 @@ def benchmark(
             raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given) or '--config'}")
         run = bench.resume(resume)
         resolve_device(run.settings.device)
-        console.print(f"resuming {resume}: {len(run.results.completed())} runs already recorded")
+        console.print(f"resuming {escape(str(resume))}: {len(run.results.completed())} runs already recorded")
     else:
         loaded = resolve_config(config)
         settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
                                 threads, dtype, seed, compile, window, src_len)
         run = bench.start(loaded, settings, out, Path("results"))
-        console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {run.results.path}")
+        console.print(f"{escape(loaded.name)} on {settings.device} ({settings.dtype}), writing to "
+                      f"{escape(str(run.results.path))}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
                         auto_refresh=False, transient=True)
@@ -220,7 +222,8 @@ def benchmark(
         summary, plots = bench.finish(run, "interrupted")
         report_finish(summary, plots, run.results.path)
         err_console.print(f"interrupted: {len(run.results.completed())} finished runs kept in "
-                          f"{run.results.runs_csv}; continue with: kvbench benchmark --resume {run.results.path}",
+                          f"{escape(str(run.results.runs_csv))}; continue with: kvbench benchmark --resume "
+                          f"{escape(str(run.results.path))}",
                           highlight=False)
         raise typer.Exit(130) from None
     summary, plots = bench.finish(run, "complete")
@@ -249,8 +252,9 @@ def compare(
     joined, meta_a, meta_b = bench.compare(dir_a, dir_b)
     for label, meta in (("A", meta_a), ("B", meta_b)):
         s = meta.get("settings", {})
-        console.print(f"{label}: {meta.get('config_name')} on {meta.get('device_name')} ({s.get('dtype')}, batch "
-                      f"{s.get('batch_size')}, commit {str(meta.get('git_commit'))[:10]})", highlight=False)
+        console.print(escape(f"{label}: {meta.get('config_name')} on {meta.get('device_name')} ({s.get('dtype')}, "
+                             f"batch {s.get('batch_size')}, commit {str(meta.get('git_commit'))[:10]})"),
+                      highlight=False)
     table = Table(title="B / A, ratio of medians")
     for column in ("strategy", "new tokens", "total A", "total B", "B/A total", "per token A", "per token B",
                    "B/A per token"):
@@ -293,7 +297,7 @@ def ablate(
     model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     limits = floor.measure_limits(dev, floor.weight_bytes_per_step(model, batch_size), torch_dtype)
-    console.print(f"{loaded.name} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
+    console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
                   f"{limits.best_bandwidth_gbs:.1f} GB/s over {limits.bandwidth_bytes / 1e6:.0f} MB")
     built = ablation.build_variants(names, model, prompt, new_tokens)
     with progress_bar() as progress:

@@ -49,9 +49,13 @@ from kvbench.cli.common import (
 from kvbench.config import check_seed
 from kvbench.generate import cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
-from kvbench.weights import build_model, decode_kernel, load_cpu_model
+from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
+
+def weights_dtype(tensors: dict) -> str:
+    return "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+
 
 def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance) -> Table:
     table = Table(title=f"logits compared (atol {tol.atol:g}, rtol {tol.rtol:g})")
@@ -91,19 +95,23 @@ def evaluate(
     else:
         check_fits(loaded, max(prompt_len, src_len if is_seq2seq(loaded) else 0), "--prompt-len / --src-len")
         inputs = verify.random_inputs(loaded.model, batch_size, prompt_len, src_len, seed)
-    cpu_model = load_cpu_model(loaded)
-    cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}  # the reference's own copy
+    file_tensors = read_weights(loaded) if loaded.weights_path is not None else None
+    cpu_model = load_cpu_model(loaded, file_tensors)
+    # The reference's own copy, as the file holds it: float64 weights stay float64 (the torch model runs them
+    # rounded to float32 or --dtype); random weights are the model's.
+    cpu_weights = file_tensors if file_tensors is not None else {n: t.clone() for n, t in cpu_model.state_dict().items()}
     model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
     result, reference = verify.evaluate(model, cpu_weights, inputs, tol, expected_logits)
     source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
-    console.print(f"{loaded.name}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype})")
+    console.print(f"{escape(loaded.name)}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype}), "
+                  f"weights {weights_dtype(cpu_weights)}")
     console.print(comparison_table(result.comparisons, tol))
     for c in result.comparisons:
         if c.nonfinite:
             console.print(f"  [bold red]FAIL[/] {escape(c.name)}: {escape(c.nonfinite)}", highlight=False)
     if write_expected is not None:
         verify.write_expected(write_expected, inputs, reference)
-        console.print(f"wrote expected logits of the NumPy reference to {write_expected}")
+        console.print(f"wrote expected logits of the NumPy reference to {escape(str(write_expected))}")
     if not result.passed:
         err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
         raise typer.Exit(1)
@@ -215,7 +223,7 @@ def kv_evaluate(
                  "--new-tokens, --prompt-len")
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
-    console.print(f"{loaded.name}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
+    console.print(f"{escape(loaded.name)}: batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
                   f"({dtype}), {sampling.describe()}")
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}

@@ -31,8 +31,10 @@ from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
 
 app = typer.Typer(help="Prove a transformer's KV cache exact and measure what it buys.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
-err_console = Console(stderr=True, soft_wrap=True)
+# Long lines stay whole, for copying and grepping. No emoji codes: user text such as `--device cuda:x:` must
+# print as typed (and user text is passed through rich's escape() against markup like `[red]` in a path).
+console = Console(soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -127,16 +129,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU visible"
-            raise KVBenchError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
-                               "use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
-        if index >= torch.cuda.device_count():
-            raise KVBenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return torch.device("cuda", index)
-    raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda is None:
+        raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N (N a GPU index)")
+    if not torch.cuda.is_available():
+        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU visible"
+        raise KVBenchError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
+                           "use --device cpu")
+    index = int(cuda.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise KVBenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", index)
 
 
 def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:

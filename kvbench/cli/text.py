@@ -57,6 +57,8 @@ from kvbench.weights import build_model, new_model, save_weights
 # --- generate ---------------------------------------------------------------------------------------------------
 
 def prompt_tokens(tokenizer, text: str | None, ids: str | None, vocab: int, source: Path) -> list[int]:
+    if ids is not None and text is not None:
+        raise KVBenchError("give --prompt or --prompt-ids, not both")
     if ids is not None:
         return parse_ids(ids, vocab)
     if tokenizer is None:
@@ -103,6 +105,8 @@ def generate_command(
     loaded = resolve_config(config)
     if is_seq2seq(loaded):
         raise KVBenchError(f"generate supports decoder-only configs; {loaded.source} is an encoder-decoder")
+    if "," in strategy:
+        raise KVBenchError(f"--strategy takes one strategy (got {strategy!r}); kv-evaluate and benchmark take several")
     [name] = strategies_for(loaded, strategy, strategy, compile=False)
     require_positive("--max-new-tokens", max_new_tokens)
     if not interactive and prompt is None and prompt_ids is None:
@@ -115,7 +119,7 @@ def generate_command(
     model = build_model(loaded, dev, torch_dtype)
     tokenizer = tokenizer_for(loaded)
     cache = new_cache(model, name, 1, room, win)
-    err_console.print(f"[dim]{loaded.name} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
+    err_console.print(f"[dim]{escape(loaded.name)} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
                       f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
 
     def run(text: str | None, ids: str | None) -> None:
@@ -178,7 +182,7 @@ def visualize_command(
     growth.to_csv(out / "cache_growth.csv", index=False)
     written.append(vis.cache_growth_figure(growth, out / "cache_growth.png",
                                            f"{loaded.name}: KV cache over {new_tokens} decode steps (window {win})"))
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    console.print(f"wrote {escape(', '.join(str(p) for p in written))}")
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -219,8 +223,8 @@ def train_command(
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"training {loaded.name} ({n_params:,} parameters) on {len(text):,} bytes from "
-                  f"{', '.join(map(str, sources))}, {steps} steps of {batch_size} x {seq_len} bytes")
+    console.print(f"training {escape(loaded.name)} ({n_params:,} parameters) on {len(text):,} bytes from "
+                  f"{escape(', '.join(map(str, sources)))}, {steps} steps of {batch_size} x {seq_len} bytes")
     meta = {"trained_by": "kvbench train", "command": command_line_text(), "corpus": ", ".join(map(str, sources)),
             "corpus_bytes": str(len(text)), "steps": str(steps)}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -246,7 +250,7 @@ def train_command(
         raise typer.Exit(130) from None
     save_weights(model, target, {**meta, "val_loss": f"{log.val_after:.4f}"})
     console.print(f"held-out loss {log.val_before:.3f} -> {log.val_after:.3f} nats/byte; "
-                  f"last training loss {log.losses[-1]:.3f}; weights in {target}")
+                  f"last training loss {log.losses[-1]:.3f}; weights in {escape(str(target))}")
 
 
 @app.command("init-weights")
@@ -268,4 +272,4 @@ def init_weights_command(
     init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
     save_weights(model, out)
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"wrote {n_params:,} parameters for {loaded.name} to {out}")
+    console.print(f"wrote {n_params:,} parameters for {escape(loaded.name)} to {escape(str(out))}")
