@@ -134,3 +134,19 @@ def test_train_refuses_a_non_finite_or_non_positive_lr(runner, tmp_path):
         result = runner.invoke(app, ["train", "--config", TINY, "--lr", lr, "--out", str(tmp_path / "w.safetensors")])
         assert_refused(result, "--lr")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_generated_text_is_printed_as_generated(capsys):
+    from types import SimpleNamespace
+
+    from kvbench.cli.text import stream_one
+    from kvbench.textgen import TokenEvent
+
+    class Stream:  # what TextStream yields, with text that rich would read as markup and an emoji code
+        summary = SimpleNamespace(describe=lambda: "1 token")
+
+        def __iter__(self):
+            yield TokenEvent(0, 91, "[bold]x:x:", 0.001)
+
+    stream_one(Stream(), token_times=True)
+    assert "'[bold]x:x:'" in capsys.readouterr().out

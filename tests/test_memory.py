@@ -80,3 +80,8 @@ def test_other_runtime_errors_are_not_disguised_as_memory():
 
     with pytest.raises(RuntimeError, match="a bug"):
         command()
+
+
+def test_available_memory_on_cuda_is_its_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (123, 456))
+    assert memory.available_bytes("cuda:0") == 123

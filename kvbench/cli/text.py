@@ -74,7 +74,8 @@ def stream_one(stream: textgen.TextStream, token_times: bool) -> None:
     """Print tokens as they come (or one line per token with its time), then the summary."""
     for event in stream:
         if token_times:
-            console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {event.text!r}", highlight=False)
+            console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {escape(repr(event.text))}",
+                          highlight=False)
         else:
             console.out(event.text, end="", highlight=False)
             console.file.flush()
