@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvbench.errors import KVBenchError
 
+# torch's generators take seeds up to 2**64 - 1; kvbench also draws with seed + 1, so it accepts 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Refuse a seed torch cannot take, naming the option or key it came from."""
+    if not 0 <= seed <= MAX_SEED:
+        raise KVBenchError(f"{name} must be an integer in 0..{MAX_SEED} (2**63 - 1) (got {seed})")
+
 
 class ArchitectureConfig(BaseModel):
     """What every model family shares. Strict: unknown keys and wrong types are errors, never coerced."""
@@ -28,8 +37,8 @@ class ArchitectureConfig(BaseModel):
     activation: Literal["gelu", "gelu_exact", "relu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
     tie_embeddings: bool = True  # the LM head reuses the (target) token embedding matrix
     bias: bool = True  # biases in linear layers and LayerNorms
-    layer_norm_eps: float = Field(default=1e-5, gt=0)
-    seed: int = 0  # seeds the random initialisation when no weights are given
+    layer_norm_eps: float = Field(default=1e-5, gt=0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # seeds the random initialisation when no weights are given
     sliding_window: int | None = Field(default=None, gt=0)  # default window W of the `sliding` strategy
     weights: str | None = None  # .safetensors path; relative paths are relative to the YAML file
 
@@ -109,9 +118,11 @@ def _error_location(error: dict[str, Any]) -> str:
     return ".".join(str(part) for part in error["loc"])
 
 
-def _describe_error(error: dict[str, Any], schema: type[BaseModel], family: str) -> str:
-    """One pydantic error as 'key: what is wrong (got value)'."""
+def _describe_error(error: dict[str, Any], schema: type[BaseModel], family: str,
+                    source_keys: dict[str, str]) -> str:
+    """One pydantic error as 'key: what is wrong (got value)', the key as the source file spells it."""
     key = _error_location(error)
+    key = source_keys.get(key, key)
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, schema.model_fields, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(schema.model_fields)}"
@@ -124,8 +135,9 @@ def _describe_error(error: dict[str, Any], schema: type[BaseModel], family: str)
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
-def validate_config(data: Any, origin: str) -> AnyConfig:
-    """Build the config of the mapping's family or raise KVBenchError naming the first bad key."""
+def validate_config(data: Any, origin: str, source_keys: dict[str, str] | None = None) -> AnyConfig:
+    """Build the config of the mapping's family or raise KVBenchError naming the first bad key (as
+    source_keys renames it: a GPT-2 config.json spells keys its own way)."""
     if not isinstance(data, dict):
         raise KVBenchError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
     family = data.get("family", "decoder")
@@ -135,7 +147,7 @@ def validate_config(data: Any, origin: str) -> AnyConfig:
     try:
         return schema(**data)
     except ValidationError as exc:
-        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0], schema, family)}") from None
+        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0], schema, family, source_keys or {})}") from None
     except TypeError as exc:  # non-string keys, e.g. `1: 2`
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None
 
@@ -187,34 +199,31 @@ def load_yaml_config(path: Path) -> LoadedConfig:
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
 
 
+# config.json key -> kvbench key, for the keys whose values pass through unchanged (and are validated as ours)
+GPT2_KEYS = {"n_layer": "n_layers", "n_embd": "d_model", "n_head": "n_heads", "n_inner": "d_ff",
+             "vocab_size": "vocab_size", "n_positions": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
+             "layer_norm_epsilon": "layer_norm_eps"}
+
+
 def _gpt2_fields(hf: dict[str, Any], origin: str) -> dict[str, Any]:
-    """Translate a transformers GPT2Config dict into ModelConfig keys."""
+    """Translate a transformers GPT2Config dict into ModelConfig keys. Values are passed on as they are, so
+    that a wrong type (`layer_norm_epsilon: null`) fails validation naming the config.json key."""
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise KVBenchError(f"{origin}: '{flag}: true' is not supported by kvbench; use a plain GPT-2 checkpoint")
     if hf.get("scale_attn_weights") is False:
         raise KVBenchError(f"{origin}: 'scale_attn_weights: false' is not supported; kvbench scales by 1/sqrt(head_dim)")
     act = hf.get("activation_function", "gelu_new")
-    if act not in GPT2_ACTIVATIONS:
-        raise KVBenchError(f"{origin}: activation_function '{act}' is not supported; use one of {list(GPT2_ACTIVATIONS)}")
-    try:
-        d_model = hf["n_embd"]
-        return dict(
-            n_layers=hf["n_layer"],
-            d_model=d_model,
-            n_heads=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * d_model,
-            vocab_size=hf["vocab_size"],
-            max_seq_len=hf["n_positions"],
-            positional="learned",
-            norm="pre",
-            activation=GPT2_ACTIVATIONS[act],
-            tie_embeddings=hf.get("tie_word_embeddings", True),
-            bias=True,
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-    except KeyError as exc:
-        raise KVBenchError(f"{origin}: missing GPT-2 key {exc}; is this a GPT-2 config.json?") from None
+    if not isinstance(act, str) or act not in GPT2_ACTIVATIONS:
+        raise KVBenchError(f"{origin}: activation_function {act!r} is not supported; use one of {list(GPT2_ACTIVATIONS)}")
+    missing = [key for key in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions") if key not in hf]
+    if missing:
+        raise KVBenchError(f"{origin}: missing GPT-2 key '{missing[0]}'; is this a GPT-2 config.json?")
+    fields = {ours: hf[theirs] for theirs, ours in GPT2_KEYS.items() if theirs in hf}
+    if fields.get("d_ff") is None:  # absent or null: GPT-2's default, 4 x n_embd
+        d_model = fields["d_model"]
+        fields["d_ff"] = 4 * d_model if type(d_model) is int else d_model  # a bad n_embd is reported as itself
+    return {**fields, "positional": "learned", "norm": "pre", "activation": GPT2_ACTIVATIONS[act], "bias": True}
 
 
 def load_gpt2_dir(path: Path) -> LoadedConfig:
@@ -229,7 +238,8 @@ def load_gpt2_dir(path: Path) -> LoadedConfig:
         raise KVBenchError(f"{config_file}: not valid JSON") from None
     if not isinstance(hf, dict) or hf.get("model_type") not in ("gpt2", None):
         raise KVBenchError(f"{config_file}: model_type {hf.get('model_type')!r} is not supported; only GPT-2 is")
-    model = validate_config(_gpt2_fields(hf, str(config_file)), str(config_file))
+    source_keys = {ours: theirs for theirs, ours in GPT2_KEYS.items()}
+    model = validate_config(_gpt2_fields(hf, str(config_file)), str(config_file), source_keys)
     return LoadedConfig(name=path.name, source=path, model=model, weights_path=weights)
 
 

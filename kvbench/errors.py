@@ -10,3 +10,10 @@ class KVBenchError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class KVBenchWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. weights holding NaN).
+
+    Raised with warnings.warn where it is found; the CLI prints it as one line on stderr.
+    """

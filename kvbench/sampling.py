@@ -9,11 +9,19 @@ recorded draws.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from kvbench.config import check_seed
 from kvbench.errors import KVBenchError
+
+
+# Below this, logits / temperature overflow float32 for ordinary logits (10 / 1e-38 is inf) and sampling turns
+# into NaN; long before that it is greedy in all but name (it picks the top token unless the top two are
+# within 1e-5 of each other). Use 0 for greedy.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -24,12 +32,15 @@ class SamplingSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise KVBenchError(f"--temperature must be 0 (greedy) or more (got {self.temperature:g})")
+        # math.isfinite first: nan fails no comparison, so `nan < 0` alone would let it through
+        if not (math.isfinite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise KVBenchError(f"--temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE:g} "
+                               f"(got {self.temperature:g})")
         if self.top_k is not None and self.top_k < 1:
             raise KVBenchError(f"--top-k must be a positive integer (got {self.top_k})")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise KVBenchError(f"--top-p must lie in (0, 1] (got {self.top_p:g})")
+        check_seed("--seed", self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -84,8 +84,13 @@ def tokenizer_for(loaded: LoadedConfig) -> Tokenizer | None:
 
 
 def parse_ids(text: str, vocab: int) -> list[int]:
+    parts = text.split(",")
+    empty = [n for n, part in enumerate(parts, 1) if not part.strip()]
+    if empty and text.strip():  # `1,,2` is a typo, not the prompt 1,2
+        raise KVBenchError(f"--prompt-ids {text!r}: item {empty[0]} is empty; give comma-separated integers, "
+                           "e.g. --prompt-ids 1,2,3")
     try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
+        ids = [int(part) for part in parts if part.strip()]
     except ValueError:
         raise KVBenchError(f"--prompt-ids {text!r}: give comma-separated integers, e.g. --prompt-ids 1,2,3") from None
     if not ids or any(not 0 <= i < vocab for i in ids):

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kvbench.config import ModelConfig
+from kvbench.config import ModelConfig, check_seed
 from kvbench.errors import KVBenchError
 from kvbench.model import Decoder
 
@@ -66,6 +66,11 @@ class TrainSettings:
     weight_decay: float = 0.1
     seed: int = 0
     eval_batches: int = 8
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise KVBenchError(f"--lr must be a finite number above 0 (got {self.lr:g})")
+        check_seed("--seed", self.seed)
 
 
 @dataclass
@@ -132,6 +137,17 @@ def check_trainable(config: ModelConfig, seq_len: int) -> None:
         raise KVBenchError(f"--seq-len {seq_len} exceeds max_seq_len {config.max_seq_len}")
 
 
+def require_finite(model: Decoder, step: int, loss: float, lr: float) -> None:
+    """Stop at the first step whose loss or updated weights are NaN/inf: training cannot recover from them,
+    and saving them would give a file that loads fine and computes nothing but NaN."""
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if math.isfinite(loss) and broken is None:
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"tensor '{broken}' holds NaN/inf"
+    raise KVBenchError(f"training diverged at step {step + 1}: {what} (learning rate {lr:.1e}); lower --lr "
+                       "(nothing from this step on is saved)")
+
+
 def train(model: Decoder, corpus: bytes, s: TrainSettings,
           on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None) -> TrainLog:
     """Train in place; on_step(step, loss, lr) after every step. KeyboardInterrupt leaves the model as trained."""
@@ -153,6 +169,7 @@ def train(model: Decoder, corpus: bytes, s: TrainSettings,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         log.losses.append(loss.item())
+        require_finite(model, step, log.losses[-1], lr)  # before on_step, which may save the weights
         on_step(step, log.losses[-1], lr)
     log.val_after = validation_loss(model.eval(), val_data, s)
     return log

@@ -109,6 +109,10 @@ def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tens
     for name, t in (("input_ids", ids), ("src_ids", inputs.src_ids)):
         if t is not None and (t.dtype != torch.int64 or t.dim() != 2 or t.shape[0] != ids.shape[0]):
             raise KVBenchError(f"expected file '{path}': {name} must be int64 (B, T), got {t.dtype} {tuple(t.shape)}")
+        if t is not None and t.numel() == 0:  # nothing to run the model on, nothing to compare
+            raise KVBenchError(f"expected file '{path}': {name} {tuple(t.shape)} holds no token; it needs B, T >= 1")
+    if not logits.is_floating_point():  # integer "logits" are not what any model wrote: refuse, don't compare
+        raise KVBenchError(f"expected file '{path}': logits must be floating point, got {logits.dtype}")
     if tuple(logits.shape) != (*ids.shape, config.vocab_size):
         raise KVBenchError(f"expected file '{path}': logits shape {tuple(logits.shape)} does not match input_ids "
                            f"{tuple(ids.shape)} and vocab_size {config.vocab_size}; was it made for this config?")

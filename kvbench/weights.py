@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kvbench.config import AnyConfig, LoadedConfig, ModelConfig, Seq2SeqConfig
-from kvbench.errors import KVBenchError
+from kvbench import memory
+from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.model import Decoder, init_weights
 from kvbench.seq2seq import Seq2Seq
 
@@ -105,24 +107,76 @@ def load_state(model: Decoder, tensors: dict[str, torch.Tensor], origin: str) ->
                                f"needs {tuple(target.shape)}; fix the config or the weights")
         if not tensors[name].is_floating_point():
             raise KVBenchError(f"{origin}: tensor '{name}' has dtype {tensors[name].dtype}; weights must be floats")
+    warn_non_finite(tensors, origin)
     model.load_state_dict({name: t.float() for name, t in tensors.items()})
 
 
-def new_model(config: AnyConfig) -> Decoder | Seq2Seq:
-    """An uninitialised model of the config's family."""
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count) of the first tensor holding NaN or inf values, or None when every value is finite."""
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            return name, bad
+    return None
+
+
+def warn_non_finite(tensors: dict[str, torch.Tensor], origin: str) -> None:
+    # A warning, not an error: evaluate and kv-evaluate must be able to run on such weights and fail
+    # (exit 1, saying naive is non-finite too), and that verdict is more useful than a refusal at load.
+    found = first_non_finite(tensors)
+    if found:
+        warnings.warn(f"{origin}: tensor '{found[0]}' holds {found[1]} NaN/inf value(s); logits computed "
+                      "from it will be NaN (were the weights trained with too high a learning rate?)",
+                      KVBenchWarning, stacklevel=2)
+
+
+def _construct(config: AnyConfig) -> Decoder | Seq2Seq:
     return Seq2Seq(config) if isinstance(config, Seq2SeqConfig) else Decoder(config)
 
 
-def load_cpu_model(loaded: LoadedConfig) -> Decoder | Seq2Seq:
-    """The config's model in float32 on CPU: weights from its file, or seeded random ones."""
+def shapes_only(config: AnyConfig) -> Decoder | Seq2Seq:
+    """The config's model built on the meta device: every tensor's shape and dtype, no memory."""
+    with torch.device("meta"):
+        return _construct(config)
+
+
+def model_bytes(config: AnyConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the config's weights held in dtype."""
+    return memory.element_count(shapes_only(config)) * dtype.itemsize
+
+
+def require_model_fits(config: AnyConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Refuse a model whose weights cannot fit in the device's memory, naming the config key that makes it big."""
+    model = shapes_only(config)
+    name, shape = memory.largest_tensor(model)
+    keys = [key for key, value in config.model_dump().items() if type(value) is int and value == max(shape)]
+    memory.require(memory.element_count(model) * dtype.itemsize, device,
+                   f"the model ({str(dtype).removeprefix('torch.')} weights; largest tensor '{name}' {shape}, "
+                   f"from {' and '.join(keys)})", f"lower {' or '.join(keys) or 'the sizes'} in the config")
+
+
+def new_model(config: AnyConfig) -> Decoder | Seq2Seq:
+    """An uninitialised model of the config's family, refused before allocation when it cannot fit."""
+    require_model_fits(config)
+    return _construct(config)
+
+
+def read_weights(loaded: LoadedConfig) -> dict[str, torch.Tensor]:
+    """The config's weight file under kvbench's names, every tensor in the file's own dtype."""
+    tensors = read_safetensors(loaded.weights_path)
+    if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
+        tensors = from_gpt2(tensors, loaded.model)
+    return tensors
+
+
+def load_cpu_model(loaded: LoadedConfig, tensors: dict[str, torch.Tensor] | None = None) -> Decoder | Seq2Seq:
+    """The config's model in float32 on CPU: weights from its file (or `tensors` already read from it), or
+    seeded random ones."""
     model = new_model(loaded.model)
     if loaded.weights_path is None:
         init_weights(model, loaded.model.seed)
     else:
-        tensors = read_safetensors(loaded.weights_path)
-        if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
-            tensors = from_gpt2(tensors, loaded.model)
-        load_state(model, tensors, str(loaded.weights_path))
+        load_state(model, read_weights(loaded) if tensors is None else tensors, str(loaded.weights_path))
     return model.eval().requires_grad_(False)
 
 
@@ -145,7 +199,11 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
 def save_weights(model: Decoder | Seq2Seq, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Float32 tensors in (in, out) layout under the model's names, written atomically."""
     canonical = copy.deepcopy(model).use_kernel("matmul").float()
-    save_tensors({name: t.detach().contiguous().cpu() for name, t in canonical.state_dict().items()}, path, metadata)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in canonical.state_dict().items()}
+    found = first_non_finite(tensors)
+    if found:  # the last line of defence: a file of NaN weights looks valid and passes every shape check
+        raise KVBenchError(f"refusing to write {path}: tensor '{found[0]}' holds {found[1]} NaN/inf value(s)")
+    save_tensors(tensors, path, metadata)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

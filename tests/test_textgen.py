@@ -199,6 +199,49 @@ def no_training(monkeypatch):
     monkeypatch.setattr(kvbench.train, "read_corpus", forbidden)
 
 
+def diverging_training(runner, tmp_path, save_every: int):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    out = tmp_path / "w.safetensors"
+    config = write_yaml(tmp_path, vocab_size=256, max_seq_len=32)
+    result = runner.invoke(app, ["train", "--config", str(config), "--corpus", str(corpus), "--steps", "20",
+                                 "--batch-size", "2", "--seq-len", "16", "--lr", "1e12", "--save-every",
+                                 str(save_every), "--out", str(out)])
+    return result, out
+
+
+def test_training_that_diverges_stops_and_saves_no_nan(runner, tmp_path):
+    result, out = diverging_training(runner, tmp_path, save_every=1)
+    assert result.exit_code == 2, result.output
+    assert "training diverged" in result.output and "lower --lr" in result.output
+    assert "Traceback" not in result.output
+    if out.exists():  # the periodic saves before it diverged hold finite weights; nothing after
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(t).all() for t in load_file(out).values())
+
+
+def test_training_that_diverges_before_any_save_writes_nothing(runner, tmp_path):
+    result, out = diverging_training(runner, tmp_path, save_every=1000)
+    assert result.exit_code == 2 and not out.exists(), result.output
+
+
+def test_interrupted_training_does_not_save_nan_weights(runner, tmp_path, monkeypatch):
+    import kvbench.train
+
+    def interrupted_mid_update(model, corpus, settings, on_step):
+        model.ln_f.weight.data[0] = float("nan")  # Ctrl-C landed inside a diverging optimizer step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kvbench.train, "train", interrupted_mid_update)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc " * 1000)
+    out = tmp_path / "w.safetensors"
+    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path, vocab_size=256)), "--corpus",
+                                 str(corpus), "--seq-len", "16", "--out", str(out)])
+    assert result.exit_code == 130 and not out.exists(), result.output
+    assert "not saved" in result.output and "ln_f.weight" in result.output
+
+
 def test_train_refuses_a_non_byte_vocabulary_before_reading_the_corpus(runner, tmp_path, monkeypatch):
     no_training(monkeypatch)
     result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path)), "--out", str(tmp_path / "w.st")])

@@ -36,6 +36,7 @@ from kvbench.cli.common import (
     app,
     check_fits,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -49,7 +50,7 @@ from kvbench.cli.common import (
     strategies_for,
 )
 from kvbench.bench.machine import check_threads
-from kvbench.config import LoadedConfig, load_config
+from kvbench.config import LoadedConfig, check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
 
@@ -137,7 +138,7 @@ def report_finish(summary, plots: list[Path], results_path: Path) -> None:
         for row in summary[summary["noisy"]].itertuples():
             err_console.print(f"[yellow]warning:[/] {row.strategy} at {row.new_tokens} tokens: IQR above 10% of the "
                               "median; the machine was noisy, consider more --repeats", highlight=False)
-    console.print(f"results in {results_path}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
+    console.print(f"results in {escape(str(results_path))}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
 
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: str | None, repeats: int,
@@ -153,7 +154,8 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
     if warmup < 0:
         raise KVBenchError(f"--warmup must be 0 or more (got {warmup})")
     check_threads(threads)
-    resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
+    check_seed("--seed", seed)
     settings = SweepSettings(
         lengths=parse_lengths(lengths),
         strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
@@ -164,6 +166,8 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
                  "--prompt-len + longest --lengths - 1")
     if settings.src_len:
         check_fits(loaded, settings.src_len, "--src-len")
+    check_memory(loaded, settings.device, torch_dtype, settings.strategies, settings.batch_size,
+                 settings.prompt_len + max(settings.lengths) - 1, settings.window, "--lengths, --prompt-len")
     return settings
 
 
@@ -349,6 +353,7 @@ def ablate(
     for option, value in (("--new-tokens", new_tokens), ("--repeats", repeats), ("--prompt-len", prompt_len),
                           ("--batch-size", batch_size)):
         require_positive(option, value)
+    check_seed("--seed", seed)
     if new_tokens < 2:
         raise KVBenchError("--new-tokens must be at least 2: per-token time is (t(N) - t(1)) / (N - 1)")
     check_fits(loaded, prompt_len + new_tokens, "--prompt-len + --new-tokens")
@@ -356,7 +361,7 @@ def ablate(
     model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     limits = floor.measure_limits(dev, floor.weight_bytes_per_step(model, batch_size), torch_dtype)
-    console.print(f"{loaded.name} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
+    console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
                   f"{limits.best_bandwidth_gbs:.1f} GB/s over {limits.bandwidth_bytes / 1e6:.0f} MB")
     built = ablation.build_variants(names, model, prompt, new_tokens)
     with progress_bar() as progress:

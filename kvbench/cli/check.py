@@ -33,6 +33,7 @@ from kvbench.cli.common import (
     app,
     check_fits,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -46,12 +47,16 @@ from kvbench.cli.common import (
     strategies_for,
     tolerance,
 )
-from kvbench.config import load_config
-from kvbench.generate import for_generation
+from kvbench.config import check_seed, load_config
+from kvbench.generate import cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
-from kvbench.weights import build_model, decode_kernel, load_cpu_model
+from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
+
+def weights_dtype(tensors: dict) -> str:
+    return "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+
 
 def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance) -> Table:
     """Judged by err/tol alone, so it stands beside the verdict; max rel and argmax agreement inform only."""
@@ -88,6 +93,7 @@ def evaluate(
     loaded = load_config(config)
     for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
         require_positive(option, value)
+    check_seed("--seed", seed)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     if write_expected is not None:
         output_file(write_expected, "--write-expected", force)
@@ -97,19 +103,23 @@ def evaluate(
     else:
         check_fits(loaded, max(prompt_len, src_len if is_seq2seq(loaded) else 0), "--prompt-len / --src-len")
         inputs = verify.random_inputs(loaded.model, batch_size, prompt_len, src_len, seed)
-    cpu_model = load_cpu_model(loaded)
-    cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}  # the reference's own copy
+    file_tensors = read_weights(loaded) if loaded.weights_path is not None else None
+    cpu_model = load_cpu_model(loaded, file_tensors)
+    # The reference's own copy, as the file holds it: float64 weights stay float64 (the torch model runs them
+    # rounded to float32 or --dtype); random weights are the model's.
+    cpu_weights = file_tensors if file_tensors is not None else {n: t.clone() for n, t in cpu_model.state_dict().items()}
     model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
     result, reference = verify.evaluate(model, cpu_weights, inputs, tol, expected_logits)
     source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
-    console.print(f"{loaded.name}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype})")
+    console.print(f"{escape(loaded.name)}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype}), "
+                  f"weights {weights_dtype(cpu_weights)}")
     console.print(comparison_table(result.comparisons, tol))
     for c in result.comparisons:
         if c.nonfinite:
             console.print(f"  [bold red]FAIL[/] {escape(c.name)}: {escape(c.nonfinite)}", highlight=False)
     if write_expected is not None:
         verify.write_expected(write_expected, inputs, reference)
-        console.print(f"wrote expected logits of the NumPy reference to {write_expected}")
+        console.print(f"wrote expected logits of the NumPy reference to {escape(str(write_expected))}")
     if not result.passed:
         err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
         raise typer.Exit(1)
@@ -228,10 +238,12 @@ def kv_evaluate(
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    check_memory(loaded, dev, torch_dtype, names, batch_size, cache_tokens(prompt_len, new_tokens), win,
+                 "--new-tokens, --prompt-len")
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     source = f", source {src_len}" if is_seq2seq(loaded) else ""
-    console.print(f"{loaded.name}: batch {batch_size}{source}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
+    console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
                   f"({dtype}), {sampling.describe()}")
     if is_seq2seq(loaded):
         for name in names:

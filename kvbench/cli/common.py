@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -22,10 +25,10 @@ from rich.progress import (
 )
 
 import kvbench
-from kvbench import verify
+from kvbench import memory, verify
 from kvbench import strategies as registry
 from kvbench.config import LoadedConfig, Seq2SeqConfig, shipped_names
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
 
@@ -52,8 +55,10 @@ class App(typer.Typer):
 # typer's rich panels label every flag <bool> although flags take no value.
 app = App(help="Prove a transformer's KV cache exact and measure what it buys.", rich_markup_mode=None,
           no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(soft_wrap=True)  # long lines stay whole, for copying and grepping
-err_console = Console(stderr=True, soft_wrap=True)
+# Long lines stay whole, for copying and grepping. No emoji codes: user text such as `--device cuda:x:` must
+# print as typed (and user text is passed through rich's escape() against markup like `[red]` in a path).
+console = Console(soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 DEFAULT_CONFIG = "default"  # a shipped config's name: found wherever kvbench runs from
 
@@ -100,20 +105,32 @@ def main_options(
     """Prove a transformer's KV cache exact and measure what it buys."""
 
 
+MEMORY_ADVICE = "lower --batch-size, the lengths (--new-tokens, --lengths, --window) or use a smaller config"
+
+
 def fail_cleanly(command: Callable) -> Callable:
     """Turn KVBenchError into one line on stderr plus its exit code; Ctrl-C into a short message; running out
-    of memory into advice (it depends on the sizes asked for, which the user can change)."""
+    of memory into advice (it depends on the sizes asked for, which the user can change). KVBenchWarnings
+    print as one line each and the command goes on."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", KVBenchWarning)
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except KVBenchError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except torch.OutOfMemoryError:
-            err_console.print("[bold red]error:[/] out of device memory; lower --batch-size, the lengths or "
-                              "--new-tokens, or use a smaller config", highlight=False)
+            err_console.print(f"[bold red]error:[/] out of device memory; {MEMORY_ADVICE}", highlight=False)
+            raise typer.Exit(2) from None
+        except RuntimeError as exc:
+            if not is_allocation_failure(exc):
+                raise
+            err_console.print(f"[bold red]error:[/] out of memory{allocation_size(exc)}; {MEMORY_ADVICE}",
+                              highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
@@ -122,21 +139,45 @@ def fail_cleanly(command: Callable) -> Callable:
     return wrapper
 
 
+_original_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, KVBenchWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    else:
+        _original_showwarning(message, category, filename, lineno, file, line)
+
+
+# What torch's CPU allocator says when malloc fails (an allocation the estimates in kvbench.memory missed)
+ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_allocation_failure(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in ALLOCATION_FAILURES)
+
+
+def allocation_size(exc: RuntimeError) -> str:
+    found = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    return f": an allocation of {memory.size_text(int(found.group(1)))} failed" if found else ""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU visible"
-            raise KVBenchError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
-                               "use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
-        if index >= torch.cuda.device_count():
-            raise KVBenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return torch.device("cuda", index)
-    raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda is None:
+        raise KVBenchError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N (N a GPU index)")
+    if not torch.cuda.is_available():
+        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU visible"
+        raise KVBenchError(f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
+                           "use --device cpu")
+    index = int(cuda.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise KVBenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", index)
 
 
 def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
@@ -169,8 +210,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 def tolerance(dtype: str, atol: float | None, rtol: float | None) -> verify.Tolerance:
     default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
     tol = verify.Tolerance(default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
-    if tol.atol < 0 or tol.rtol < 0:
-        raise KVBenchError(f"tolerances must be 0 or more (got --atol {tol.atol:g}, --rtol {tol.rtol:g})")
+    for option, value in (("--atol", tol.atol), ("--rtol", tol.rtol)):
+        # nan compares false with everything and inf allows everything: either would switch the check off
+        if not (math.isfinite(value) and value >= 0):
+            raise KVBenchError(f"{option} must be a finite number, 0 or more (got {value:g})")
     return tol
 
 
@@ -225,6 +268,22 @@ def output_file(path: Path, option: str, force: bool) -> Path:
 def require_positive(option: str, value: int) -> None:
     if value <= 0:
         raise KVBenchError(f"{option} must be a positive integer (got {value})")
+
+
+def check_memory(loaded: LoadedConfig, device: torch.device | str, dtype: torch.dtype, strategies: list[str],
+                 batch: int, tokens: int, window: int, lengths: str) -> None:
+    """Refuse, before allocating anything, weights plus a strategy's cache that cannot fit in the device's
+    memory: one line naming the option to lower, instead of the allocator's traceback."""
+    from kvbench.weights import model_bytes, require_model_fits
+
+    require_model_fits(loaded.model, device, dtype)  # first: too large a model is the config's fault alone
+    weights = model_bytes(loaded.model, dtype)
+    for name in strategies:
+        windowed = registry.get(name).windowed
+        held = f"window {window}" if windowed else f"{tokens} tokens"
+        memory.require(weights + memory.cache_bytes(loaded.model, name, batch, tokens, window, dtype), device,
+                       f"the {name} cache ({held} x batch {batch}) with the model's weights",
+                       f"lower {'--window' if windowed else lengths} or --batch-size")
 
 
 def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:

@@ -34,6 +34,7 @@ from kvbench.cli.common import (
     WindowOpt,
     app,
     check_length,
+    check_memory,
     console,
     err_console,
     fail_cleanly,
@@ -47,7 +48,7 @@ from kvbench.cli.common import (
     resolve_window,
     strategies_for,
 )
-from kvbench.config import load_config
+from kvbench.config import check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
@@ -59,6 +60,8 @@ from kvbench.weights import build_model, new_model, save_weights
 # --- generate ---------------------------------------------------------------------------------------------------
 
 def prompt_tokens(tokenizer, text: str | None, ids: str | None, vocab: int, source: Path) -> list[int]:
+    if ids is not None and text is not None:
+        raise KVBenchError("give --prompt or --prompt-ids, not both")
     if ids is not None:
         return parse_ids(ids, vocab)
     if tokenizer is None:
@@ -78,7 +81,8 @@ def stream_one(stream: textgen.TextStream, token_times: bool, echo: str | None) 
     try:
         for event in stream:
             if token_times:
-                console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {event.text!r}", highlight=False)
+                console.print(f"{event.index:5d} {1000 * event.seconds:8.2f} ms  {escape(repr(event.text))}",
+                              highlight=False)
             else:
                 console.out(event.text, end="", highlight=False)
                 console.file.flush()
@@ -155,11 +159,12 @@ def generate_command(
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
+    check_memory(loaded, dev, torch_dtype, [name], 1, room, win, "max_seq_len (generate's cache covers it)")
     model = build_model(loaded, dev, torch_dtype)
     tokenizer = tokenizer_for(loaded)
-    room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
     cache = new_cache(model, name, 1, room, win)
-    err_console.print(f"[dim]{loaded.name} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
+    err_console.print(f"[dim]{escape(loaded.name)} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
                       f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
 
     def run(text: str | None, ids: str | None, echo: bool = True) -> None:
@@ -213,7 +218,7 @@ def visualize_command(
     growth.to_csv(out / "cache_growth.csv", index=False)
     written.append(save(vis.cache_growth_figure(growth, f"{loaded.name}: KV cache over {new_tokens} decode steps "
                                                         f"(window {win})"), out / "cache_growth.png"))
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    console.print(f"wrote {escape(', '.join(str(p) for p in written))}")
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -251,14 +256,14 @@ def train_command(
     if target is None:
         raise KVBenchError(f"{loaded.source} names no weights file: give --out FILE")
     output_file(target, "--out" if out else f"{loaded.source}'s weights file", force)
+    settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
     sources = corpus or [training.stdlib_dir()]
     text = training.read_corpus(sources, max_bytes)
-    settings = training.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"training {loaded.name} ({n_params:,} parameters) on {len(text):,} bytes from "
-                  f"{', '.join(map(str, sources))}, {steps} steps of {batch_size} x {seq_len} bytes")
+    console.print(f"training {escape(loaded.name)} ({n_params:,} parameters) on {len(text):,} bytes from "
+                  f"{escape(', '.join(map(str, sources)))}, {steps} steps of {batch_size} x {seq_len} bytes")
     meta = {"trained_by": "kvbench train", "command": command_line_text(), "corpus": ", ".join(map(str, sources)),
             "corpus_bytes": str(len(text)), "steps": str(steps)}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -274,12 +279,17 @@ def train_command(
             task = progress.add_task("starting", total=steps)
             log = training.train(model, text, settings, on_step)
     except KeyboardInterrupt:
-        save_weights(model, target, {**meta, "interrupted": "true"})
-        err_console.print(f"interrupted: the weights trained so far are saved in {target}", highlight=False)
+        try:
+            save_weights(model, target, {**meta, "interrupted": "true"})
+        except KVBenchError as exc:  # interrupted in the middle of a diverging update: keep the file as it was
+            err_console.print(f"interrupted: the weights were not saved ({escape(str(exc))})", highlight=False)
+            raise typer.Exit(130) from None
+        err_console.print(f"interrupted: the weights trained so far are saved in {escape(str(target))}",
+                          highlight=False)
         raise typer.Exit(130) from None
     save_weights(model, target, {**meta, "val_loss": f"{log.val_after:.4f}"})
     console.print(f"held-out loss {log.val_before:.3f} -> {log.val_after:.3f} nats/byte; "
-                  f"last training loss {log.losses[-1]:.3f}; weights in {target}")
+                  f"last training loss {log.losses[-1]:.3f}; weights in {escape(str(target))}")
 
 
 @app.command("init-weights")
@@ -295,8 +305,10 @@ def init_weights_command(
     """Write seeded random weights for a config (a reference model for evaluate, or a starting point)."""
     loaded = load_config(config)
     output_file(out, "OUT", force)
+    if seed is not None:
+        check_seed("--seed", seed)
     model = new_model(loaded.model)
     init_weights(model, loaded.model.seed if seed is None else seed, every_tensor=every_tensor)
     save_weights(model, out)
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"wrote {n_params:,} parameters for {loaded.name} to {out}")
+    console.print(f"wrote {n_params:,} parameters for {escape(loaded.name)} to {escape(str(out))}")
