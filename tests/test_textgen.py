@@ -163,19 +163,25 @@ def test_train_lowers_the_loss_and_saves(runner, tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
 
 
-def test_interrupted_training_keeps_its_weights(runner, tmp_path, monkeypatch):
+def interrupted_training(runner, tmp_path, monkeypatch, fake_train):
+    """Run `kvbench train` with its training loop replaced by `fake_train` (which raises KeyboardInterrupt)."""
     import kvbench.train
 
-    def interrupted(model, corpus, settings, on_step):
-        on_step(0, 5.0, 1e-3)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(kvbench.train, "train", interrupted)
+    monkeypatch.setattr(kvbench.train, "train", fake_train)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("abc " * 1000)
     out = tmp_path / "w.safetensors"
     result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path, vocab_size=256)), "--corpus",
                                  str(corpus), "--seq-len", "16", "--out", str(out)])
+    return result, out
+
+
+def test_interrupted_training_keeps_its_weights(runner, tmp_path, monkeypatch):
+    def interrupted(model, corpus, settings, on_step):
+        on_step(0, 5.0, 1e-3)
+        raise KeyboardInterrupt
+
+    result, out = interrupted_training(runner, tmp_path, monkeypatch, interrupted)
     assert result.exit_code == 130 and out.exists(), result.output
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["interrupted"] == "true"
@@ -226,18 +232,11 @@ def test_training_that_diverges_before_any_save_writes_nothing(runner, tmp_path)
 
 
 def test_interrupted_training_does_not_save_nan_weights(runner, tmp_path, monkeypatch):
-    import kvbench.train
-
     def interrupted_mid_update(model, corpus, settings, on_step):
         model.ln_f.weight.data[0] = float("nan")  # Ctrl-C landed inside a diverging optimizer step
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kvbench.train, "train", interrupted_mid_update)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("abc " * 1000)
-    out = tmp_path / "w.safetensors"
-    result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path, vocab_size=256)), "--corpus",
-                                 str(corpus), "--seq-len", "16", "--out", str(out)])
+    result, out = interrupted_training(runner, tmp_path, monkeypatch, interrupted_mid_update)
     assert result.exit_code == 130 and not out.exists(), result.output
     assert "not saved" in result.output and "ln_f.weight" in result.output
 
