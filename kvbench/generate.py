@@ -188,8 +188,8 @@ def for_generation(model, batch: int, src_len: int, seed: int):
 
 
 def with_batch(model, batch: int, seed: int):
-    """The same model for a batch of another size: an encoder-decoder rebound to a new seeded source batch
-    of the same source length; a decoder as it is."""
+    """The same model for `batch` rows of new inputs: an encoder-decoder rebound to a new seeded source
+    batch of the same source length; a decoder as it is."""
     if not isinstance(model, SourceBound):
         return model
     return for_generation(model.model, batch, model.src.shape[1], seed)

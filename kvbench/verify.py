@@ -227,6 +227,7 @@ class Agreement:
                    max(p.worst_streak for p in parts), total)
 
     def _fold_streaks(self, disagree: torch.Tensor) -> None:
+        disagree = disagree.cpu()  # one copy per chunk, not a device sync per step (and CPU with CPU)
         streak = torch.zeros(disagree.shape[0], dtype=torch.long) if self._streak is None else self._streak
         for column in disagree.long().T:  # step by step: a streak may span chunks
             streak = (streak + 1) * column
@@ -331,7 +332,8 @@ class StrategyCheck:
 
     @property
     def divergence(self) -> Divergence | None:
-        return next((g.divergence for g in sorted(self.generations, key=lambda g: not g.main) if g.divergence), None)
+        """The run asked for's first token divergence (the others' real mismatches are in `failures`)."""
+        return self.main.divergence
 
     @property
     def max_abs(self) -> float:
@@ -348,6 +350,11 @@ class StrategyCheck:
     @property
     def lowest_top1(self) -> float:
         return min(g.vs_naive.top1 for g in self.generations)
+
+    @property
+    def contents_unchecked(self) -> bool:
+        """The cache (a plugin) does not expose its contents: its stored K/V were not checked."""
+        return any(g.contents is not None and not g.contents.provided for g in self.generations)
 
     @property
     def contents_ratio(self) -> float | None:
@@ -451,7 +458,8 @@ def naive_logit_chunks(model: Decoder, prompt: torch.Tensor, tokens: torch.Tenso
     In a causal model, position t's output depends on tokens 0..t only, so one forward over
     prompt + tokens[:-1] yields all N of those logits at once (positions P-1 .. P+N-2): the same
     computation without N separate re-runs. tests/test_verify.py checks it against the step-by-step loop.
-    With `window`, attention is banded as naive_step(window=...) does. Yields (first step, logits (B, c, V)) in chunks of steps, to bound memory at chunk x vocab.
+    With `window`, attention is banded as naive_step(window=...) does. Yields (first step, logits (B, c, V))
+    in chunks of steps, to bound memory at chunk x vocab.
     """
     n_prompt, n_new = prompt.shape[1], tokens.shape[1]
     sequence = torch.cat([prompt, tokens[:, :-1]], dim=1)  # (B, P+N-1)
@@ -479,7 +487,8 @@ def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, windo
                    tol: Tolerance) -> ContentsCheck:
     """Each layer's stored K/V, by position, against those of a fresh forward over the `sequence` (B, L)
     that went through the cache: equal within `tol` (atol + rtol x the vector's largest element: the dtype's
-    rounding between two kernels) plus the cache's own storage bound (0 for a lossless cache). A window keeps only the last `window` positions."""
+    rounding between two kernels) plus the cache's own storage bound (0 for a lossless cache). A window
+    keeps only the last `window` positions."""
     recorder = reference_kv(model, sequence, window, cache)
     length = sequence.shape[1]
     first = 0 if window is None else max(0, length - window)
@@ -634,7 +643,8 @@ def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: i
 
 
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
-                sampling: SamplingSettings, window: int | None, on_step: Callable[[Step], None] | None) -> GenerationCheck:
+                sampling: SamplingSettings, window: int | None,
+                on_step: Callable[[Step], None] | None) -> GenerationCheck:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
@@ -659,8 +669,9 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
     callback = (lambda step: on_step(total)) if on_step else None
     cache, checks = None, []
     for i, planned in enumerate(plan):
-        runner = model if planned.prompt.shape[0] == prompt.shape[0] else with_batch(model, planned.prompt.shape[0],
-                                                                                     REUSE_SEED + i)
+        # every other generation gets its own encoder-decoder source too: a reset that kept the last
+        # source's encoder output would then show
+        runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
         checks.append(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))

@@ -21,6 +21,7 @@ import torch
 import kvbench.verify as verify
 from conftest import CONFIGS, REPO, random_model
 from kvbench.cache import DynamicCache, QuantizedCache, SlidingWindowCache, StaticCache
+from kvbench.seq2seq import Seq2SeqCache
 from kvbench.cli import app
 from kvbench.generate import GREEDY
 
@@ -139,6 +140,10 @@ def sliding_long_prefill_files_one_slot_off(self, layer, start_pos, k, v):
     return k, v
 
 
+def seq2seq_reset_keeps_the_source(self):
+    self.self_cache.reset()  # forgets the self-attention K/V, keeps the last source's encoder output and K/V
+
+
 @dataclass(frozen=True)
 class Mutation:
     name: str
@@ -182,6 +187,8 @@ MUTATIONS = [
     Mutation("dynamic raises mid-generation", "dynamic", DynamicCache, "update", dynamic_raises_at_600),
     Mutation("sliding writes one slot too far after the wrap", "sliding", SlidingWindowCache, "update",
              sliding_off_by_one_at_wrap),
+    Mutation("encoder-decoder reset keeps the last source's encoder output", "static", Seq2SeqCache, "reset",
+             seq2seq_reset_keeps_the_source, config="seq2seq.yaml"),
     Mutation("sliding long-prompt prefill files positions one slot off", "sliding", SlidingWindowCache, "update",
              sliding_long_prefill_files_one_slot_off),
 ]
@@ -219,6 +226,20 @@ def test_nan_weights_fail_and_blame_the_model():
     [check] = verify.kv_evaluate(model, torch.randint(0, 97, (1, 4)), 10, ["static"], verify.Tolerance(1e-4, 1e-4))
     assert not check.passed
     assert any("naive" in f and "model" in f for f in check.failures), check.failures
+
+
+def test_disagreement_streaks_span_chunks():
+    agreement = verify.Agreement()
+    agreement._fold_streaks(torch.tensor([[False, True, True]]))
+    agreement._fold_streaks(torch.tensor([[True, False, True]]))  # continues the streak: 3 in a row
+    assert agreement.worst_streak == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_disagreement_streaks_of_logits_on_the_gpu():
+    agreement = verify.Agreement()
+    agreement._fold_streaks(torch.tensor([[True, True, False]], device="cuda"))
+    assert agreement.worst_streak == 2
 
 
 def test_float16_overflow_fails():

@@ -137,8 +137,10 @@ def divergence_text(check: verify.StrategyCheck) -> str:
             f"naive gap {d.gap:.2e}")
 
 
-def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _contents(check: verify.StrategyCheck) -> str:
+    if check.contents_unchecked:
+        return "n/a"  # a plugin without contents(): said below
+    return "—" if check.contents_ratio is None else f"{check.contents_ratio:.2f}"
 
 
 def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) -> Table:
@@ -156,7 +158,7 @@ def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) ->
         top1 = c.lowest_top1
         table.add_row(c.strategy, "tol" if c.exact else "KL", f"{c.max_abs:.0e}",
                       f"{c.worst_ratio:.2f}" if c.exact else "—", f"{c.pooled.mean_kl:.0e}", f"{c.worst_kl:.0e}",
-                      "100%" if top1 == 1 else f"{top1:.1%}", tokens, _ratio(c.contents_ratio), verdict)
+                      "100%" if top1 == 1 else f"{top1:.1%}", tokens, _contents(c), verdict)
     return table
 
 
@@ -193,6 +195,8 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
     console.print(f"  each cache object served {len(plan)} generations, each checked: "
                   + "; ".join(g.label for g in plan), highlight=False)
     for c in checks:
+        if c.contents_unchecked:
+            console.print(f"  {c.strategy}: stored K/V unchecked (the cache provides no contents())", highlight=False)
         if c.divergence is not None:
             console.print(f"  {c.strategy}: {divergence_text(c)}", highlight=False)
         for failure in c.failures:
