@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 
 # What attention is told about visibility: None = every returned key, "causal" = square lower-triangular,
 # or a bool tensor (T, S) where True means "query t may attend to key s".
@@ -29,10 +30,17 @@ def causal_mask(start_pos: int, n_new: int, n_keys: int, device: torch.device) -
     return key_pos[None, :] <= query_pos[:, None]  # (T, S)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, H, S, hd) under a Mask: (B, H, T, hd)."""
+    attn_mask = mask if isinstance(mask, torch.Tensor) else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=isinstance(mask, str))
+
+
 class KVCache(ABC):
     """Per-layer keys and values, shaped (batch, heads, tokens, head_dim).
 
-    A forward pass calls begin(), then mask() once and update() once per layer, then end()."""
+    A forward pass calls begin(), then mask() once and attend() (which calls update()) once per layer,
+    then end()."""
 
     def begin(self, start_pos: int | torch.Tensor, n_new: int) -> None:
         """A forward pass of n_new tokens from start_pos starts (before any layer's update)."""
@@ -43,6 +51,14 @@ class KVCache(ABC):
     @abstractmethod
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) for positions start_pos..start_pos+T-1; return the keys/values to attend."""
+
+    def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Mask) -> torch.Tensor:
+        """Store k, v (B, H, T, hd) and attend the queries q (B, H, T, hd) over every key `mask` lets them
+        see: (B, H, T, hd). The default stores with update() and runs SDPA on what it returns; a cache that
+        can attend over its own storage (int8 blocks, pages) overrides this and skips the full copy."""
+        k_all, v_all = self.update(layer, start_pos, k, v)
+        return attend(q, k_all, v_all, mask)
 
     @abstractmethod
     def mask(self, start_pos: int, n_new: int) -> Mask:

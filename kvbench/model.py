@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbench.cache import KVCache, Mask, sliding_mask
+from kvbench.cache import KVCache, Mask, attend, sliding_mask
 from kvbench.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initialiser range
@@ -80,11 +80,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, start_pos, k, v)  # each (B, H, S, hd), S = keys visible
-        is_causal = isinstance(mask, str)
-        attn_mask = mask if isinstance(mask, torch.Tensor) else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, hd)
+        if cache is None:
+            y = attend(q, k, v, mask)  # (B, H, T, hd)
+        else:
+            y = cache.attend(self.layer_idx, start_pos, q, k, v, mask)  # (B, H, T, hd): stores k, v first
         y = y.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, D)
         return self.proj(y)
 

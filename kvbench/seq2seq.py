@@ -145,6 +145,9 @@ class Seq2SeqCache(KVCache):
     def update(self, layer, start_pos, k, v):
         return self.self_cache.update(layer, start_pos, k, v)
 
+    def attend(self, layer, start_pos, q, k, v, mask):
+        return self.self_cache.attend(layer, start_pos, q, k, v, mask)
+
     def mask(self, start_pos, n_new):
         return self.self_cache.mask(start_pos, n_new)
 
