@@ -23,50 +23,113 @@ def check_seed(name: str, seed: int) -> None:
         raise KVBenchError(f"{name} must be an integer in 0..{MAX_SEED} (2**63 - 1) (got {seed})")
 
 
+class RopeScaling(BaseModel):
+    """Llama 3's frequency-dependent stretch of RoPE: long wavelengths slowed by `factor`, short ones kept,
+    those between blended, so that a model trained on original_max_position_embeddings reaches further."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    rope_type: Literal["llama3"] = "llama3"  # the only scaling kvbench implements; others are refused
+    factor: float = Field(gt=0, allow_inf_nan=False)
+    low_freq_factor: float = Field(gt=0, allow_inf_nan=False)
+    high_freq_factor: float = Field(gt=0, allow_inf_nan=False)
+    original_max_position_embeddings: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _factors_ordered(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+        return self
+
+
 class ArchitectureConfig(BaseModel):
-    """What every model family shares. Strict: unknown keys and wrong types are errors, never coerced."""
+    """What every model family shares. Strict: unknown keys and wrong types are errors, never coerced.
+
+    The defaults are GPT-2's layout; a Llama-family decoder sets positional: rope, norm_type: rmsnorm,
+    mlp: gated, activation: silu, bias: false and usually n_kv_heads < n_heads.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     d_model: int = Field(gt=0)  # width of the residual stream
-    n_heads: int = Field(gt=0)  # attention heads; d_model must divide evenly among them
+    n_heads: int = Field(gt=0)  # query heads
+    n_kv_heads: int = Field(default=0, ge=0)  # key/value heads, shared by groups of query heads; 0 (absent) = n_heads
+    head_dim: int = Field(default=0, ge=0)  # width of one head; 0 (absent) = d_model / n_heads
     d_ff: int = Field(gt=0)  # hidden width of the MLP (GPT-2: 4 * d_model)
     max_seq_len: int = Field(gt=0)  # longest sequence (prompt + generated) the positions cover
-    positional: Literal["learned", "sinusoidal"] = "learned"  # learned table (GPT-2) or fixed sin/cos
-    norm: Literal["pre", "post"] = "pre"  # LayerNorm before each sublayer (GPT-2) or after the residual add
-    activation: Literal["gelu", "gelu_exact", "relu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
+    positional: Literal["learned", "sinusoidal", "rope"] = "learned"  # learned table (GPT-2), fixed sin/cos, rotary
+    rope_theta: float = Field(default=10000.0, gt=0, allow_inf_nan=False)  # RoPE's base wavelength
+    rope_scaling: RopeScaling | None = None  # Llama 3's long-context frequency scaling
+    norm: Literal["pre", "post"] = "pre"  # where the norms sit: before each sublayer (GPT-2) or after the residual add
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"  # LayerNorm (GPT-2) or RMSNorm (Llama)
+    mlp: Literal["standard", "gated"] = "standard"  # act(x W1) W2, or (act(x Wg) * x Wu) W2 (SwiGLU with silu)
+    activation: Literal["gelu", "gelu_exact", "relu", "silu"] = "gelu"  # gelu = tanh approximation, as GPT-2 uses
     tie_embeddings: bool = True  # the LM head reuses the (target) token embedding matrix
     bias: bool = True  # biases in linear layers and LayerNorms
-    layer_norm_eps: float = Field(default=1e-5, gt=0, allow_inf_nan=False)
+    attention_bias: bool | None = None  # biases of the Q/K/V projections (Qwen2: true, others none); null = `bias`
+    layer_norm_eps: float = Field(default=1e-5, gt=0, allow_inf_nan=False)  # epsilon of every norm
     seed: int = Field(default=0, ge=0, le=MAX_SEED)  # seeds the random initialisation when no weights are given
     sliding_window: int | None = Field(default=None, gt=0)  # default window W of the `sliding` strategy
     weights: str | None = None  # .safetensors path; relative paths are relative to the YAML file
 
-    @field_validator("layer_norm_eps", mode="before")
+    @field_validator("layer_norm_eps", "rope_theta", mode="before")
     @classmethod
     def _yaml_float_spelling(cls, value: Any) -> Any:
         # YAML 1.1 reads `1e-5` (no dot) as a string; accept that spelling, and only that, for floats.
+        # An integer (`rope_theta: 500000`) is a float too.
         if isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
                 return value
-        return value
+        return float(value) if type(value) is int else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_heads(cls, data: Any) -> Any:
+        """Fill n_kv_heads and head_dim from n_heads and d_model when absent, so that every reader sees ints."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        d_model, n_heads = data.get("d_model"), data.get("n_heads")
+        if type(n_heads) is int and n_heads > 0 and data.get("n_kv_heads") is None:
+            data["n_kv_heads"] = n_heads
+        if type(d_model) is int and type(n_heads) is int and n_heads > 0 and data.get("head_dim") is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}); choose n_heads "
+                                 f"among {_divisors(d_model)}, or give head_dim")
+            data["head_dim"] = d_model // n_heads
+        return data
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ArchitectureConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
-                f"choose n_heads among {_divisors(self.d_model)}"
-            )
+    def _consistent(self) -> ArchitectureConfig:
+        if self.n_kv_heads == 0 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each K/V head "
+                             f"serves a whole group of query heads; choose among {_divisors(self.n_heads)}")
+        if self.head_dim == 0:
+            raise ValueError("head_dim must be a positive integer")
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model (got {self.d_model})")
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope rotates pairs of features: head_dim must be even (got {self.head_dim})")
+        if self.rope_scaling is not None and self.positional != "rope":
+            raise ValueError(f"rope_scaling applies to positional: rope only (positional is {self.positional})")
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def groups(self) -> int:
+        """Query heads per K/V head: 1 for multi-head attention, n_heads for multi-query."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.bias if self.attention_bias is None else self.attention_bias
+
+    @property
+    def unbounded_positions(self) -> bool:
+        """Positions computed for any index (sinusoidal, rotary), not read from a table of max_seq_len rows."""
+        return self.positional != "learned"
 
 
 class ModelConfig(ArchitectureConfig):
@@ -85,6 +148,15 @@ class Seq2SeqConfig(ArchitectureConfig):
     n_decoder_layers: int = Field(gt=0)  # causal self-attention + cross-attention blocks
     src_vocab_size: int = Field(gt=0)  # source token ids are 0 .. src_vocab_size-1
     tgt_vocab_size: int = Field(gt=0)  # target token ids (and logits) are 0 .. tgt_vocab_size-1
+
+    @model_validator(mode="after")
+    def _classic_attention(self) -> Seq2SeqConfig:
+        # cross-attention is written for full multi-head attention over absolute positions
+        if self.positional == "rope":
+            raise ValueError("positional: rope is not supported for the encoder-decoder; use learned or sinusoidal")
+        if self.n_kv_heads != self.n_heads or self.head_dim * self.n_heads != self.d_model:
+            raise ValueError("the encoder-decoder needs n_kv_heads = n_heads and head_dim = d_model / n_heads")
+        return self
 
     @property
     def n_layers(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -62,40 +63,117 @@ class Linear(nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
-def layer_norm(d_model: int, config: ModelConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(d_model, eps=config.layer_norm_eps, bias=config.bias)
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain, computed in float32 whatever the model's dtype (as Llama does): no centring, no bias."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+NORMS = {  # config `norm_type` -> a norm over d_model features; a new one is one entry here (and in the reference)
+    "layernorm": lambda d, c: nn.LayerNorm(d, eps=c.layer_norm_eps, bias=c.bias),
+    "rmsnorm": lambda d, c: RMSNorm(d, c.layer_norm_eps),
+}
+
+
+def layer_norm(d_model: int, config: ModelConfig) -> nn.Module:
+    """The config's norm (LayerNorm or RMSNorm) over d_model features."""
+    return NORMS[config.norm_type](d_model, config)
+
+
+@dataclass
+class Rotation:
+    """RoPE's cos and sin (T, hd) for the positions of one forward pass: features i and i + hd/2 of each
+    query and key form a pair rotated by angle position x frequency_i (the "rotate half" layout)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, hd) rotated by its positions' angles, in x's dtype."""
+        first, second = x.chunk(2, dim=-1)  # each (B, H, T, hd/2)
+        swapped = torch.cat([-second, first], dim=-1)  # (B, H, T, hd): the pair's partner, sign of a 90° turn
+        return x * self.cos.to(x.dtype) + swapped * self.sin.to(x.dtype)
+
+
+@dataclass
+class Pass:
+    """What every layer of one forward pass shares: the cache, where the pass starts, who sees whom, and
+    (RoPE) the rotation of its positions."""
+
+    cache: KVCache | None
+    start_pos: Position
+    mask: Mask  # visibility over the keys attention gets, with rows per query head group (see group_rows)
+    rotation: Rotation | None = None
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with fused QKV projection."""
+    """Causal self-attention with a fused QKV projection; grouped-query when n_kv_heads < n_heads.
+
+    With grouped-query attention each K/V head serves `groups` consecutive query heads (as Llama's repeat_kv
+    pairs them). Rather than copying K/V once per query head, the group's queries are laid out as extra rows
+    of one query block per K/V head: (B, Hkv, groups x T, hd). Caches and attention kernels then see as
+    many query heads as K/V heads and need not know about groups.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of the KV cache this layer owns
-        self.n_heads, self.head_dim, self.d_model = config.n_heads, config.head_dim, config.d_model
-        self.qkv = Linear(config.d_model, 3 * config.d_model, config.bias)
-        self.proj = Linear(config.d_model, config.d_model, config.bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.groups = config.groups
+        q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.widths = (q_width, kv_width, kv_width)
+        self.qkv = Linear(config.d_model, sum(self.widths), config.qkv_bias)
+        self.proj = Linear(q_width, config.d_model, config.bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: Position, mask: Mask) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-        if cache is None:
-            y = attend(q, k, v, mask)  # (B, H, T, hd)
+        return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+
+    def forward(self, x: torch.Tensor, step: Pass) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.widths, dim=-1)  # (B, T, Hq*hd), (B, T, Hkv*hd), (B, T, Hkv*hd)
+        q, k, v = self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
+        if step.rotation is not None:  # keys are rotated before they are cached
+            q, k = step.rotation.apply(q), step.rotation.apply(k)
+        q = q.reshape(B, self.n_kv_heads, self.groups * T, self.head_dim)  # (B, Hkv, g*T, hd): a view unless g>1, T>1
+        if step.cache is None:
+            y = attend(q, k, v, step.mask)  # (B, Hkv, g*T, hd)
         else:
-            y = cache.attend(self.layer_idx, start_pos, q, k, v, mask)  # (B, H, T, hd): stores k, v first
-        y = y.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, D)
+            y = step.cache.attend(self.layer_idx, step.start_pos, q, k, v, step.mask)  # stores k, v first
+        y = y.reshape(B, self.n_heads, T, self.head_dim)  # (B, Hq, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*hd)
         return self.proj(y)
+
+
+def group_rows(mask: Mask, groups: int, n_new: int, device: torch.device) -> Mask:
+    """A mask over n_new query rows repeated for each query head of a K/V group: (groups x T, S) rows, in
+    the order Attention lays the group's queries out. None stays None (every row sees every key)."""
+    if groups == 1 or mask is None:
+        return mask
+    if isinstance(mask, str):  # "causal": square lower-triangular, spelled out (SDPA's flag cannot repeat)
+        mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()  # (T, T)
+    return mask.repeat(groups, 1)  # (g*T, S)
 
 
 ACTIVATIONS = {  # config `activation` -> the function; a new one is one entry here (and in the reference)
     "gelu": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's
     "gelu_exact": F.gelu,
     "relu": F.relu,
+    "silu": F.silu,  # SwiGLU's, in a gated MLP
 }
 
 
 class MLP(nn.Module):
+    """act(x W_fc) W_proj: GPT-2's feed-forward sublayer."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = Linear(config.d_model, config.d_ff, config.bias)
@@ -106,8 +184,26 @@ class MLP(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
+class GatedMLP(nn.Module):
+    """(act(x W_gate) * x W_up) W_proj: Llama's SwiGLU with activation silu. Gate and up are one fused
+    matrix (d_model, 2 d_ff), gate first, so decoding streams them in a single matrix-vector product."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = Linear(config.d_model, 2 * config.d_ff, config.bias)
+        self.proj = Linear(config.d_ff, config.d_model, config.bias)
+        self.activation = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # each (B, T, d_ff)
+        return self.proj(self.activation(gate) * up)
+
+
+MLPS = {"standard": MLP, "gated": GatedMLP}  # config `mlp` -> the feed-forward sublayer
+
+
 class Block(nn.Module):
-    """Attention then MLP, each with a residual; LayerNorm before (pre-norm) or after (post-norm) the sublayer."""
+    """Attention then MLP, each with a residual; the norm before (pre-norm) or after (post-norm) the sublayer."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -115,13 +211,13 @@ class Block(nn.Module):
         self.ln1 = layer_norm(config.d_model, config)
         self.attn = Attention(config, layer_idx)
         self.ln2 = layer_norm(config.d_model, config)
-        self.mlp = MLP(config)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: Position, mask: Mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Pass) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), cache, start_pos, mask)
+            x = x + self.attn(self.ln1(x), step)
             return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x, cache, start_pos, mask))
+        x = self.ln1(x + self.attn(x, step))
         return self.ln2(x + self.mlp(x))
 
 
@@ -130,6 +226,85 @@ def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     inv_freq = torch.exp(torch.arange(0, d_model, 2, device=positions.device) * (-math.log(10000.0) / d_model))
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(positions), d_model)  # (T, D)
+
+
+def pass_positions(start_pos: Position, n_new: int, device: torch.device) -> torch.Tensor:
+    return start_pos + torch.arange(n_new, device=device)  # (T,)
+
+
+class Positions(nn.Module):
+    """How token positions enter the model: added to the embeddings (learned, sinusoidal) or as a rotation
+    of each query and key (rotary). The model's learned table, if any, is passed in: it is the model's
+    parameter (`pos_emb` in weight files), not this part's."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+
+    def add(self, x: torch.Tensor, start_pos: Position, table: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+    def rotation(self, start_pos: Position, n_new: int, device: torch.device) -> Rotation | None:
+        return None
+
+
+class LearnedPositions(Positions):
+    def add(self, x, start_pos, table):
+        T = x.shape[1]
+        if isinstance(start_pos, int):
+            return x + table[start_pos:start_pos + T]  # a view: no gather on the eager path
+        return x + table[pass_positions(start_pos, T, x.device)]
+
+
+class SinusoidalPositions(Positions):
+    def add(self, x, start_pos, table):
+        return x + sinusoidal_positions(pass_positions(start_pos, x.shape[1], x.device), x.shape[-1]).to(x.dtype)
+
+
+class RotaryPositions(Positions):
+    """RoPE: frequency_i = theta^(-2i/hd), optionally stretched by Llama 3's scaling; angles computed in
+    float32 (as transformers does, so that logits match it), cast to the model's dtype when applied."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.config = config
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)  # (hd/2,) float32
+
+    def frequencies(self) -> torch.Tensor:
+        c = self.config
+        exponents = torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim  # (hd/2,)
+        inv_freq = 1.0 / (c.rope_theta ** exponents)
+        return inv_freq if c.rope_scaling is None else llama3_scaled(inv_freq, c.rope_scaling)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would cast the buffer with the weights; the frequencies stay float32, only the device moves
+        super()._apply(fn, recurse)
+        self.inv_freq = self.frequencies().to(self.inv_freq.device)
+        return self
+
+    def rotation(self, start_pos, n_new, device):
+        angles = pass_positions(start_pos, n_new, device).float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i and i + hd/2 share an angle
+        return Rotation(angles.cos(), angles.sin())
+
+
+def llama3_scaled(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3's RoPE scaling: wavelengths longer than original / low_freq_factor are stretched by `factor`,
+    those shorter than original / high_freq_factor kept, and those between interpolated smoothly."""
+    wavelength = 2 * math.pi / inv_freq
+    original = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    blend = (original / wavelength - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(in_band, blended, scaled)
+
+
+POSITIONS = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions, "rope": RotaryPositions}
+
+
+def positions_for(config: ModelConfig) -> Positions:
+    return POSITIONS[config.positional](config)
 
 
 class LanguageModel(nn.Module):
@@ -159,6 +334,7 @@ class Decoder(LanguageModel):
         d = config.d_model
         self.tok_emb = None if config.tie_embeddings else nn.Parameter(torch.empty(config.vocab_size, d))
         self.pos_emb = nn.Parameter(torch.empty(config.max_seq_len, d)) if config.positional == "learned" else None
+        self.positions = positions_for(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         # Post-norm blocks already end in a LayerNorm, so only pre-norm needs a final one (as GPT-2 has).
         self.ln_f = layer_norm(d, config) if config.norm == "pre" else nn.Identity()
@@ -166,7 +342,7 @@ class Decoder(LanguageModel):
 
     def embed(self, ids: torch.Tensor, start_pos: Position) -> torch.Tensor:
         table = self.lm_head.rows_by_output() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
-        return add_positions(F.embedding(ids, table), self.pos_emb, start_pos)  # (B, T, D)
+        return self.positions.add(F.embedding(ids, table), start_pos, self.pos_emb)  # (B, T, D)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
                window: int | None = None) -> torch.Tensor:
@@ -176,9 +352,9 @@ class Decoder(LanguageModel):
         """
         check_positions(self.config, start_pos, ids.shape[1])
         x = self.embed(ids, start_pos)
-        mask = begin_pass(cache, start_pos, ids.shape[1], window, ids.device)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device)
         for block in self.blocks:
-            x = block(x, cache, start_pos, mask)
+            x = block(x, step)
         end_pass(cache)
         return self.ln_f(x)
 
@@ -227,23 +403,15 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
-def add_positions(x: torch.Tensor, table: torch.Tensor | None, start_pos: Position) -> torch.Tensor:
-    """x (B, T, D) plus the positions start_pos..: a learned table's rows, or sinusoidal encodings if None."""
-    T = x.shape[1]
-    if isinstance(start_pos, int) and table is not None:
-        return x + table[start_pos:start_pos + T]  # a view: no gather on the eager path
-    positions = start_pos + torch.arange(T, device=x.device)  # (T,)
-    if table is not None:
-        return x + table[positions]
-    return x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
-
-
-def begin_pass(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
-               device: torch.device) -> Mask:
-    """Tell the cache a forward pass starts; the visibility every layer of the pass uses."""
+def begin_pass(config, positions: Positions, cache: KVCache | None, start_pos: Position, n_new: int,
+               window: int | None, device: torch.device) -> Pass:
+    """Tell the cache a forward pass starts; what every layer of the pass uses: the visibility (with a row
+    per query head of each K/V group) and the rotation of the pass's positions."""
     if cache is not None:
         cache.begin(start_pos, n_new)
-    return self_attention_mask(cache, start_pos, n_new, window, device)
+    mask = self_attention_mask(cache, start_pos, n_new, window, device)
+    mask = group_rows(mask, config.groups, n_new, device)
+    return Pass(cache, start_pos, mask, positions.rotation(start_pos, n_new, device))
 
 
 def end_pass(cache: KVCache | None) -> None:
@@ -282,7 +450,7 @@ def init_weights(model: nn.Module, seed: int, every_tensor: bool = False) -> Non
     with torch.no_grad():
         for module_name, module in model.named_modules():
             for name, p in module.named_parameters(recurse=False):
-                is_norm = isinstance(module, nn.LayerNorm)
+                is_norm = isinstance(module, (nn.LayerNorm, RMSNorm))
                 if every_tensor and (is_norm or name == "bias"):
                     p.copy_((1.0 if is_norm and name == "weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
                 elif name == "bias":

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbench.cache import KVCache, Mask
+from kvbench.cache import KVCache
 from kvbench.config import Seq2SeqConfig
-from kvbench.model import (MLP, Attention, Block, LanguageModel, Linear, Position, add_positions, begin_pass, check_positions,
-                           end_pass, layer_norm, matrix_elements, parameter_bytes, row_bytes, use_kernel)
+from kvbench.model import (MLPS, Attention, Block, LanguageModel, Linear, Pass, Position, begin_pass, check_positions,
+                           end_pass, layer_norm, matrix_elements, parameter_bytes, positions_for, row_bytes, use_kernel)
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: K and V (B, H, S, hd) of the source
 
@@ -55,15 +55,14 @@ class DecoderBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = (layer_norm(config.d_model, config) for _ in range(3))
         self.attn = Attention(config, layer_idx)
         self.cross = CrossAttention(config)
-        self.mlp = MLP(config)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: Position, mask: Mask,
-                cross_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Pass, cross_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), cache, start_pos, mask)
+            x = x + self.attn(self.ln1(x), step)
             x = x + self.cross(self.ln2(x), *cross_kv)
             return x + self.mlp(self.ln3(x))
-        x = self.ln1(x + self.attn(x, cache, start_pos, mask))
+        x = self.ln1(x + self.attn(x, step))
         x = self.ln2(x + self.cross(x, *cross_kv))
         return self.ln3(x + self.mlp(x))
 
@@ -80,6 +79,7 @@ class Seq2Seq(LanguageModel):
         self.tgt_emb = None if config.tie_embeddings else nn.Parameter(torch.empty(config.tgt_vocab_size, d))
         self.src_pos_emb = nn.Parameter(torch.empty(config.max_seq_len, d)) if learned else None
         self.tgt_pos_emb = nn.Parameter(torch.empty(config.max_seq_len, d)) if learned else None
+        self.positions = positions_for(config)
         self.encoder = nn.ModuleList(Block(config, i) for i in range(config.n_encoder_layers))
         self.encoder_norm = layer_norm(d, config) if config.norm == "pre" else nn.Identity()
         self.decoder = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_decoder_layers))
@@ -89,9 +89,10 @@ class Seq2Seq(LanguageModel):
     def encode(self, src: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, S, D) for source ids (B, S): every position sees every other (mask None)."""
         check_positions(self.config, 0, src.shape[1])
-        x = add_positions(F.embedding(src, self.src_emb), self.src_pos_emb, 0)  # (B, S, D)
+        x = self.positions.add(F.embedding(src, self.src_emb), 0, self.src_pos_emb)  # (B, S, D)
+        bidirectional = Pass(cache=None, start_pos=0, mask=None)
         for block in self.encoder:
-            x = block(x, None, 0, None)
+            x = block(x, bidirectional)
         return self.encoder_norm(x)
 
     def project_memory(self, memory: torch.Tensor) -> CrossKV:
@@ -103,10 +104,10 @@ class Seq2Seq(LanguageModel):
         """Final decoder hidden states (B, T, D) for target ids (B, T) at positions start_pos..."""
         check_positions(self.config, start_pos, ids.shape[1])
         table = self.lm_head.rows_by_output() if self.tgt_emb is None else self.tgt_emb  # (V, D)
-        x = add_positions(F.embedding(ids, table), self.tgt_pos_emb, start_pos)  # (B, T, D)
-        mask = begin_pass(cache, start_pos, ids.shape[1], window, ids.device)
+        x = self.positions.add(F.embedding(ids, table), start_pos, self.tgt_pos_emb)  # (B, T, D)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device)
         for block, kv in zip(self.decoder, cross_kv, strict=True):
-            x = block(x, cache, start_pos, mask, kv)
+            x = block(x, step, kv)
         end_pass(cache)
         return self.ln_f(x)
 
