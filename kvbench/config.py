@@ -1,9 +1,8 @@
-"""ModelConfig: the validated description of a decoder, loaded from YAML or from a GPT-2 checkpoint directory."""
+"""ModelConfig: the validated description of a model, loaded from YAML or from a checkpoint directory."""
 
 from __future__ import annotations
 
 import difflib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -180,6 +179,7 @@ class LoadedConfig(BaseModel):
     source: Path
     model: AnyConfig
     weights_path: Path | None = None
+    layout: str | None = None  # the checkpoint layout of a save_pretrained directory (kvbench.checkpoints)
 
 
 def _divisors(n: int) -> list[int]:
@@ -268,53 +268,6 @@ def load_yaml_config(path: Path) -> LoadedConfig:
     return LoadedConfig(name=path.stem, source=path, model=model, weights_path=weights)
 
 
-GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
-
-
-# config.json key -> kvbench key, for the keys whose values pass through unchanged (and are validated as ours)
-GPT2_KEYS = {"n_layer": "n_layers", "n_embd": "d_model", "n_head": "n_heads", "n_inner": "d_ff",
-             "vocab_size": "vocab_size", "n_positions": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
-             "layer_norm_epsilon": "layer_norm_eps"}
-
-
-def _gpt2_fields(hf: dict[str, Any], origin: str) -> dict[str, Any]:
-    """Translate a transformers GPT2Config dict into ModelConfig keys. Values are passed on as they are, so
-    that a wrong type (`layer_norm_epsilon: null`) fails validation naming the config.json key."""
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-        if hf.get(flag):
-            raise KVBenchError(f"{origin}: '{flag}: true' is not supported by kvbench; use a plain GPT-2 checkpoint")
-    if hf.get("scale_attn_weights") is False:
-        raise KVBenchError(f"{origin}: 'scale_attn_weights: false' is not supported; kvbench scales by 1/sqrt(head_dim)")
-    act = hf.get("activation_function", "gelu_new")
-    if not isinstance(act, str) or act not in GPT2_ACTIVATIONS:
-        raise KVBenchError(f"{origin}: activation_function {act!r} is not supported; use one of {list(GPT2_ACTIVATIONS)}")
-    missing = [key for key in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions") if key not in hf]
-    if missing:
-        raise KVBenchError(f"{origin}: missing GPT-2 key '{missing[0]}'; is this a GPT-2 config.json?")
-    fields = {ours: hf[theirs] for theirs, ours in GPT2_KEYS.items() if theirs in hf}
-    if fields.get("d_ff") is None:  # absent or null: GPT-2's default, 4 x n_embd
-        d_model = fields["d_model"]
-        fields["d_ff"] = 4 * d_model if type(d_model) is int else d_model  # a bad n_embd is reported as itself
-    return {**fields, "positional": "learned", "norm": "pre", "activation": GPT2_ACTIVATIONS[act], "bias": True}
-
-
-def load_gpt2_dir(path: Path) -> LoadedConfig:
-    config_file, weights = path / "config.json", path / "model.safetensors"
-    if not config_file.is_file():
-        raise KVBenchError(f"{path}: a checkpoint directory needs config.json (as transformers' save_pretrained writes)")
-    if not weights.is_file():
-        raise KVBenchError(f"{path}: model.safetensors not found; save the model with safe_serialization (the default)")
-    try:
-        hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise KVBenchError(f"{config_file}: not valid JSON") from None
-    if not isinstance(hf, dict) or hf.get("model_type") not in ("gpt2", None):
-        raise KVBenchError(f"{config_file}: model_type {hf.get('model_type')!r} is not supported; only GPT-2 is")
-    source_keys = {ours: theirs for theirs, ours in GPT2_KEYS.items()}
-    model = validate_config(_gpt2_fields(hf, str(config_file)), str(config_file), source_keys)
-    return LoadedConfig(name=path.name, source=path, model=model, weights_path=weights)
-
-
 def shipped_configs() -> Path:
     """The directory of the configs kvbench ships (package data, so present after any install).
 
@@ -346,12 +299,15 @@ def find_config(text: Path | str) -> Path:
         return shipped
     path = Path(text)
     if not path.exists():
-        raise KVBenchError(f"config '{text}' not found; give a YAML file, a GPT-2 checkpoint directory or a "
+        raise KVBenchError(f"config '{text}' not found; give a YAML file, a checkpoint directory or a "
                            f"shipped config: {', '.join(shipped_names())}")
     return path
 
 
 def load_config(path: Path | str) -> LoadedConfig:
-    """Load a YAML config file, a Hugging Face GPT-2 checkpoint directory, or a shipped config by name."""
+    """Load a YAML config file, a transformers checkpoint directory (GPT-2, Llama, Qwen2, Mistral), or a
+    shipped config by name."""
+    from kvbench.checkpoints import load_checkpoint_dir  # it builds on this module
+
     path = find_config(path)
-    return load_gpt2_dir(path) if path.is_dir() else load_yaml_config(path)
+    return load_checkpoint_dir(path) if path.is_dir() else load_yaml_config(path)

@@ -16,7 +16,7 @@ from kvbench.cache import KVCache
 from kvbench.model import Decoder
 from kvbench.sampling import SamplingSettings, Sampler, greedy
 from kvbench.seq2seq import Seq2Seq, Seq2SeqCache, SourceBound
-from kvbench.strategies import CacheShape, Strategy, resolve, window_of
+from kvbench.strategies import CacheShape, Strategy, resolve
 
 GREEDY = SamplingSettings()
 
@@ -137,9 +137,7 @@ def new_cache(model: Decoder, strategy: Strategy | str, batch: int, max_len: int
     and dtype; None for naive. For an encoder-decoder, the self-attention cache is wrapped with the source's
     cross-attention K/V, kept for the whole generation if the strategy keeps them."""
     strategy = resolve(strategy)
-    config = model.config
-    shape = CacheShape(config.n_layers, batch, config.n_heads, config.head_dim, max_len, model.dtype, model.device,
-                       window_of(config, window))
+    shape = CacheShape.of(model.config, batch, max_len, model.dtype, model.device, window)
     return for_model(model, strategy.new_cache(shape), keep_cross=strategy.keeps_cross)
 
 

@@ -60,12 +60,11 @@ def cache_bytes(config, strategy, batch: int, tokens: int, window: int | None, d
     preallocates, measured on the meta device, or for a cache that allocates nothing up front and grows
     (dynamic), the full-precision formula it grows to."""
     from kvbench.cache import kv_bytes_formula
-    from kvbench.strategies import CacheShape, resolve, window_of
+    from kvbench.strategies import CacheShape, resolve
 
-    shape = CacheShape(config.n_layers, batch, config.n_heads, config.head_dim, tokens, dtype, torch.device("meta"),
-                       window_of(config, window))
+    shape = CacheShape.of(config, batch, tokens, dtype, torch.device("meta"), window)
     cache = resolve(strategy).new_cache(shape)
     if cache is None:
         return 0
-    return cache.nbytes or kv_bytes_formula(config.n_layers, config.n_heads, config.head_dim, tokens, batch,
+    return cache.nbytes or kv_bytes_formula(config.n_layers, config.n_kv_heads, config.head_dim, tokens, batch,
                                             dtype.itemsize)

@@ -12,7 +12,9 @@ import numpy as np
 from kvbench.config import ModelConfig
 
 
-def _norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray | None, eps: float) -> np.ndarray:
+def _norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray | None, eps: float, kind: str = "layernorm") -> np.ndarray:
+    if kind == "rmsnorm":  # no centring, no shift: divide by the root mean square
+        return x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + eps) * gain
     centred = x - x.mean(axis=-1, keepdims=True)
     variance = (centred**2).mean(axis=-1, keepdims=True)
     y = centred / np.sqrt(variance + eps) * gain
@@ -22,6 +24,8 @@ def _norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray | None, eps: float)
 def _act(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "relu":
         return np.maximum(x, 0.0)
+    if kind == "silu":
+        return x / (1.0 + np.exp(-x))
     if kind == "gelu":  # the tanh approximation GPT-2 uses
         return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
     from math import erf  # exact GELU: x * Phi(x)
@@ -53,22 +57,64 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 def _heads(q_all: np.ndarray, k_all: np.ndarray, v_all: np.ndarray, allowed: np.ndarray | None,
            cfg: ModelConfig) -> np.ndarray:
-    """Scaled dot-product attention head by head; `allowed` (T, S) masks keys, None allows all."""
-    heads = []
+    """Scaled dot-product attention head by head; `allowed` (T, S) masks keys, None allows all.
+    Query head h reads K/V head h // (n_heads / n_kv_heads): consecutive query heads share one."""
+    heads, per_kv = [], cfg.n_heads // cfg.n_kv_heads
     for h in range(cfg.n_heads):
         cols = slice(h * cfg.head_dim, (h + 1) * cfg.head_dim)
-        scores = q_all[:, cols] @ k_all[:, cols].T / np.sqrt(cfg.head_dim)
+        kv = h // per_kv
+        kv_cols = slice(kv * cfg.head_dim, (kv + 1) * cfg.head_dim)
+        scores = q_all[:, cols] @ k_all[:, kv_cols].T / np.sqrt(cfg.head_dim)
         if allowed is not None:
             scores = np.where(allowed, scores, -np.inf)
-        heads.append(_softmax(scores) @ v_all[:, cols])
+        heads.append(_softmax(scores) @ v_all[:, kv_cols])
     return np.concatenate(heads, axis=1)
+
+
+def _rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Rotation speed of each feature pair, theta^(-2i/hd), with Llama 3's scaling applied pair by pair."""
+    half = cfg.head_dim // 2
+    freqs = np.array([cfg.rope_theta ** (-2.0 * i / cfg.head_dim) for i in range(half)])
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return freqs
+    original = scaling.original_max_position_embeddings
+    for i, f in enumerate(freqs):
+        wavelength = 2 * np.pi / f
+        if wavelength < original / scaling.high_freq_factor:  # fast rotation: kept
+            continue
+        if wavelength > original / scaling.low_freq_factor:  # slow rotation: slowed by `factor`
+            freqs[i] = f / scaling.factor
+        else:  # in between: a linear blend of the two, by where the wavelength lies
+            t = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+            freqs[i] = (1 - t) * f / scaling.factor + t * f
+    return freqs
+
+
+def _rotate(x: np.ndarray, n_heads: int, cfg: ModelConfig) -> np.ndarray:
+    """RoPE on rows (T, n_heads * hd) at positions 0..T-1: in each head, features i and i + hd/2 are a point
+    of the plane, turned by angle position x frequency_i."""
+    half = cfg.head_dim // 2
+    angle = np.arange(x.shape[0])[:, None] * _rope_frequencies(cfg)[None, :]  # (T, hd/2)
+    cos, sin = np.cos(angle), np.sin(angle)
+    out = x.copy()
+    for h in range(n_heads):
+        a = slice(h * cfg.head_dim, h * cfg.head_dim + half)
+        b = slice(h * cfg.head_dim + half, (h + 1) * cfg.head_dim)
+        out[:, a] = x[:, a] * cos - x[:, b] * sin
+        out[:, b] = x[:, b] * cos + x[:, a] * sin
+    return out
 
 
 def _self_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, cfg: ModelConfig,
                     window: int | None, causal: bool = True) -> np.ndarray:
     seq = x.shape[0]
     fused = _affine(w, prefix + ".qkv", x)
-    q_all, k_all, v_all = fused[:, : cfg.d_model], fused[:, cfg.d_model: 2 * cfg.d_model], fused[:, 2 * cfg.d_model:]
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    q_all, k_all = fused[:, :q_width], fused[:, q_width: q_width + kv_width]
+    v_all = fused[:, q_width + kv_width:]
+    if cfg.positional == "rope":
+        q_all, k_all = _rotate(q_all, cfg.n_heads, cfg), _rotate(k_all, cfg.n_kv_heads, cfg)
     allowed = np.tril(np.ones((seq, seq), dtype=bool)) if causal else None
     if window is not None:  # each query sees only its last `window` positions, itself included
         allowed &= ~np.tril(np.ones((seq, seq), dtype=bool), k=-window)
@@ -82,17 +128,27 @@ def _cross_attention(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, memor
     return _affine(w, prefix + ".proj", _heads(q_all, kv[:, : cfg.d_model], kv[:, cfg.d_model:], None, cfg))
 
 
+def _mlp(w: dict[str, np.ndarray], prefix: str, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    hidden = _affine(w, prefix + ".fc", x)
+    if cfg.mlp == "gated":  # the fused matrix holds the gate's columns, then the up projection's
+        gate, up = hidden[:, : cfg.d_ff], hidden[:, cfg.d_ff:]
+        hidden = _act(gate, cfg.activation) * up
+    else:
+        hidden = _act(hidden, cfg.activation)
+    return _affine(w, prefix + ".proj", hidden)
+
+
 def _block(w: dict[str, np.ndarray], p: str, x: np.ndarray, cfg: ModelConfig, window: int | None = None,
            causal: bool = True, memory: np.ndarray | None = None) -> np.ndarray:
     """One block at prefix p: self-attention, cross-attention when `memory` is given, MLP."""
 
     def ln(name: str, v: np.ndarray) -> np.ndarray:
-        return _norm(v, w[f"{p}.{name}.weight"], w.get(f"{p}.{name}.bias"), cfg.layer_norm_eps)
+        return _norm(v, w[f"{p}.{name}.weight"], w.get(f"{p}.{name}.bias"), cfg.layer_norm_eps, cfg.norm_type)
 
     sublayers = [lambda v: _self_attention(w, f"{p}.attn", v, cfg, window, causal)]
     if memory is not None:
         sublayers.append(lambda v: _cross_attention(w, f"{p}.cross", v, memory, cfg))
-    sublayers.append(lambda v: _affine(w, f"{p}.mlp.proj", _act(_affine(w, f"{p}.mlp.fc", v), cfg.activation)))
+    sublayers.append(lambda v: _mlp(w, f"{p}.mlp", v, cfg))
     for i, sublayer in enumerate(sublayers, start=1):
         if cfg.norm == "pre":
             x = x + sublayer(ln(f"ln{i}", x))
@@ -112,12 +168,12 @@ def reference_logits(weights: dict[str, np.ndarray], cfg: ModelConfig, ids: np.n
         x = token_table[row]
         if cfg.positional == "learned":
             x = x + w["pos_emb"][: len(row)]
-        else:
-            x = x + _sincos_table(len(row), 0, cfg.d_model)
+        elif cfg.positional == "sinusoidal":
+            x = x + _sincos_table(len(row), 0, cfg.d_model)  # rope: positions enter inside attention
         for i in range(cfg.n_layers):
             x = _block(w, f"blocks.{i}", x, cfg, window)
         if cfg.norm == "pre":
-            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps)
+            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps, cfg.norm_type)
         out.append(x @ vocab_by_dim)
     return np.stack(out)
 
@@ -138,10 +194,11 @@ def reference_seq2seq_logits(weights: dict[str, np.ndarray], cfg, src: np.ndarra
             memory = _block(w, f"encoder.{i}", memory, cfg, causal=False)
         x = tgt_table[tgt_row] + _positions(w, "tgt_pos_emb", len(tgt_row), cfg)
         if cfg.norm == "pre":
-            memory = _norm(memory, w["encoder_norm.weight"], w.get("encoder_norm.bias"), cfg.layer_norm_eps)
+            memory = _norm(memory, w["encoder_norm.weight"], w.get("encoder_norm.bias"), cfg.layer_norm_eps,
+                           cfg.norm_type)
         for i in range(cfg.n_decoder_layers):
             x = _block(w, f"decoder.{i}", x, cfg, memory=memory)
         if cfg.norm == "pre":
-            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps)
+            x = _norm(x, w["ln_f.weight"], w.get("ln_f.bias"), cfg.layer_norm_eps, cfg.norm_type)
         out.append(x @ vocab_by_dim)
     return np.stack(out)

@@ -37,6 +37,13 @@ class CacheShape:
     device: torch.device
     window: int = DEFAULT_WINDOW  # read by windowed strategies only
 
+    @classmethod
+    def of(cls, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
+           window: int | None = None) -> CacheShape:
+        """The cache shape of a model config: its n_kv_heads K/V heads (grouped-query attention stores only those)."""
+        return cls(config.n_layers, batch, config.n_kv_heads, config.head_dim, max_len, dtype, device,
+                   window_of(config, window))
+
 
 @dataclass(frozen=True)
 class Strategy:

@@ -125,7 +125,7 @@ def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tens
 def check_prompt(ids: torch.Tensor, vocab: int, config: AnyConfig, origin: str) -> None:
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise KVBenchError(f"{origin}: token ids must lie in 0..{vocab - 1}")
-    if config.positional == "learned" and ids.shape[1] > config.max_seq_len:
+    if ids.shape[1] > config.max_seq_len:  # past it, positions are untrained (or, learned, absent)
         raise KVBenchError(f"{origin}: {ids.shape[1]} tokens exceed max_seq_len {config.max_seq_len}")
 
 

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from kvbench.cache import KVCache  # noqa: E402
 from kvbench.generate import generation_steps, new_cache  # noqa: E402
 from kvbench.model import Decoder  # noqa: E402
 from kvbench.plots import color_of  # noqa: E402
@@ -19,30 +20,50 @@ from kvbench.plots import color_of  # noqa: E402
 MAX_LABELS = 48  # more tick labels than this are unreadable: label every n-th token instead
 
 
+class ProbabilityProbe(KVCache):
+    """Not a cache: it attends explicitly, softmax(q k^T / sqrt(head_dim)) under the pass's mask, and keeps
+    each layer's probabilities. It sees the queries and keys exactly as attention does (after RoPE, with
+    grouped-query heads laid out as Attention lays them), so the maps are the model's own."""
+
+    def __init__(self, n_heads: int):
+        self.n_heads = n_heads
+        self.maps: list[torch.Tensor] = []
+
+    def attend(self, layer, start_pos, q, k, v, mask):
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (1, Hkv, g*T, T)
+        if isinstance(mask, str):  # "causal"
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # (1, Hkv, g*T, T)
+        T = k.shape[2]
+        self.maps.append(probs[0].reshape(self.n_heads, T, T).cpu())  # (Hq, T, T): group rows back to heads
+        return (probs @ v.float()).to(q.dtype)  # (1, Hkv, g*T, hd)
+
+    def update(self, layer, start_pos, k, v):
+        raise NotImplementedError  # attend() does not store
+
+    def mask(self, start_pos, n_new):
+        return "causal"
+
+    def reset(self):
+        self.maps.clear()
+
+    nbytes = 0
+
+    def expected_bytes(self, tokens):
+        return 0
+
+
 @torch.inference_mode()
 def attention_maps(model: Decoder, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Attention probabilities of every layer, (H, T, T) each, for one sequence ids (1, T).
+    """Attention probabilities of every layer, (H, T, T) each (H query heads), for one sequence ids (1, T).
 
     The torch model uses a fused attention kernel that never materialises the probabilities, so they are
-    recomputed here from each layer's QKV projection, captured with a forward hook: the same numbers the
-    kernel uses, softmax(q k^T / sqrt(head_dim)) under the causal mask.
-    """
-    captured: list[torch.Tensor] = []
-    hooks = [block.attn.qkv.register_forward_hook(lambda mod, inp, out: captured.append(out.float()))
-             for block in model.blocks]
-    try:
-        model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    c, T = model.config, ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    maps = []
-    for qkv in captured:
-        q, k, _ = qkv[0].view(T, 3, c.n_heads, c.head_dim).permute(1, 2, 0, 3)  # each (H, T, hd)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(c.head_dim)  # (H, T, T)
-        maps.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).cpu())
-    return maps
+    recomputed by a probe standing in for the cache: the same queries and keys the kernel gets."""
+    probe = ProbabilityProbe(model.config.n_heads)
+    model(ids, probe, start_pos=0)
+    return probe.maps
 
 
 MAX_COLUMNS = 6  # heads per figure row: more would shrink each panel below readability

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -12,20 +11,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.config import AnyConfig, LoadedConfig, ModelConfig, Seq2SeqConfig
-from kvbench import memory
+from kvbench.config import AnyConfig, LoadedConfig, Seq2SeqConfig
+from kvbench import checkpoints, memory
+from kvbench.checkpoints import to_kvbench
 from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.model import Decoder, init_weights
 from kvbench.seq2seq import Seq2Seq
-
-# GPT-2 sublayer names -> kvbench's, per block. GPT-2's Conv1D stores weights (in, out) as kvbench does.
-GPT2_BLOCK_NAMES = {
-    "ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-    "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj",
-}
-GPT2_BLOCK_KEY = re.compile(r"^h\.(\d+)\.(.+)\.(weight|bias)$")
-GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old checkpoints
-
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
@@ -36,42 +27,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise KVBenchError(f"weights file '{path}' is not a valid safetensors file ({exc}); re-create it") from None
 
 
-def is_gpt2_layout(tensors: dict[str, torch.Tensor]) -> bool:
-    return any(re.match(r"^(transformer\.)?(wte\.weight|h\.\d+\.)", name) for name in tensors)
-
-
-def from_gpt2(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a transformers GPT-2 state dict to kvbench's names and layouts."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix("transformer.")
-        if GPT2_IGNORED.match(name):
-            continue
-        block = GPT2_BLOCK_KEY.match(name)
-        if block and block.group(2) in GPT2_BLOCK_NAMES:
-            layer, sub, kind = block.groups()
-            out[f"blocks.{layer}.{GPT2_BLOCK_NAMES[sub]}.{kind}"] = tensor
-        elif name == "wte.weight":
-            # GPT-2's wte is (vocab, d_model); kvbench's LM head is its transpose, stored contiguous.
-            out["lm_head.weight" if config.tie_embeddings else "tok_emb"] = (
-                tensor.t().contiguous() if config.tie_embeddings else tensor)
-        elif name == "lm_head.weight":
-            if not config.tie_embeddings:
-                out["lm_head.weight"] = tensor.t().contiguous()  # (vocab, d_model) -> (d_model, vocab)
-        elif name == "wpe.weight":
-            out["pos_emb"] = tensor
-        else:
-            out[name] = tensor  # ln_f.* keep their names; anything else is reported as unexpected
-    return out
-
-
 def to_gpt2(model: Decoder) -> dict[str, torch.Tensor]:
     """kvbench's weights under transformers' GPT2LMHeadModel names (the inverse of from_gpt2)."""
     config = model.config
     if (config.positional, config.norm, config.activation, config.bias) != ("learned", "pre", "gelu", True):
         raise KVBenchError("only GPT-2-shaped configs (learned positions, pre-norm, gelu, bias) map to GPT-2")
     model = copy.deepcopy(model).use_kernel("matmul")  # (in, out), as GPT-2's Conv1D
-    ours_to_gpt2 = {v: k for k, v in GPT2_BLOCK_NAMES.items()}
+    ours_to_gpt2 = {v: k for k, v in checkpoints.GPT2_BLOCK_NAMES.items()}
     out = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("blocks."):
@@ -164,9 +126,9 @@ def new_model(config: AnyConfig) -> Decoder | Seq2Seq:
 def read_weights(loaded: LoadedConfig) -> dict[str, torch.Tensor]:
     """The config's weight file under kvbench's names, every tensor in the file's own dtype."""
     tensors = read_safetensors(loaded.weights_path)
-    if is_gpt2_layout(tensors) and isinstance(loaded.model, ModelConfig):
-        tensors = from_gpt2(tensors, loaded.model)
-    return tensors
+    if loaded.model.family != "decoder":
+        return tensors  # checkpoint layouts are decoder-only models'
+    return to_kvbench(tensors, loaded.model, loaded.layout)
 
 
 def load_cpu_model(loaded: LoadedConfig, tensors: dict[str, torch.Tensor] | None = None) -> Decoder | Seq2Seq:

@@ -27,7 +27,7 @@ def kv_bytes_read(model, tokens: float, batch: int) -> float:
     """Bytes of K and V one decode step attends to when `tokens` positions are visible."""
     c = model.config
     element = model.dtype.itemsize
-    return kv_bytes_formula(c.n_layers, c.n_heads, c.head_dim, 1, batch, element) * tokens
+    return kv_bytes_formula(c.n_layers, c.n_kv_heads, c.head_dim, 1, batch, element) * tokens  # K/V heads only
 
 
 def matmul_weights(model) -> int:
@@ -39,7 +39,7 @@ def cached_step_flops(model, visible: float, batch: int) -> float:
     """One cached decode step: each matrix once for the new token, attention over `visible` keys (and, in an
     encoder-decoder, over the source's cached cross K/V)."""
     c = model.config
-    attention = 2 * 2 * c.n_layers * c.d_model * (visible + model.source_len)  # q.k scores and the weighted sum of v
+    attention = 2 * 2 * c.n_layers * c.n_heads * c.head_dim * (visible + model.source_len)  # q.k scores, weighted v
     return batch * (2 * matmul_weights(model) + 2 * c.d_model * c.vocab_size + attention)
 
 
@@ -47,7 +47,7 @@ def naive_step_flops(model, seq_len: float, batch: int) -> float:
     """One naive step: every decoder block over the whole sequence, causal attention, LM head on the last
     position (an encoder-decoder's encoder rerun and cross projections are not counted: a lower bound)."""
     c = model.config
-    attention = 2 * 2 * c.n_layers * c.d_model * seq_len * (seq_len + 1) / 2
+    attention = 2 * 2 * c.n_layers * c.n_heads * c.head_dim * seq_len * (seq_len + 1) / 2
     return batch * (2 * matmul_weights(model) * seq_len + attention + 2 * c.d_model * c.vocab_size)
 
 

@@ -294,10 +294,10 @@ def check_fits(loaded: LoadedConfig, total: int, what: str) -> None:
 
 
 def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: str) -> None:
-    """Every strategy stops at max_seq_len, except sliding with sinusoidal positions: its attention span
-    is bounded and sinusoidal encodings exist for any position, so it may run past (learned ones may not)."""
-    sinusoidal = loaded.model.positional == "sinusoidal"
-    bounded = [s for s in strategies if not (sinusoidal and registry.get(s).windowed)]
+    """Every strategy stops at max_seq_len, except sliding with sinusoidal or rotary positions: its attention
+    span is bounded and those positions exist for any index, so it may run past (learned ones may not)."""
+    unbounded = loaded.model.unbounded_positions
+    bounded = [s for s in strategies if not (unbounded and registry.get(s).windowed)]
     if bounded:
         note = f" (for {', '.join(bounded)})" if len(bounded) < len(strategies) else ""
         check_fits(loaded, total, what + note)
