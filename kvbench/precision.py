@@ -43,6 +43,10 @@ class Thresholds:
     max_streak: int  # most consecutive steps of a row that may disagree on the top token
 
 
+# A step whose next-token distribution lies within this KL (nats) of naive's does not count toward a streak of
+# top-token disagreements: the top two were a near-tie. A tenth of the smallest mean-KL allowance below.
+NEAR_TIE_KL = 1e-4
+
 QUANTIZED_THRESHOLDS = {
     "float32": Thresholds(1e-3, 0.97, 2e-2, 3),
     "bfloat16": Thresholds(2e-3, 0.95, 4e-2, 4),

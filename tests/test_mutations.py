@@ -235,6 +235,21 @@ def test_disagreement_streaks_span_chunks():
     assert agreement.worst_streak == 3
 
 
+def test_near_tie_flips_do_not_make_a_streak_but_drift_does():
+    reference = torch.zeros(1, 5, 10, dtype=torch.float64)
+    reference[..., 3], reference[..., 4] = 1.0, 0.999  # every step: 3 barely ahead of 4
+    flipped = reference.clone()
+    flipped[..., 4] = 1.001  # the top token flips, the distribution barely moves (KL ~ 1e-7)
+    near_tie = verify.Agreement()
+    near_tie.add(flipped, reference, verify.Tolerance(1e-4, 1e-4))
+    assert near_tie.top1 == 0.0 and near_tie.worst_streak == 0
+    drifted = reference.clone()
+    drifted[..., 4] = 3.0  # the same flip by a wide margin: a real change of distribution
+    drift = verify.Agreement()
+    drift.add(drifted, reference, verify.Tolerance(1e-4, 1e-4))
+    assert drift.worst_streak == 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_disagreement_streaks_of_logits_on_the_gpu():
     agreement = verify.Agreement()
