@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbench import verify
+from kvbench.precision import NEAR_TIE_KL
 from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
@@ -171,7 +172,8 @@ def rules_text(checks: list[verify.StrategyCheck]) -> list[str]:
         else:
             t = c.thresholds
             rules["KL"] = (f"by KL: mean KL <= {t.max_mean_kl:g}, top-1 >= {t.min_top1:.0%} over all generations; "
-                           f"every step's KL <= {t.max_step_kl:g}, at most {t.max_streak} disagreeing steps in a row")
+                           f"every step's KL <= {t.max_step_kl:g}, at most {t.max_streak} disagreeing steps in a row "
+                           f"(near-ties, KL <= {NEAR_TIE_KL:g}, aside)")
     return [*rules.values(), "K/V (every cache): stored K/V within rounding of a fresh forward's, plus the cache's "
                              "own storage bound (int8: max|x|/254 per vector)"]
 
