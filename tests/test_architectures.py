@@ -241,3 +241,16 @@ def test_unsupported_config_json_option_is_one_line_naming_the_key(runner, tmp_p
     result = runner.invoke(app, ["evaluate", "--config", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert key in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_attention_maps_are_the_models_own_under_gqa_and_rope():
+    from kvbench.visualize import ProbabilityProbe, attention_maps
+
+    model = random_model(seed=2, **LLAMA_SHAPE)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    maps = attention_maps(model, ids)
+    assert len(maps) == 2 and maps[0].shape == (4, 9, 9)  # every query head, not only the K/V heads
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(4, 9))
+    assert torch.all(maps[0].triu(1) == 0)  # causal
+    # the probe's attention, which the maps come from, gives the model's own logits
+    torch.testing.assert_close(model(ids, ProbabilityProbe(4)), model(ids), atol=1e-5, rtol=1e-5)
