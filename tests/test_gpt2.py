@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -83,9 +85,16 @@ def test_ablation_times_kvbench_against_transformers_on_the_same_weights():
 
     model = random_model(0)
     prompt = torch.randint(0, 97, (1, 4))
-    variants = ablation.build_variants(["kvbench", "naive", "hf-cache"], model, prompt, 6)
-    rows = ablation.run_ablation(variants, 6, 2, torch.device("cpu"))
+    variants = ablation.build_variants(["kvbench", "naive", "hf-cache"], model, prompt, 24)
+    rows = ablation.run_ablation(variants, 24, 2, torch.device("cpu"))
     assert sorted(rows["variant"].unique()) == ["hf-cache", "kvbench", "naive"] and len(rows) == 6
-    summary = ablation.summarize_ablation(rows, model, 4, 6, 1, bandwidth_gbs=10.0)
+    summary = ablation.summarize_ablation(rows, model, 4, 24, 1, bandwidth_gbs=10.0)
     assert summary["variant"].tolist() == ["kvbench", "naive", "hf-cache"]
     assert (summary["per_token_ms"] > 0).all() and summary["x_first"].iloc[0] == 1.0
+
+
+def test_ablation_never_reports_a_negative_decode_time():
+    from kvbench.bench.ablation import decode_ms
+
+    assert decode_ms(1.0, 0.1, 10) == pytest.approx(100.0)
+    assert math.isnan(decode_ms(0.1, 0.1001, 10))  # noise larger than decoding: unresolved, not negative

@@ -8,6 +8,8 @@ Variants run interleaved within each repeat, so machine drift hits all alike.
 
 from __future__ import annotations
 
+import math
+
 import copy
 import time
 from dataclasses import dataclass
@@ -125,6 +127,13 @@ def _seconds(variant: Variant, n: int, device: torch.device) -> float:
     return elapsed
 
 
+def decode_ms(full_s: float, one_s: float, new_tokens: int) -> float:
+    """Per decode token: a whole generation minus a one-token one, over the extra tokens. NaN where noise
+    made the difference vanish (a run too short to resolve decoding): never a negative time."""
+    per_token = 1000 * (full_s - one_s) / (new_tokens - 1)
+    return per_token if per_token > 0 else math.nan
+
+
 def run_ablation(variants: list[Variant], new_tokens: int, repeats: int, device: torch.device,
                  on_repeat: Callable[[int], None] = lambda r: None) -> pd.DataFrame:
     """Per-token decode time of each variant, repeats interleaved; one row per variant and repeat."""
@@ -135,7 +144,7 @@ def run_ablation(variants: list[Variant], new_tokens: int, repeats: int, device:
         for variant in variants:
             full, one = _seconds(variant, new_tokens, device), _seconds(variant, 1, device)
             rows.append(dict(variant=variant.name, repeat=repeat, total_s=full, prefill_s=one,
-                             per_token_ms=1000 * (full - one) / (new_tokens - 1)))
+                             per_token_ms=decode_ms(full, one, new_tokens)))
         on_repeat(repeat)
     return pd.DataFrame(rows)
 
