@@ -68,3 +68,27 @@ def test_dynamic_cache_refuses_a_gap():
         assert "cannot write at 5" in str(exc)
     else:
         raise AssertionError("a write past the end must fail")
+
+
+def test_sliding_prefill_into_a_ring_that_already_holds_tokens():
+    """Several tokens entering a non-empty ring (chunked prefill): attention sees what the ring held plus the
+    new keys, banded; with a window of 8, chunks of 5 and 7 cross the wrap."""
+    import pytest
+
+    model = random_model(3, positional="rope", n_kv_heads=2)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
+    cache = new_cache(model, "sliding", batch=2, max_len=24, window=8)
+    with torch.inference_mode():
+        naive = model(ids, window=8)  # (B, 24, V): banded attention over the whole sequence
+        pieces, start = [], 0
+        for chunk in (5, 7, 1, 11):
+            pieces.append(model(ids[:, start:start + chunk], cache, start_pos=start))
+            start += chunk
+    torch.testing.assert_close(torch.cat(pieces, dim=1), naive, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError):  # the path matters: a ring that forgets what it held is caught
+        held_nothing = new_cache(model, "sliding", batch=2, max_len=24, window=8)
+        with torch.inference_mode():
+            model(ids[:, :5], held_nothing, start_pos=0)
+            held_nothing.reset()
+            wrong = model(ids[:, 5:12], held_nothing, start_pos=5)
+        torch.testing.assert_close(wrong, naive[:, 5:12], atol=1e-5, rtol=1e-5)
