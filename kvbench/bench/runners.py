@@ -218,13 +218,16 @@ class RayRunner:
     def __init__(self, address: str):
         self.ray = import_ray()
         self.address = address
+        self.started = False  # shut down only a connection this runner opened (a test may hold its own)
 
-    def connect(self, num_cpus: int | None = None) -> None:
+    def connect(self) -> None:
+        """Join the cluster at the address (`auto`: the one `ray start` made here; `local`: a new one)."""
         if self.ray.is_initialized():
             return
         try:
-            self.ray.init(address=self.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+            self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                           configure_logging=False)
+            self.started = True
         except ConnectionError as exc:
             raise KVBenchError(f"--ray-address {self.address}: no Ray cluster there ({exc}); start one with "
                                "`ray start --head`, or use --runner local") from None
@@ -279,5 +282,5 @@ class RayRunner:
         return outcome
 
     def shutdown(self) -> None:
-        if self.ray.is_initialized():
+        if self.started and self.ray.is_initialized():
             self.ray.shutdown()
