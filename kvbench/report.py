@@ -276,3 +276,12 @@ def to_markdown(sections: list[Section], title: str) -> str:
             parts.append(markdown_table(content) if kind == "table" else
                          str(content) if kind == "p" else f"plot: `{content}`")
     return "\n\n".join(parts) + "\n"
+
+
+def frame_as(frame: pd.DataFrame, fmt: str) -> str:
+    """A table for scripts (csv, json: records) or for pasting (md)."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=1) + "\n"
+    return markdown_table(frame) + "\n"
