@@ -173,7 +173,7 @@ def comparison_section(paths: list[Path]) -> Section:
         keys = ["point", "strategy", "new_tokens"] if "point" in base.columns and "point" in other.columns \
             else ["strategy", "new_tokens"]
         a, b = (r.groupby(keys)[["total_s", "per_token_ms"]].median() for r in (base, other))
-        joined = a.join(b, lsuffix="_a", rsuffix="_b", how="inner").reset_index()
+        joined = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b")).reset_index()
         if joined.empty:
             section.blocks.append(("p", f"{path}: no point in common with {paths[0]}."))
             continue

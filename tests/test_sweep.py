@@ -210,3 +210,10 @@ def test_ray_runner_gives_the_local_runners_results(runner, tmp_path):
     for pid in record["points"]:  # each point came back whole, as a normal results directory
         assert (tmp_path / "ray" / "points" / pid / "meta.json").is_file()
         assert (tmp_path / "ray" / "logs" / f"{pid}.log").is_file()
+
+
+def test_ci_installs_the_ray_extra_with_the_readmes_test_command():
+    repo = Path(__file__).resolve().parent.parent
+    readme, ci = (repo / "README.md").read_text(), (repo / ".ci" / "run").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
+    assert "[test,ray]" in command and command in ci.splitlines()

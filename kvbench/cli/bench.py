@@ -74,12 +74,11 @@ def messages_to_stderr(fmt: OutputFormat):
     if fmt is OutputFormat.table:
         yield
         return
-    stdout_file = console.file
     console.file = sys.stderr
     try:
         yield
     finally:
-        console.file = stdout_file
+        console.file = None  # back to following sys.stdout, as the console was made (no file of its own)
 
 
 def print_frame(frame, fmt: OutputFormat) -> None:
