@@ -220,7 +220,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .85em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; vertical-align: top; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; white-space: nowrap; }
 tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; display: block; margin: 1em 0; border: 1px solid #eee; }
 p.note { color: #555; }
