@@ -126,7 +126,8 @@ def test_compare_writes_data_alone_on_stdout(fmt):
 def test_compare_table_explains_its_mark(runner):
     result = runner.invoke(app, ["compare", str(RUN_A), str(RUN_B)])
     assert result.exit_code == 0, result.output
-    assert "* differs beyond noise: Mann-Whitney U" in result.output
+    assert "* differs beyond noise (Mann-Whitney U" in result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
 
 
 @pytest.mark.slow

@@ -377,8 +377,6 @@ def compare(
     """Per-point ratios of medians, B against A (below 1.00: B is faster); * marks a difference beyond the
     runs' noise (Mann-Whitney U on the repeats, p < 0.05: needs 4 or more repeats a side)."""
     from kvbench.bench import session as bench
-    from kvbench.bench.significance import method_name
-
     c = bench.compare(dir_a, dir_b)
     joined = with_significance(c, dir_a, dir_b)
     out = console if format is OutputFormat.table else err_console
@@ -395,7 +393,7 @@ def compare(
                               highlight=False)
     if format is OutputFormat.table:
         console.print(compare_table(joined))
-        console.print(f"* differs beyond noise: {method_name()}", highlight=False)
+        console.print("* differs beyond noise (Mann-Whitney U on the repeats, p < 0.05)", highlight=False)
     else:
         print_frame(joined, format)
 
