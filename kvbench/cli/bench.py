@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +56,37 @@ from kvbench.bench.machine import check_threads
 from kvbench.config import LoadedConfig, check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
+
+class OutputFormat(str, enum.Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    md = "md"
+
+
+FormatOpt = Annotated[OutputFormat, typer.Option(
+    "--format", help="stdout as a table for people, or csv, json or md for scripts (messages then go to stderr).")]
+
+
+@contextlib.contextmanager
+def messages_to_stderr(fmt: OutputFormat):
+    """With a machine-readable --format, stdout carries the data alone: every message goes to stderr."""
+    if fmt is OutputFormat.table:
+        yield
+        return
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = None  # back to following sys.stdout, as the console was made (no file of its own)
+
+
+def print_frame(frame, fmt: OutputFormat) -> None:
+    from kvbench.report import frame_as
+
+    sys.stdout.write(frame_as(frame, fmt.value))
+    sys.stdout.flush()
+
 
 # --- benchmark ------------------------------------------------------------------------------------------------
 
@@ -252,8 +286,21 @@ def benchmark(
                                              show_default="results/<date-time>-<config>-<device>")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory, with its "
                                                 "recorded settings.")] = None,
+    format: FormatOpt = OutputFormat.table,
 ) -> None:
     """Time cached against naive generation over sequence lengths; write CSVs and plots."""
+    with messages_to_stderr(format):
+        path = run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
+                             threads, dtype, seed, compile, window, src_len, out, resume)
+    if format is not OutputFormat.table:
+        import pandas as pd
+
+        print_frame(pd.read_csv(path / "summary.csv"), format)
+
+
+def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size, threads, dtype,
+                  seed, compile, window, src_len, out, resume) -> Path:
+    """benchmark's work; returns the results directory."""
     from kvbench.bench import session as bench
     from kvbench.bench.results import ResultsDir
 
@@ -264,7 +311,7 @@ def benchmark(
             if not run.to_do:
                 console.print("nothing to do: every run is recorded; writing the summary and plots")
             run_and_finish(run)
-        return
+        return results.path
     loaded = load_config(config)
     settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
                             threads, dtype, seed, compile, window, src_len)
@@ -273,6 +320,7 @@ def benchmark(
         run = bench.start(loaded, settings, results)
         console.print(f"{loaded.name} on {settings.device} ({settings.dtype}), writing to {results.path}")
         run_and_finish(run)
+    return results.path
 
 
 @app.command()
@@ -301,9 +349,22 @@ def compare_table(joined) -> Table:
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for r in joined.itertuples():
         table.add_row(r.strategy, str(r.new_tokens), f"{r.total_s_median_a:.3f}", f"{r.total_s_median_b:.3f}",
-                      f"{r.total_ratio:.2f}", _number(r.per_token_ms_median_a, ".2f"),
-                      _number(r.per_token_ms_median_b, ".2f"), _number(r.per_token_ratio, ".2f"))
+                      f"{r.total_ratio:.2f}" + _mark(r.total_significant), _number(r.per_token_ms_median_a, ".2f"),
+                      _number(r.per_token_ms_median_b, ".2f"),
+                      _number(r.per_token_ratio, ".2f") + _mark(r.per_token_significant))
     return table
+
+
+def _mark(significant: bool) -> str:
+    return "*" if significant else " "
+
+
+def with_significance(c, dir_a: Path, dir_b: Path):
+    """The comparison's points with p-values and marks from both runs' repeats."""
+    from kvbench.bench.results import ResultsDir
+    from kvbench.bench.significance import mark_differences
+
+    return mark_differences(c.joined, ResultsDir.open(dir_a).read_runs(), ResultsDir.open(dir_b).read_runs())
 
 
 @app.command()
@@ -311,14 +372,17 @@ def compare_table(joined) -> Table:
 def compare(
     dir_a: Annotated[Path, typer.Argument(metavar="DIR_A", help="Baseline results directory (A).")],
     dir_b: Annotated[Path, typer.Argument(metavar="DIR_B", help="Results directory to compare (B).")],
+    format: FormatOpt = OutputFormat.table,
 ) -> None:
-    """Per-point ratios of medians, B against A (below 1.00: B is faster)."""
+    """Per-point ratios of medians, B against A (below 1.00: B is faster); * marks a difference beyond the
+    runs' noise (Mann-Whitney U on the repeats, p < 0.05: needs 4 or more repeats a side)."""
     from kvbench.bench import session as bench
-
     c = bench.compare(dir_a, dir_b)
+    joined = with_significance(c, dir_a, dir_b)
+    out = console if format is OutputFormat.table else err_console
     for label, meta in (("A", c.meta_a), ("B", c.meta_b)):
         s = meta.get("settings", {})
-        console.print(escape(f"{label}: {meta.get('config_name')} on {meta.get('device_name')}, {s.get('dtype')}, "
+        out.print(escape(f"{label}: {meta.get('config_name')} on {meta.get('device_name')}, {s.get('dtype')}, "
                              f"batch {s.get('batch_size')}, commit {str(meta.get('git_commit'))[:7]}"), highlight=False)
     for difference in c.differences:
         err_console.print(f"[yellow]warning:[/] A and B differ in {escape(difference)}; the ratios mix it in",
@@ -327,7 +391,11 @@ def compare(
         if points:
             err_console.print(escape(f"only in {label}, not compared: " + ", ".join(f"{s} at {n}" for s, n in points)),
                               highlight=False)
-    console.print(compare_table(c.joined))
+    if format is OutputFormat.table:
+        console.print(compare_table(joined))
+        console.print("* differs beyond noise (Mann-Whitney U on the repeats, p < 0.05)", highlight=False)
+    else:
+        print_frame(joined, format)
 
 
 @app.command()
