@@ -16,7 +16,6 @@ import yaml
 
 from kvbench.bench.spec import expand, load_spec
 from kvbench.cli import app
-from kvbench.errors import KVBenchError
 
 TINY_RUN = {"strategies": ["naive", "static"], "lengths": [3, 5], "repeats": 1, "warmup": 0, "device": "cpu"}
 
