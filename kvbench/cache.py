@@ -36,14 +36,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=isinstance(mask, str))
 
 
+def hide_padding(mask: Mask, query_cols: torch.Tensor, key_cols: torch.Tensor, pads: torch.Tensor | None) -> Mask:
+    """A ragged batch's visibility: `mask` (T, S) over columns (or None / "causal"), with each row's left
+    padding hidden from its queries: (B, 1, T, S). Row b's first pads[b] columns are padding. A padding query
+    still sees itself, so that no row of attention is empty (an empty row's softmax would be NaN, and NaN
+    stored as a hidden key's value leaks through a zero weight: 0 x NaN is NaN)."""
+    if pads is None:
+        return mask
+    if mask is None:
+        mask = torch.ones(len(query_cols), len(key_cols), dtype=torch.bool, device=key_cols.device)  # (T, S)
+    elif isinstance(mask, str):  # "causal"
+        mask = key_cols[None, :] <= query_cols[:, None]  # (T, S)
+    real = key_cols[None, :] >= pads[:, None]  # (B, S): keys of the row's own tokens
+    own = key_cols[None, :] == query_cols[:, None]  # (T, S)
+    return (mask[None] & (real[:, None, :] | own[None]))[:, None]  # (B, 1, T, S)
+
+
+def columns_mask(start_pos: int, n_new: int, device: torch.device, pads: torch.Tensor | None) -> Mask:
+    """Causal visibility of queries at start_pos.. over keys held in columns 0..start_pos+n_new-1 (what
+    static, dynamic and quantized caches return), a ragged batch's padding hidden."""
+    mask = causal_mask(start_pos, n_new, start_pos + n_new, device)
+    if pads is None:
+        return mask
+    query_pos = torch.arange(start_pos, start_pos + n_new, device=device)  # (T,)
+    return hide_padding(mask, query_pos, torch.arange(start_pos + n_new, device=device), pads)
+
+
 class KVCache(ABC):
     """Per-layer keys and values, shaped (batch, heads, tokens, head_dim).
 
     A forward pass calls begin(), then mask() once and attend() (which calls update()) once per layer,
     then end()."""
 
-    def begin(self, start_pos: int | torch.Tensor, n_new: int) -> None:
-        """A forward pass of n_new tokens from start_pos starts (before any layer's update)."""
+    pads: torch.Tensor | None = None  # (B,) left padding of each row of a ragged batch; None: no padding
+
+    def begin(self, start_pos: int | torch.Tensor, n_new: int, pads: torch.Tensor | None = None) -> None:
+        """A forward pass of n_new tokens from column start_pos starts (before any layer's update). In a
+        ragged batch, row b's first pads[b] columns are left padding: mask() hides them."""
+        self.pads = pads
 
     def end(self) -> None:
         """The forward pass is over: every layer has stored its K/V."""
@@ -124,8 +154,9 @@ class StaticCache(KVCache):
         device = self.k[0].device
         if isinstance(start_pos, torch.Tensor):
             query_pos = start_pos + torch.arange(n_new, device=device)  # (T,)
-            return torch.arange(self.max_len, device=device)[None, :] <= query_pos[:, None]  # (T, max_len)
-        return causal_mask(start_pos, n_new, start_pos + n_new, device)
+            key_pos = torch.arange(self.max_len, device=device)  # (max_len,)
+            return hide_padding(key_pos[None, :] <= query_pos[:, None], query_pos, key_pos, self.pads)
+        return columns_mask(start_pos, n_new, device, self.pads)
 
     def reset(self):
         pass  # slots past the current position are never visible, so stale ones need no zeroing
@@ -146,8 +177,8 @@ class StaticCache(KVCache):
 class DynamicCache(KVCache):
     """Grows by concatenation every step, as transformers' default cache does: simple, but reallocates."""
 
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
+    def __init__(self, n_layers: int, device: torch.device | str = "cpu"):
+        self.n_layers, self.device_hint = n_layers, device  # the device of masks before anything is stored
         self.reset()
 
     def update(self, layer, start_pos, k, v):
@@ -161,8 +192,8 @@ class DynamicCache(KVCache):
         return self.k[layer], self.v[layer]
 
     def mask(self, start_pos, n_new):
-        device = self.k[0].device if self.k[0] is not None else "cpu"
-        return causal_mask(start_pos, n_new, start_pos + n_new, device)
+        device = self.k[0].device if self.k[0] is not None else self.device_hint
+        return columns_mask(start_pos, n_new, device, self.pads)
 
     def reset(self):
         self.k: list[torch.Tensor | None] = [None] * self.n_layers
@@ -202,7 +233,8 @@ class SlidingWindowCache(KVCache):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position per slot; -1 empty
 
-    def begin(self, start_pos, n_new):
+    def begin(self, start_pos, n_new, pads=None):
+        super().begin(start_pos, n_new, pads)
         # the newest `window` of this pass's positions, and the slots they go to: committed to slot_pos at end(),
         # so that every layer's update (and mask) sees what the ring held before the pass
         kept = torch.arange(max(0, n_new - self.window), n_new, device=self.slot_pos.device)
@@ -229,15 +261,20 @@ class SlidingWindowCache(KVCache):
         return k_all, v_all
 
     def mask(self, start_pos, n_new):
-        if n_new == 1:
-            return None
+        if n_new == 1 and self.pads is None:
+            return None  # the one new query sees exactly what the ring holds
         device = self.slot_pos.device
-        held = self.slot_pos[self.slot_pos >= 0]  # positions of the slots update() will return first
-        if held.numel() == 0 and start_pos == 0 and n_new <= self.window:
-            return "causal"
         query_pos = torch.arange(start_pos, start_pos + n_new, device=device)  # (T,)
+        if n_new == 1:
+            held = min(start_pos + 1, self.window)
+            key_pos = self.slot_pos[:held].clone()  # (held,) slot order, as update() returns them
+            key_pos[start_pos % self.window] = start_pos  # the slot this step writes
+            return hide_padding(None, query_pos, key_pos, self.pads)
+        held = self.slot_pos[self.slot_pos >= 0]  # positions of the slots update() will return first
         key_pos = torch.cat([held, query_pos])  # (S,)
-        return sliding_mask(query_pos, key_pos, self.window)
+        if held.numel() == 0 and start_pos == 0 and n_new <= self.window:
+            return hide_padding("causal", query_pos, key_pos, self.pads)
+        return hide_padding(sliding_mask(query_pos, key_pos, self.window), query_pos, key_pos, self.pads)
 
     def reset(self):
         self.slot_pos.fill_(-1)
@@ -305,7 +342,7 @@ class QuantizedCache(KVCache):
         return k, v
 
     def mask(self, start_pos, n_new):
-        return causal_mask(start_pos, n_new, start_pos + n_new, self.kq[0].device)
+        return columns_mask(start_pos, n_new, self.kq[0].device, self.pads)
 
     def reset(self):
         pass  # as the static cache: slots past the position are never read

@@ -23,28 +23,46 @@ GREEDY = SamplingSettings()
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> token ids (B,)
 
 
-def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts of different lengths as one batch (B, P_max), each row padded on the left, and the padding
+    of each row (B,); None when every prompt has the same length (no padding, the fast paths stay).
+
+    Left padding lines up every row's last prompt token in the last column, so one prefill ends every row
+    and each decode step writes one column for all rows; positions and masks count from each row's start."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=prompts[0].dtype, device=prompts[0].device)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = p
+    pads = torch.tensor([longest - len(p) for p in prompts], device=prompts[0].device)  # (B,)
+    return ids, (pads if bool(pads.any()) else None)
+
+
+def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache, pads: torch.Tensor | None = None) -> torch.Tensor:
     """Run the whole prompt (B, P) through the model, filling the cache; logits (B, V) of its last position."""
-    return model(prompt, cache, start_pos=0, last_only=True)[:, -1]
+    return model(prompt, cache, start_pos=0, last_only=True, pads=pads)[:, -1]
 
 
-def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-    """One token per sequence (B,) at position pos, attending to the cache; logits (B, V)."""
-    return model(token[:, None], cache, start_pos=pos, last_only=True)[:, -1]
+def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
+               pads: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per sequence (B,) at column pos, attending to the cache; logits (B, V)."""
+    return model(token[:, None], cache, start_pos=pos, last_only=True, pads=pads)[:, -1]
 
 
-def naive_step(model: Decoder, ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def naive_step(model: Decoder, ids: torch.Tensor, window: int | None = None,
+               pads: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline: recompute the whole sequence (B, t), same kernels, logits of the last position only.
     With a window, attention is banded as in the sliding cache (the whole sequence is still recomputed:
     with several layers, a token depends on more than `window` positions back)."""
-    return model(ids, None, start_pos=0, last_only=True, window=window)[:, -1]
+    return model(ids, None, start_pos=0, last_only=True, window=window, pads=pads)[:, -1]
 
 
-Decode = Callable[[Decoder, torch.Tensor, KVCache, int], torch.Tensor]  # (model, token, cache, pos) -> logits
+# (model, token, cache, column, pads) -> logits
+Decode = Callable[[Decoder, torch.Tensor, KVCache, int, "torch.Tensor | None"], torch.Tensor]
 
 
-def _decode_at(model: Decoder, token: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
-    return model(token[:, None], cache, start_pos=position, last_only=True)[:, -1]
+def _decode_at(model: Decoder, token: torch.Tensor, cache: KVCache, position: torch.Tensor,
+               pads: torch.Tensor | None) -> torch.Tensor:
+    return model(token[:, None], cache, start_pos=position, last_only=True, pads=pads)[:, -1]
 
 
 class CompiledDecode:
@@ -61,12 +79,13 @@ class CompiledDecode:
         self.step = torch.compile(_decode_at, mode="reduce-overhead" if self.cuda else None, fullgraph=True,
                                   dynamic=False)
 
-    def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
+                 pads: torch.Tensor | None = None) -> torch.Tensor:
         self.position.fill_(pos)  # a kernel argument, not a host-to-device copy: no sync
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         # CUDA-graph outputs live in buffers the next replay overwrites: callers may keep logits, so copy
-        return self.step(model, token, cache, self.position).clone()
+        return self.step(model, token, cache, self.position, pads).clone()
 
 
 _compiled: dict[torch.device, CompiledDecode] = {}
@@ -90,30 +109,31 @@ class Step:
 
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                     choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None) -> Iterator[Step]:
+                     choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None,
+                     pads: torch.Tensor | None = None) -> Iterator[Step]:
     """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
-    The cache is reset first."""
+    The cache is reset first. `pads`: a left-padded ragged batch (see left_pad)."""
     if cache is None:
-        yield from _naive_steps(model, prompt, new_tokens, choose, window)
+        yield from _naive_steps(model, prompt, new_tokens, choose, window, pads)
         return
     cache.reset()
     n_prompt = prompt.shape[1]
-    logits = prefill(model, prompt, cache)
+    logits = prefill(model, prompt, cache, pads)
     token = choose(logits)
     yield Step(0, logits, token)
     for i in range(1, new_tokens):
-        logits = decode(model, token, cache, n_prompt + i - 1)  # the previous token, at its position
+        logits = decode(model, token, cache, n_prompt + i - 1, pads)  # the previous token, at its column
         token = choose(logits)
         yield Step(i, logits, token)
 
 
 def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: Chooser,
-                 window: int | None) -> Iterator[Step]:
+                 window: int | None, pads: torch.Tensor | None) -> Iterator[Step]:
     batch, n_prompt = prompt.shape
     ids = torch.empty(batch, n_prompt + new_tokens, dtype=prompt.dtype, device=prompt.device)  # no per-step cat
     ids[:, :n_prompt] = prompt
     for i in range(new_tokens):
-        logits = naive_step(model, ids[:, : n_prompt + i], window)
+        logits = naive_step(model, ids[:, : n_prompt + i], window, pads)
         token = choose(logits)
         ids[:, n_prompt + i] = token
         yield Step(i, logits, token)
@@ -150,18 +170,19 @@ def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache 
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: Strategy | str, keep_logits: bool = False,
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
-             window: int | None = None, cache: KVCache | None = None) -> Generation:
+             window: int | None = None, cache: KVCache | None = None,
+             pads: torch.Tensor | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
     `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
-    by default a new one is allocated."""
+    by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad."""
     if cache is None:
         cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
     decode = decoder_for(strategy, prompt.device)
     sampler = Sampler(sampling)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window):
+    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbench.cache import KVCache, Mask, attend, sliding_mask
+from kvbench.cache import KVCache, Mask, attend, hide_padding, sliding_mask
 from kvbench.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initialiser range
@@ -160,7 +160,7 @@ def group_rows(mask: Mask, groups: int, n_new: int, device: torch.device) -> Mas
         return mask
     if isinstance(mask, str):  # "causal": square lower-triangular, spelled out (SDPA's flag cannot repeat)
         mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()  # (T, T)
-    return mask.repeat(groups, 1)  # (g*T, S)
+    return mask.repeat(*[1] * (mask.dim() - 2), groups, 1)  # (g*T, S) or, per row, (B, 1, g*T, S)
 
 
 ACTIVATIONS = {  # config `activation` -> the function; a new one is one entry here (and in the reference)
@@ -228,8 +228,12 @@ def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(positions), d_model)  # (T, D)
 
 
-def pass_positions(start_pos: Position, n_new: int, device: torch.device) -> torch.Tensor:
-    return start_pos + torch.arange(n_new, device=device)  # (T,)
+def pass_positions(start_pos: Position, n_new: int, device: torch.device,
+                   pads: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of a pass's columns: (T,), or per row (B, T) in a ragged batch, whose row b starts at
+    column pads[b] (its padding gets position 0: it is never attended, any valid position will do)."""
+    columns = start_pos + torch.arange(n_new, device=device)  # (T,)
+    return columns if pads is None else (columns[None, :] - pads[:, None]).clamp_min(0)  # (B, T)
 
 
 class Positions(nn.Module):
@@ -240,24 +244,28 @@ class Positions(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
 
-    def add(self, x: torch.Tensor, start_pos: Position, table: torch.Tensor | None) -> torch.Tensor:
+    def add(self, x: torch.Tensor, start_pos: Position, table: torch.Tensor | None,
+            pads: torch.Tensor | None = None) -> torch.Tensor:
         return x
 
-    def rotation(self, start_pos: Position, n_new: int, device: torch.device) -> Rotation | None:
+    def rotation(self, start_pos: Position, n_new: int, device: torch.device,
+                 pads: torch.Tensor | None = None) -> Rotation | None:
         return None
 
 
 class LearnedPositions(Positions):
-    def add(self, x, start_pos, table):
+    def add(self, x, start_pos, table, pads=None):
         T = x.shape[1]
-        if isinstance(start_pos, int):
+        if isinstance(start_pos, int) and pads is None:
             return x + table[start_pos:start_pos + T]  # a view: no gather on the eager path
-        return x + table[pass_positions(start_pos, T, x.device)]
+        return x + table[pass_positions(start_pos, T, x.device, pads)]  # (T, D) or (B, T, D)
 
 
 class SinusoidalPositions(Positions):
-    def add(self, x, start_pos, table):
-        return x + sinusoidal_positions(pass_positions(start_pos, x.shape[1], x.device), x.shape[-1]).to(x.dtype)
+    def add(self, x, start_pos, table, pads=None):
+        positions = pass_positions(start_pos, x.shape[1], x.device, pads)  # (T,) or (B, T)
+        encoded = sinusoidal_positions(positions.reshape(-1), x.shape[-1])  # (T or B*T, D)
+        return x + encoded.view(*positions.shape, x.shape[-1]).to(x.dtype)  # (T, D) or (B, T, D)
 
 
 class RotaryPositions(Positions):
@@ -281,9 +289,12 @@ class RotaryPositions(Positions):
         self.inv_freq = self.frequencies().to(self.inv_freq.device)
         return self
 
-    def rotation(self, start_pos, n_new, device):
-        angles = pass_positions(start_pos, n_new, device).float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair i and i + hd/2 share an angle
+    def rotation(self, start_pos, n_new, device, pads=None):
+        positions = pass_positions(start_pos, n_new, device, pads)  # (T,) or (B, T)
+        angles = positions.float()[..., None] * self.inv_freq  # (T, hd/2) or (B, T, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # pair i and i + hd/2 share an angle: (..., T, hd)
+        if pads is not None:
+            angles = angles[:, None]  # (B, 1, T, hd): the same for every head of a row
         return Rotation(angles.cos(), angles.sin())
 
 
@@ -340,28 +351,29 @@ class Decoder(LanguageModel):
         self.ln_f = layer_norm(d, config) if config.norm == "pre" else nn.Identity()
         self.lm_head = Linear(d, config.vocab_size, bias=False)
 
-    def embed(self, ids: torch.Tensor, start_pos: Position) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, start_pos: Position, pads: torch.Tensor | None = None) -> torch.Tensor:
         table = self.lm_head.rows_by_output() if self.tok_emb is None else self.tok_emb  # (V, D), maybe a view
-        return self.positions.add(F.embedding(ids, table), start_pos, self.pos_emb)  # (B, T, D)
+        return self.positions.add(F.embedding(ids, table), start_pos, self.pos_emb, pads)  # (B, T, D)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
-               window: int | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, D) for ids (B, T) at positions start_pos.., after the final norm.
+               window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D) for ids (B, T) at columns start_pos.., after the final norm.
 
         Without a cache the sequence attends causally to itself, or within the last `window` positions.
+        `pads` (B,): a ragged batch, left-padded: row b's tokens start at column pads[b] (its position 0).
         """
         check_positions(self.config, start_pos, ids.shape[1])
-        x = self.embed(ids, start_pos)
-        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device)
+        x = self.embed(ids, start_pos, pads)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device, pads)
         for block in self.blocks:
             x = block(x, step)
         end_pass(cache)
         return self.ln_f(x)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
-                last_only: bool = False, window: int | None = None) -> torch.Tensor:
+                last_only: bool = False, window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only when last_only."""
-        h = self.hidden(ids, cache, start_pos, window)
+        h = self.hidden(ids, cache, start_pos, window, pads)
         if last_only:
             h = h[:, -1:]  # (B, 1, D): the LM head is the costliest matmul; skip it where nobody reads it
         return self.lm_head(h)
@@ -404,14 +416,14 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
 
 
 def begin_pass(config, positions: Positions, cache: KVCache | None, start_pos: Position, n_new: int,
-               window: int | None, device: torch.device) -> Pass:
+               window: int | None, device: torch.device, pads: torch.Tensor | None = None) -> Pass:
     """Tell the cache a forward pass starts; what every layer of the pass uses: the visibility (with a row
-    per query head of each K/V group) and the rotation of the pass's positions."""
+    per query head of each K/V group; per sequence in a ragged batch) and the rotation of its positions."""
     if cache is not None:
-        cache.begin(start_pos, n_new)
-    mask = self_attention_mask(cache, start_pos, n_new, window, device)
+        cache.begin(start_pos, n_new, pads)
+    mask = self_attention_mask(cache, start_pos, n_new, window, device, pads)
     mask = group_rows(mask, config.groups, n_new, device)
-    return Pass(cache, start_pos, mask, positions.rotation(start_pos, n_new, device))
+    return Pass(cache, start_pos, mask, positions.rotation(start_pos, n_new, device, pads))
 
 
 def end_pass(cache: KVCache | None) -> None:
@@ -420,15 +432,14 @@ def end_pass(cache: KVCache | None) -> None:
 
 
 def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
-                        device: torch.device) -> Mask:
+                        device: torch.device, pads: torch.Tensor | None = None) -> Mask:
     """With a cache, the cache decides; without one the sequence attends causally to itself, or within
-    the last `window` positions."""
+    the last `window` positions; a ragged batch's left padding hidden."""
     if cache is not None:
         return cache.mask(start_pos, n_new)
-    if window is None or window >= n_new:
-        return "causal"
-    positions = torch.arange(n_new, device=device)
-    return sliding_mask(positions, positions, window)  # (T, T) banded causal
+    positions = torch.arange(n_new, device=device)  # (T,) columns
+    mask = "causal" if window is None or window >= n_new else sliding_mask(positions, positions, window)
+    return hide_padding(mask, positions, positions, pads)
 
 
 def check_positions(config, start_pos: Position, n_new: int) -> None:

@@ -100,12 +100,12 @@ class Seq2Seq(LanguageModel):
         return [block.cross.project_memory(memory) for block in self.decoder]
 
     def decode_hidden(self, ids: torch.Tensor, cross_kv: CrossKV, cache: KVCache | None, start_pos: Position,
-                      window: int | None = None) -> torch.Tensor:
+                      window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Final decoder hidden states (B, T, D) for target ids (B, T) at positions start_pos..."""
         check_positions(self.config, start_pos, ids.shape[1])
         table = self.lm_head.rows_by_output() if self.tgt_emb is None else self.tgt_emb  # (V, D)
-        x = self.positions.add(F.embedding(ids, table), start_pos, self.tgt_pos_emb)  # (B, T, D)
-        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device)
+        x = self.positions.add(F.embedding(ids, table), start_pos, self.tgt_pos_emb, pads)  # (B, T, D)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device, pads)
         for block, kv in zip(self.decoder, cross_kv, strict=True):
             x = block(x, step, kv)
         end_pass(cache)
@@ -137,8 +137,8 @@ class Seq2SeqCache(KVCache):
         self.cross_kv: CrossKV | None = None
         self.projections = 0  # how many times the cross K/V were computed this generation (tests count)
 
-    def begin(self, start_pos, n_new):
-        self.self_cache.begin(start_pos, n_new)
+    def begin(self, start_pos, n_new, pads=None):
+        self.self_cache.begin(start_pos, n_new, pads)
 
     def end(self):
         self.self_cache.end()
@@ -198,16 +198,16 @@ class SourceBound(LanguageModel):
         self.config, self.lm_head = model.config, model.lm_head
 
     def hidden(self, ids: torch.Tensor, cache: Seq2SeqCache | None = None, start_pos: Position = 0,
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         if cache is None:
             cross_kv = self.model.project_memory(self.model.encode(self.src))
         else:
             cross_kv = cache.cross_for(self.model, self.src)
-        return self.model.decode_hidden(ids, cross_kv, cache, start_pos, window)
+        return self.model.decode_hidden(ids, cross_kv, cache, start_pos, window, pads)
 
     def forward(self, ids: torch.Tensor, cache: Seq2SeqCache | None = None, start_pos: Position = 0,
-                last_only: bool = False, window: int | None = None) -> torch.Tensor:
-        h = self.hidden(ids, cache, start_pos, window)
+                last_only: bool = False, window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(ids, cache, start_pos, window, pads)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     @property

@@ -107,7 +107,7 @@ STATIC = register(Strategy(
     "static", "K and V buffers preallocated for the whole generation, written in place", _full_length(StaticCache)))
 DYNAMIC = register(Strategy(
     "dynamic", "K and V grow by concatenation each step, as transformers' default cache does",
-    lambda s: DynamicCache(s.n_layers)))
+    lambda s: DynamicCache(s.n_layers, s.device)))
 SLIDING = register(Strategy(
     "sliding", "a ring buffer of the last W positions (--window); attention windowed alike",
     lambda s: SlidingWindowCache(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kvbench.cache import KVCache
 from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
-from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model, generate, new_cache, random_ids,
+from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
 from kvbench.model import Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
@@ -624,39 +624,62 @@ class PlannedGeneration:
     new_tokens: int
     fresh_cache: bool  # a new cache object; otherwise the previous one, reset, as generate and benchmark reuse it
     main: bool = False
+    rows: list[torch.Tensor] | None = None  # a ragged batch: each row's own prompt (prompt is them left-padded)
+    pads: torch.Tensor | None = None  # (B,) the padding of each row
 
 
-def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: int) -> list[PlannedGeneration]:
+def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: int,
+                    ragged: bool = True) -> list[PlannedGeneration]:
     """The generations each cache strategy goes through, in order, one cache object reused across the first
     three: short then long (the run asked for) then short again with a prompt longer than the sliding window
     where it fits (the long-prompt prefill), then a batch of one more row, different prompts per row (a row
-    broadcast hides at batch 1). Every one fits the run asked for: no longer prompt + tokens than it."""
+    broadcast hides at batch 1), then (decoders) a ragged batch: rows of different prompt lengths, left-padded,
+    each row checked against naive generation of that row alone. Every one fits the run asked for: no longer
+    prompt + tokens than it."""
     batch, n_prompt = prompt.shape
     short = min(new_tokens, REUSE_NEW_TOKENS)
     long_prompt = max(1, min(window + 8, n_prompt + new_tokens - short))
     ids = lambda rows, length, i: random_ids(vocab, rows, length, REUSE_SEED + i).to(prompt.device)  # noqa: E731
-    return [
+    plan = [
         PlannedGeneration(f"fresh cache, {short} tokens", ids(batch, max(1, n_prompt // 2), 0), short, True),
         PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused", prompt, new_tokens, False, True),
         PlannedGeneration(f"cache reused after the long run, {long_prompt}-token prompt", ids(batch, long_prompt, 1),
                           short, False),
         PlannedGeneration(f"{batch + 1} rows, different prompts", ids(batch + 1, n_prompt, 2), short, True),
     ]
+    longest = min(max(n_prompt, 4), n_prompt + new_tokens - short)
+    lengths = sorted({longest, max(1, longest // 2), max(1, longest // 4)}, reverse=True)
+    if ragged and len(lengths) > 1:
+        rows = [ids(1, length, 3 + i)[0] for i, length in enumerate(lengths)]
+        padded, pads = left_pad(rows)
+        plan.append(PlannedGeneration(f"ragged batch, prompts of {'/'.join(map(str, lengths))} tokens, each row "
+                                      "against itself alone", padded, short, True, rows=rows, pads=pads))
+    return plan
 
 
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
                 sampling: SamplingSettings, window: int | None,
-                on_step: Callable[[Step], None] | None) -> GenerationCheck:
+                on_step: Callable[[Step], None] | None) -> list[GenerationCheck]:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
-                              sampling=sampling, on_step=on_step, window=window, cache=cache)
+                              sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
-        return GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")
-    return check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
-                            planned.label, planned.main)
+        return [GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")]
+    if planned.rows is None:
+        return [check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
+                                 planned.label, planned.main)]
+    return [check_generation(model, row[None], row_of(generation, r), tol, sampling, window, None,
+                             f"{planned.label}: row {r} ({len(row)}-token prompt)")
+            for r, row in enumerate(planned.rows)]
+
+
+def row_of(generation: Generation, row: int) -> Generation:
+    """One row of a batch's generation, as if it had been generated alone (B = 1)."""
+    pick = lambda t: None if t is None else t[row:row + 1]  # noqa: E731
+    return Generation(pick(generation.tokens), pick(generation.logits), pick(generation.draws))
 
 
 def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strategy, tol: Tolerance,
@@ -664,7 +687,8 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
                    on_step: Callable[[int], None] | None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
     win = window_of(model.config, window) if strategy.windowed else None
-    plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window))
+    plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window),
+                           ragged=model.config.family == "decoder")
     if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)
@@ -676,7 +700,7 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
         runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
-        checks.append(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
+        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
     dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 

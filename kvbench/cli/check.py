@@ -194,8 +194,9 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
     for rule in rules_text(checks):
         console.print(f"  {rule}", highlight=False)
     plan = max((c.generations for c in checks), key=len)
-    console.print(f"  each cache object served {len(plan)} generations, each checked: "
-                  + "; ".join(g.label for g in plan), highlight=False)
+    labels = list(dict.fromkeys(g.label.split(": row ")[0] for g in plan))  # a ragged batch's rows: one generation
+    console.print(f"  each cache object served {len(labels)} generations, each checked: "
+                  + "; ".join(labels), highlight=False)
     for c in checks:
         if c.contents_unchecked:
             console.print(f"  {c.strategy}: stored K/V unchecked (the cache provides no contents())", highlight=False)

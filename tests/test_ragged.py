@@ -1,0 +1,77 @@
+"""Ragged batches: rows of different prompt lengths, left-padded, each row exactly what it would be alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import random_model, verdicts, write_yaml
+from kvbench import strategies
+from kvbench.cache import StaticCache
+from kvbench.cli import app
+from kvbench.generate import generate, left_pad
+
+CACHED = ["static", "dynamic", "sliding", "quantized", "static+compile"]
+ARCHITECTURES = {
+    "gpt2-learned": {},
+    "llama-rope-gqa": dict(positional="rope", n_kv_heads=2, norm_type="rmsnorm", mlp="gated", activation="silu"),
+    "sinusoidal-post-norm": dict(positional="sinusoidal", norm="post"),
+}
+
+
+def rows(*lengths, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (n,), generator=generator) for n in lengths]
+
+
+@pytest.mark.parametrize("features", ARCHITECTURES.values(), ids=ARCHITECTURES.keys())
+@pytest.mark.parametrize("strategy", CACHED)
+def test_each_row_of_a_ragged_batch_is_what_it_is_alone(features, strategy):
+    model = random_model(3, **features)
+    prompts = rows(5, 17, 11, 1)
+    ids, pads = left_pad(prompts)
+    window = 8 if strategy == "sliding" else None  # 17 + 12 tokens: the ring wraps
+    batch = generate(model, ids, 12, strategy, keep_logits=True, window=window, pads=pads)
+    for r, prompt in enumerate(prompts):
+        alone = generate(model, prompt[None], 12, "naive", keep_logits=True, window=window)
+        torch.testing.assert_close(batch.logits[r], alone.logits[0], atol=2e-4, rtol=1e-4)
+        if strategy != "quantized":  # int8 may flip a near-tie; its logits are held to the tolerance above
+            assert torch.equal(batch.tokens[r], alone.tokens[0])
+
+
+def test_a_row_does_not_depend_on_how_long_the_other_rows_are():
+    model = random_model(2, positional="rope", n_kv_heads=1)
+    mine = rows(9, seed=4)[0]
+    outputs = []
+    for other in (3, 9, 30):
+        ids, pads = left_pad([mine, rows(other, seed=5)[0]])
+        outputs.append(generate(model, ids, 10, "static", keep_logits=True, pads=pads).logits[0])
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_equal_lengths_need_no_padding():
+    ids, pads = left_pad(rows(4, 4))
+    assert pads is None and ids.shape == (2, 4)
+    ids, pads = left_pad(rows(2, 4))
+    assert pads.tolist() == [2, 0] and ids[0, :2].tolist() == [0, 0]
+
+
+class PaddingBlindCache(StaticCache):
+    """Ignores a ragged batch's padding: short rows attend to their pad tokens' keys."""
+
+    def begin(self, start_pos, n_new, pads=None):
+        super().begin(start_pos, n_new, None)
+
+
+def test_kv_evaluate_catches_a_cache_that_attends_to_padding(register_strategy, runner, tmp_path):
+    register_strategy(dataclasses.replace(
+        strategies.STATIC, name="padding-blind",
+        cache=lambda s: PaddingBlindCache(s.n_layers, s.batch, s.n_heads, s.max_len, s.head_dim, s.dtype, s.device)))
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies",
+                                 "static,padding-blind", "--new-tokens", "20", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert verdicts(result.output) == {"static": "pass", "padding-blind": "FAIL"}, result.output
+    assert "ragged batch" in result.output
