@@ -37,9 +37,16 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
     return ids, (pads if bool(pads.any()) else None)
 
 
-def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache, pads: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the whole prompt (B, P) through the model, filling the cache; logits (B, V) of its last position."""
-    return model(prompt, cache, start_pos=0, last_only=True, pads=pads)[:, -1]
+def prefill(model: Decoder, prompt: torch.Tensor, cache: KVCache, pads: torch.Tensor | None = None,
+            chunk: int | None = None) -> torch.Tensor:
+    """Run the whole prompt (B, P) through the model, filling the cache; logits (B, V) of its last position.
+    With `chunk`, the prompt enters `chunk` tokens per forward (multi-token updates at a non-zero position,
+    as servers prefill long prompts)."""
+    n_prompt = prompt.shape[1]
+    step = chunk or n_prompt
+    for start in range(0, n_prompt, step):
+        logits = model(prompt[:, start:start + step], cache, start_pos=start, last_only=True, pads=pads)
+    return logits[:, -1]
 
 
 def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
@@ -110,15 +117,16 @@ class Step:
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
                      choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None,
-                     pads: torch.Tensor | None = None) -> Iterator[Step]:
+                     pads: torch.Tensor | None = None, prefill_chunk: int | None = None) -> Iterator[Step]:
     """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
-    The cache is reset first. `pads`: a left-padded ragged batch (see left_pad)."""
+    The cache is reset first. `pads`: a left-padded ragged batch (see left_pad); `prefill_chunk`: the
+    prompt enters the cache that many tokens at a time."""
     if cache is None:
         yield from _naive_steps(model, prompt, new_tokens, choose, window, pads)
         return
     cache.reset()
     n_prompt = prompt.shape[1]
-    logits = prefill(model, prompt, cache, pads)
+    logits = prefill(model, prompt, cache, pads, prefill_chunk)
     token = choose(logits)
     yield Step(0, logits, token)
     for i in range(1, new_tokens):
@@ -171,18 +179,19 @@ def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: Strategy | str, keep_logits: bool = False,
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
              window: int | None = None, cache: KVCache | None = None,
-             pads: torch.Tensor | None = None) -> Generation:
+             pads: torch.Tensor | None = None, prefill_chunk: int | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
     `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
-    by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad."""
+    by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad. `prefill_chunk`:
+    the prompt enters the cache that many tokens per forward."""
     if cache is None:
         cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
     decode = decoder_for(strategy, prompt.device)
     sampler = Sampler(sampling)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads):
+    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads, prefill_chunk):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())

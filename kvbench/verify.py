@@ -659,11 +659,12 @@ def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: i
 
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
                 sampling: SamplingSettings, window: int | None,
-                on_step: Callable[[Step], None] | None) -> list[GenerationCheck]:
+                on_step: Callable[[Step], None] | None, prefill_chunk: int | None = None) -> list[GenerationCheck]:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
-                              sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads)
+                              sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads,
+                              prefill_chunk=prefill_chunk)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
@@ -684,7 +685,7 @@ def row_of(generation: Generation, row: int) -> Generation:
 
 def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strategy, tol: Tolerance,
                    sampling: SamplingSettings, window: int | None,
-                   on_step: Callable[[int], None] | None) -> StrategyCheck:
+                   on_step: Callable[[int], None] | None, prefill_chunk: int | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
     win = window_of(model.config, window) if strategy.windowed else None
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window),
@@ -700,7 +701,7 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
         runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
-        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback))
+        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk))
     dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 
@@ -708,12 +709,15 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
 def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[Strategy | str],
                 tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
-                on_step: Callable[[str, int], None] | None = None) -> list[StrategyCheck]:
+                on_step: Callable[[str, int], None] | None = None,
+                prefill_chunk: int | None = None) -> list[StrategyCheck]:
     """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
     over several generations per cache object (see generation_plan). on_step(strategy, total) after each
-    step, with the total number of steps that strategy will run."""
+    step, with the total number of steps that strategy will run. `prefill_chunk`: every prompt enters the
+    cache that many tokens at a time."""
     checks = []
     for strategy in map(resolve, strategies):
         callback = (lambda total, s=strategy.name: on_step(s, total)) if on_step else None
-        checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback))
+        checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback,
+                                     prefill_chunk))
     return checks

@@ -75,3 +75,44 @@ def test_kv_evaluate_catches_a_cache_that_attends_to_padding(register_strategy, 
     assert result.exit_code == 1, result.output
     assert verdicts(result.output) == {"static": "pass", "padding-blind": "FAIL"}, result.output
     assert "ragged batch" in result.output
+
+
+# --- chunked prefill ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", CACHED)
+@pytest.mark.parametrize("prompt_len", [7, 8, 9, 17])  # window 8: W - 1, W, W + 1, and past the wrap
+def test_chunked_prefill_matches_naive_around_the_window(strategy, prompt_len):
+    from kvbench.generate import generate as run
+
+    model = random_model(5, positional="rope", n_kv_heads=2)
+    prompt = rows(prompt_len, prompt_len, seed=7)
+    ids = torch.stack(prompt)  # (2, P)
+    window = 8 if strategy == "sliding" else None
+    naive = run(model, ids, 6, "naive", keep_logits=True, window=window)
+    chunked = run(model, ids, 6, strategy, keep_logits=True, window=window, prefill_chunk=3)
+    torch.testing.assert_close(chunked.logits, naive.logits, atol=2e-4, rtol=1e-4)
+
+
+class ChunkBlindCache(StaticCache):
+    """Writes a multi-token update as if it started at position 0: right for a whole-prompt prefill only."""
+
+    def update(self, layer, start_pos, k, v):
+        return super().update(layer, 0 if k.shape[2] > 1 else start_pos, k, v)
+
+
+def test_kv_evaluate_with_chunked_prefill_catches_a_cache_that_only_prefills_from_zero(register_strategy, runner,
+                                                                                       tmp_path):
+    register_strategy(dataclasses.replace(
+        strategies.STATIC, name="chunk-blind",
+        cache=lambda s: ChunkBlindCache(s.n_layers, s.batch, s.n_heads, s.max_len, s.head_dim, s.dtype, s.device)))
+    args = ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies", "static,chunk-blind",
+            "--new-tokens", "12", "--prompt-len", "10", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0  # whole-prompt prefill: the bug cannot show
+    result = runner.invoke(app, [*args, "--prefill-chunk", "4"])
+    assert result.exit_code == 1, result.output
+    assert verdicts(result.output) == {"static": "pass", "chunk-blind": "FAIL"}, result.output
+
+
+def test_prefill_chunk_must_be_positive(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--config", "tiny", "--prefill-chunk", "0"])
+    assert result.exit_code == 2 and "--prefill-chunk" in result.output, result.output

@@ -232,12 +232,15 @@ def kv_evaluate(
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
+    prefill_chunk: Annotated[int | None, typer.Option(
+        help="Prefill every prompt this many tokens per forward (chunked prefill, as servers do for long "
+             "prompts); default: the whole prompt at once.")] = None,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = load_config(config)
     names = strategies_for(loaded, strategies, "static,dynamic", compile)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
-                          ("--src-len", src_len)):
+                          ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)):
         require_positive(option, value)
     check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
     if is_seq2seq(loaded):
@@ -250,15 +253,17 @@ def kv_evaluate(
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     source = f", source {src_len}" if is_seq2seq(loaded) else ""
-    console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}, {new_tokens} new tokens on {dev} "
-                  f"({dtype}), {sampling.describe()}")
+    chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
+    console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
+                  f"tokens on {dev} ({dtype}), {sampling.describe()}")
     if is_seq2seq(loaded):
         for name in names:
             console.print(f"  {name}: {seq2seq_way(name)}", highlight=False)
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
-                                    on_step=lambda s, total: progress.update(tasks[s], total=total, advance=1))
+                                    on_step=lambda s, total: progress.update(tasks[s], total=total, advance=1),
+                                    prefill_chunk=prefill_chunk)
     report_checks(checks, tol, win)
     if not all(c.passed for c in checks):
         err_console.print("[bold red]kv-evaluate failed:[/] a strategy does not match naive recomputation",
