@@ -366,3 +366,120 @@ class QuantizedCache(KVCache):
 def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int, bytes_per_element: int) -> int:
     """Size of a full-precision KV cache: K and V, for every layer, head, position and sequence."""
     return 2 * n_layers * n_heads * head_dim * tokens * batch * bytes_per_element
+
+
+class PagedCache(KVCache):
+    """K and V in a pool of fixed-size blocks shared by the batch, a block table per sequence (as vLLM's
+    PagedAttention): a sequence takes a block when it needs one and gives its blocks back when it finishes,
+    so memory follows the tokens actually held, not batch x the longest sequence.
+
+    Tokens are stored by their position in their own sequence: a ragged batch's left padding takes no room.
+    The pool grows by doubling when no block is free (a reallocation, amortised; a server would size it
+    once). Attention gathers each sequence's blocks into one contiguous (B, H, S, hd) tensor per layer: a
+    copy of the K/V attended, every step (kvbench's own kernel does not read blocks in place).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, block_size: int = 16, blocks: int = 1):
+        self.n_layers, self.batch, self.block_size = n_layers, batch, block_size
+        shape = (max(1, blocks), block_size, n_heads, head_dim)  # (blocks, block_size, H, hd): a block's tokens contiguous
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.free = list(range(shape[0]))  # block ids nobody holds
+        self.tables: list[list[int]] = [[] for _ in range(batch)]  # per sequence: its blocks, in position order
+        self.finished: set[int] = set()  # rows whose sequence ended: they take no block until reset()
+
+    # --- blocks ---------------------------------------------------------------------------------------------
+
+    def _take_block(self) -> int:
+        if not self.free:
+            self._grow()
+        return self.free.pop(0)
+
+    def _grow(self) -> None:
+        old = self.k[0].shape[0]
+        self.k = [torch.cat([t, torch.zeros_like(t)]) for t in self.k]  # (2 x blocks, bs, H, hd)
+        self.v = [torch.cat([t, torch.zeros_like(t)]) for t in self.v]
+        self.free.extend(range(old, 2 * old))
+
+    def release(self, row: int) -> None:
+        """The sequence of `row` finished: its blocks go back to the pool for others to take, and it stores
+        nothing more until reset() (its row of later passes is computed, and ignored)."""
+        self.free.extend(self.tables[row])
+        self.tables[row] = []
+        self.finished.add(row)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the blocks sequences hold now (the pool may hold more, free)."""
+        return sum(map(len, self.tables)) * self.block_bytes
+
+    # --- a forward pass -------------------------------------------------------------------------------------
+
+    def begin(self, start_pos, n_new, pads=None):
+        if isinstance(start_pos, torch.Tensor):
+            raise ValueError("the paged cache has no fixed-shape (compiled) mode")
+        super().begin(start_pos, n_new, pads)
+        offsets = [0] * self.batch if pads is None else pads.tolist()
+        for row, pad in enumerate(offsets):
+            while row not in self.finished and len(self.tables[row]) * self.block_size < start_pos + n_new - pad:
+                self.tables[row].append(self._take_block())
+        device = self.k[0].device
+        columns = start_pos + torch.arange(n_new, device=device)  # (T,)
+        positions = columns[None, :] - torch.tensor(offsets, device=device)[:, None]  # (B, T): < 0 is padding
+        self.query_pos = positions
+        table = self._table_tensor()  # (B, blocks)
+        live = torch.tensor([row not in self.finished for row in range(self.batch)], device=device)  # (B,)
+        stored = (positions >= 0) & live[:, None]
+        slot = table.gather(1, (positions.clamp_min(0) // self.block_size)) * self.block_size + positions % self.block_size
+        self.write_rows, self.write_cols = stored.nonzero(as_tuple=True)  # which (row, new token) are stored
+        self.write_slots = slot[stored]  # (N,) flat slot of each, in (blocks x block_size)
+
+    def _table_tensor(self) -> torch.Tensor:
+        width = max(1, max(len(t) for t in self.tables))
+        padded = [t + [t[0] if t else 0] * (width - len(t)) for t in self.tables]  # short rows: any block, masked
+        return torch.tensor(padded, device=self.k[0].device)  # (B, blocks)
+
+    def update(self, layer, start_pos, k, v):
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            flat = pool.view(-1, *pool.shape[2:])  # (blocks*bs, H, hd)
+            rows = new.permute(0, 2, 1, 3)[self.write_rows, self.write_cols]  # (N, H, hd)
+            flat.index_copy_(0, self.write_slots, rows)
+        return self.gather(layer)
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's K/V by position, its blocks laid end to end: (B, H, S, hd), S = blocks x block_size."""
+        table = self._table_tensor()  # (B, blocks)
+        out = []
+        for pool in (self.k[layer], self.v[layer]):
+            blocks = pool[table]  # (B, blocks, bs, H, hd): a copy
+            out.append(blocks.flatten(1, 2).transpose(1, 2))  # (B, H, S, hd)
+        return out[0], out[1]
+
+    def mask(self, start_pos, n_new):
+        S = max(1, max(len(t) for t in self.tables)) * self.block_size
+        key_pos = torch.arange(S, device=self.k[0].device)  # (S,) positions within each sequence
+        # a padding query (position < 0) sees its row's first token, so that its attention row is not empty
+        return (key_pos[None, None, :] <= self.query_pos.clamp_min(0)[:, :, None])[:, None]  # (B, 1, T, S)
+
+    def reset(self):
+        for row in range(self.batch):
+            self.release(row)
+        self.finished.clear()
+
+    def contents(self, layer, length):
+        k, v = self.gather(layer)
+        return torch.arange(length, device=k.device), k[:, :, :length], v[:, :, :length]
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.k + self.v)
+
+    @property
+    def block_bytes(self) -> int:
+        """One block of K and V across every layer."""
+        return 2 * self.n_layers * self.k[0][0].nbytes
+
+    def expected_bytes(self, tokens):
+        blocks = self.batch * -(-tokens // self.block_size)  # whole blocks per sequence
+        return blocks * self.block_bytes

@@ -66,5 +66,6 @@ def cache_bytes(config, strategy, batch: int, tokens: int, window: int | None, d
     cache = resolve(strategy).new_cache(shape)
     if cache is None:
         return 0
-    return cache.nbytes or kv_bytes_formula(config.n_layers, config.n_kv_heads, config.head_dim, tokens, batch,
+    # what it holds up front, or what it grows to (dynamic from nothing, paged from a block per sequence)
+    return max(cache.nbytes, cache.expected_bytes(tokens)) or kv_bytes_formula(config.n_layers, config.n_kv_heads, config.head_dim, tokens, batch,
                                             dtype.itemsize)

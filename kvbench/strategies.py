@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
-from kvbench.cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
+from kvbench.cache import DynamicCache, KVCache, PagedCache, QuantizedCache, SlidingWindowCache, StaticCache
 from kvbench.errors import KVBenchError
 
 DEFAULT_WINDOW = 256
+DEFAULT_BLOCK_SIZE = 16  # tokens per block of the paged cache (vLLM's default)
 FAMILIES = frozenset({"decoder", "encoder-decoder"})
 
 
@@ -115,6 +116,10 @@ SLIDING = register(Strategy(
 QUANTIZED = register(Strategy(
     "quantized", "K and V stored as int8 with a float32 scale per token and head", _full_length(QuantizedCache),
     exact=False))
+PAGED = register(Strategy(
+    "paged", "K and V in 16-token blocks from a pool shared by the batch, taken as sequences grow (vLLM's layout)",
+    lambda s: PagedCache(s.n_layers, s.batch, s.n_heads, s.head_dim, s.dtype, s.device, DEFAULT_BLOCK_SIZE,
+                         blocks=s.batch)))  # one block per sequence to start; the pool grows as they do
 COMPILED = register(dataclasses.replace(
     STATIC, name="static+compile", summary="the static cache with its decode step compiled at fixed shapes",
     compiled=True, families=frozenset({"decoder"})))
