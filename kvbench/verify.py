@@ -628,21 +628,25 @@ class PlannedGeneration:
     pads: torch.Tensor | None = None  # (B,) the padding of each row
 
 
-def generation_plan(prompt: torch.Tensor, new_tokens: int, vocab: int, window: int,
+def generation_plan(prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, vocab: int, window: int,
                     ragged: bool = True) -> list[PlannedGeneration]:
     """The generations each cache strategy goes through, in order, one cache object reused across the first
     three: short then long (the run asked for) then short again with a prompt longer than the sliding window
     where it fits (the long-prompt prefill), then a batch of one more row, different prompts per row (a row
     broadcast hides at batch 1), then (decoders) a ragged batch: rows of different prompt lengths, left-padded,
     each row checked against naive generation of that row alone. Every one fits the run asked for: no longer
-    prompt + tokens than it."""
+    prompt + tokens than it. A list of prompts (rows of different lengths) makes the run asked for ragged."""
+    rows, pads = (prompt, None) if isinstance(prompt, list) else (None, None)
+    if rows is not None:
+        prompt, pads = left_pad(rows)
     batch, n_prompt = prompt.shape
     short = min(new_tokens, REUSE_NEW_TOKENS)
     long_prompt = max(1, min(window + 8, n_prompt + new_tokens - short))
     ids = lambda rows, length, i: random_ids(vocab, rows, length, REUSE_SEED + i).to(prompt.device)  # noqa: E731
     plan = [
         PlannedGeneration(f"fresh cache, {short} tokens", ids(batch, max(1, n_prompt // 2), 0), short, True),
-        PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused", prompt, new_tokens, False, True),
+        PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused" + (", each row against itself alone"
+                          if rows else ""), prompt, new_tokens, False, True, rows=rows, pads=pads),
         PlannedGeneration(f"cache reused after the long run, {long_prompt}-token prompt", ids(batch, long_prompt, 1),
                           short, False),
         PlannedGeneration(f"{batch + 1} rows, different prompts", ids(batch + 1, n_prompt, 2), short, True),
@@ -673,7 +677,7 @@ def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KV
         return [check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
                                  planned.label, planned.main)]
     return [check_generation(model, row[None], row_of(generation, r), tol, sampling, window, None,
-                             f"{planned.label}: row {r} ({len(row)}-token prompt)")
+                             f"{planned.label}: row {r} ({len(row)}-token prompt)", planned.main)
             for r, row in enumerate(planned.rows)]
 
 
@@ -683,7 +687,8 @@ def row_of(generation: Generation, row: int) -> Generation:
     return Generation(pick(generation.tokens), pick(generation.logits), pick(generation.draws))
 
 
-def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strategy, tol: Tolerance,
+def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, strategy: Strategy,
+                   tol: Tolerance,
                    sampling: SamplingSettings, window: int | None,
                    on_step: Callable[[int], None] | None, prefill_chunk: int | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
@@ -695,18 +700,20 @@ def check_strategy(model, prompt: torch.Tensor, new_tokens: int, strategy: Strat
     total = sum(p.new_tokens for p in plan)
     callback = (lambda step: on_step(total)) if on_step else None
     cache, checks = None, []
+    longest = max(len(row) for row in prompt) if isinstance(prompt, list) else prompt.shape[1]
     for i, planned in enumerate(plan):
         # every other generation gets its own encoder-decoder source too: a reset that kept the last
         # source's encoder output would then show
         runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
-            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), win)
+            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), win)
         checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk))
     dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 
 
-def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategies: list[Strategy | str],
+def kv_evaluate(model: Decoder, prompt: torch.Tensor | list[torch.Tensor], new_tokens: int,
+                strategies: list[Strategy | str],
                 tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
                 on_step: Callable[[str, int], None] | None = None,
@@ -714,7 +721,8 @@ def kv_evaluate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategie
     """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
     over several generations per cache object (see generation_plan). on_step(strategy, total) after each
     step, with the total number of steps that strategy will run. `prefill_chunk`: every prompt enters the
-    cache that many tokens at a time."""
+    cache that many tokens at a time. `prompt` as a list of 1-D prompts of different lengths: the run asked
+    for is a ragged batch, each row checked against that row generated alone."""
     checks = []
     for strategy in map(resolve, strategies):
         callback = (lambda total, s=strategy.name: on_step(s, total)) if on_step else None

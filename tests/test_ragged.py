@@ -116,3 +116,23 @@ def test_kv_evaluate_with_chunked_prefill_catches_a_cache_that_only_prefills_fro
 def test_prefill_chunk_must_be_positive(runner):
     result = runner.invoke(app, ["kv-evaluate", "--config", "tiny", "--prefill-chunk", "0"])
     assert result.exit_code == 2 and "--prefill-chunk" in result.output, result.output
+
+
+def test_kv_evaluate_prompt_lens_checks_each_row_alone(runner, tmp_path):
+    path = write_yaml(tmp_path, positional="rope", n_kv_heads=2)
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(path), "--prompt-lens", "5,17,40", "--new-tokens",
+                                 "20", "--strategies", "naive,static,dynamic,sliding,paged", "--window", "16",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert set(verdicts(result.output).values()) == {"pass"} and "prompt 5/17/40" in result.output, result.output
+
+
+@pytest.mark.parametrize("text", ["5,0", "5,x", ""])
+def test_bad_prompt_lens_is_one_line(runner, text):
+    result = runner.invoke(app, ["kv-evaluate", "--config", "tiny", "--prompt-lens", text])
+    assert result.exit_code == 2 and "--prompt-lens" in result.output, result.output
+
+
+def test_prompt_lens_refused_for_an_encoder_decoder(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--config", "seq2seq", "--prompt-lens", "3,5"])
+    assert result.exit_code == 2 and "decoder" in result.output, result.output

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbench import verify
+from kvbench.errors import KVBenchError
 from kvbench.precision import NEAR_TIE_KL
 from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
@@ -210,6 +211,16 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
                           highlight=False)
 
 
+def parse_prompt_lens(text: str, loaded) -> list[int]:
+    """--prompt-lens: positive integers, one per row, in row order."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise KVBenchError(f"--prompt-lens: {text!r} must be positive integers, one per row; e.g. --prompt-lens 5,17,40")
+    if is_seq2seq(loaded):
+        raise KVBenchError("--prompt-lens: ragged batches are for decoder models; this config is an encoder-decoder")
+    return [int(p) for p in parts]
+
+
 @app.command("kv-evaluate")
 @fail_cleanly
 def kv_evaluate(
@@ -232,6 +243,9 @@ def kv_evaluate(
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
+    prompt_lens: Annotated[str | None, typer.Option(
+        metavar="N,N,...", help="A ragged batch: one prompt length per row (replaces --batch-size and "
+                                "--prompt-len); each row is checked against itself generated alone.")] = None,
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prefill every prompt this many tokens per forward (chunked prefill, as servers do for long "
              "prompts); default: the whole prompt at once.")] = None,
@@ -239,6 +253,9 @@ def kv_evaluate(
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = load_config(config)
     names = strategies_for(loaded, strategies, "static,dynamic", compile)
+    lengths = parse_prompt_lens(prompt_lens, loaded) if prompt_lens is not None else None
+    if lengths:
+        batch_size, prompt_len = len(lengths), max(lengths)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
                           ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)):
         require_positive(option, value)
@@ -252,6 +269,9 @@ def kv_evaluate(
                  "--new-tokens, --prompt-len")
     model = for_generation(build_model(loaded, dev, torch_dtype), batch_size, src_len, seed)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
+    if lengths:  # each row its own prompt, drawn as a batch's rows are
+        prompt = [verify.random_prompt(loaded.model, 1, n, seed + row)[0].to(dev) for row, n in enumerate(lengths)]
+        prompt_len = "/".join(map(str, lengths))
     source = f", source {src_len}" if is_seq2seq(loaded) else ""
     chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
     console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
