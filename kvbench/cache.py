@@ -98,6 +98,11 @@ class KVCache(ABC):
     def reset(self) -> None:
         """Forget every stored token, keeping allocations, so the cache can serve a new sequence."""
 
+    def crop(self, length: int) -> None:
+        """Forget every column from `length` on (rejected draft tokens of speculative decoding): the next
+        write is at `length`. Optional for a plugin: kv-evaluate --rollback reports one without it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back")
+
     @property
     @abstractmethod
     def nbytes(self) -> int:
@@ -161,6 +166,9 @@ class StaticCache(KVCache):
     def reset(self):
         pass  # slots past the current position are never visible, so stale ones need no zeroing
 
+    def crop(self, length):
+        pass  # as reset: what lies past the position is never visible, and is overwritten next
+
     def contents(self, layer, length):
         positions = torch.arange(length, device=self.k[layer].device)  # slot p holds position p
         return positions, self.k[layer][:, :, :length], self.v[layer][:, :, :length]
@@ -199,6 +207,10 @@ class DynamicCache(KVCache):
         self.k: list[torch.Tensor | None] = [None] * self.n_layers
         self.v: list[torch.Tensor | None] = [None] * self.n_layers
 
+    def crop(self, length):
+        self.k = [None if t is None else t[:, :, :length] for t in self.k]  # views: the next cat copies anyway
+        self.v = [None if t is None else t[:, :, :length] for t in self.v]
+
     def contents(self, layer, length):
         k, v = self.k[layer], self.v[layer]
         if k is None:
@@ -219,26 +231,28 @@ class DynamicCache(KVCache):
 class SlidingWindowCache(KVCache):
     """A ring buffer of the last `window` positions per layer: memory stays bounded however long the run.
 
-    Position p lives in slot p % window. Attention is windowed: a query at p sees positions p-window+1..p.
-    For one new token that is exactly what the ring holds after the write, so no mask is needed (attention
-    does not care about key order: positions are already inside K and V). For several new tokens (a
-    prefill), the queries see what the ring held before plus the new keys, under a banded causal mask.
+    Position p lives in slot p % slots. Attention is windowed: a query at p sees positions p-window+1..p.
+    With slots = window (no rollback), one new token sees exactly what the ring holds after the write, so no
+    mask is needed (attention does not care about key order: positions are already inside K and V). For
+    several new tokens (a prefill), the queries see what the ring held before plus the new keys, under a
+    banded causal mask. To roll back R tokens the ring keeps R spare slots: positions a rollback brings back
+    into the window, which a ring of exactly `window` slots would have overwritten.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, window: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, n_heads, window, head_dim)
-        self.window = window
+                 dtype: torch.dtype, device: torch.device | str, spare: int = 0):
+        self.window, self.spare, self.slots = window, spare, window + spare
+        shape = (batch, n_heads, self.slots, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position per slot; -1 empty
+        self.slot_pos = torch.full((self.slots,), -1, dtype=torch.long, device=device)  # position per slot; -1 empty
 
     def begin(self, start_pos, n_new, pads=None):
         super().begin(start_pos, n_new, pads)
         # the newest `window` of this pass's positions, and the slots they go to: committed to slot_pos at end(),
         # so that every layer's update (and mask) sees what the ring held before the pass
-        kept = torch.arange(max(0, n_new - self.window), n_new, device=self.slot_pos.device)
-        self.pending = (kept, (start_pos + kept) % self.window, start_pos + kept)  # (index in pass, slot, position)
+        kept = torch.arange(max(0, n_new - self.slots), n_new, device=self.slot_pos.device)
+        self.pending = (kept, (start_pos + kept) % self.slots, start_pos + kept)  # (index in pass, slot, position)
 
     def end(self):
         _, slots, positions = self.pending
@@ -247,10 +261,10 @@ class SlidingWindowCache(KVCache):
     def update(self, layer, start_pos, k, v):
         n_new = k.shape[2]
         if n_new == 1:
-            slot = start_pos % self.window
+            slot = start_pos % self.slots
             self.k[layer][:, :, slot].copy_(k[:, :, 0])
             self.v[layer][:, :, slot].copy_(v[:, :, 0])
-            held = min(start_pos + 1, self.window)  # slots fill in order from 0 until the ring wraps
+            held = min(start_pos + 1, self.slots)  # slots fill in order from 0 until the ring wraps
             return self.k[layer][:, :, :held], self.v[layer][:, :, :held]
         held = (self.slot_pos >= 0).nonzero()[:, 0]  # slot order: the same order mask() lists positions in
         k_all = torch.cat([self.k[layer][:, :, held], k], dim=2)  # (B, H, held + T, hd)
@@ -261,15 +275,16 @@ class SlidingWindowCache(KVCache):
         return k_all, v_all
 
     def mask(self, start_pos, n_new):
-        if n_new == 1 and self.pads is None:
+        if n_new == 1 and self.pads is None and self.spare == 0:
             return None  # the one new query sees exactly what the ring holds
         device = self.slot_pos.device
         query_pos = torch.arange(start_pos, start_pos + n_new, device=device)  # (T,)
         if n_new == 1:
-            held = min(start_pos + 1, self.window)
+            held = min(start_pos + 1, self.slots)
             key_pos = self.slot_pos[:held].clone()  # (held,) slot order, as update() returns them
-            key_pos[start_pos % self.window] = start_pos  # the slot this step writes
-            return hide_padding(None, query_pos, key_pos, self.pads)
+            key_pos[start_pos % self.slots] = start_pos  # the slot this step writes
+            in_window = sliding_mask(query_pos, key_pos, self.window) & (key_pos >= 0)  # (1, held): spare slots
+            return hide_padding(in_window, query_pos, key_pos, self.pads)
         held = self.slot_pos[self.slot_pos >= 0]  # positions of the slots update() will return first
         key_pos = torch.cat([held, query_pos])  # (S,)
         if held.numel() == 0 and start_pos == 0 and n_new <= self.window:
@@ -279,8 +294,17 @@ class SlidingWindowCache(KVCache):
     def reset(self):
         self.slot_pos.fill_(-1)
 
+    def crop(self, length):
+        newest = int(self.slot_pos.max())
+        if newest - length > self.spare:  # the window of position `length` reaches below what the ring kept
+            raise ValueError(f"sliding cache with {self.spare} spare slots cannot roll back {newest + 1 - length} "
+                             f"tokens (at most {self.spare + 1})")
+        self.slot_pos[self.slot_pos >= length] = -1
+
     def contents(self, layer, length):
-        held = (self.slot_pos >= 0).nonzero()[:, 0]  # (S,) filled slots
+        # the last `window` positions: what attention reads (spare slots keep older ones for a rollback only)
+        newest = int(self.slot_pos.max())
+        held = ((self.slot_pos >= 0) & (self.slot_pos > newest - self.window)).nonzero()[:, 0]  # (S,) in the window
         positions, order = self.slot_pos[held].sort()
         slots = held[order]  # filled slots in position order
         return positions, self.k[layer][:, :, slots], self.v[layer][:, :, slots]
@@ -291,7 +315,7 @@ class SlidingWindowCache(KVCache):
 
     def expected_bytes(self, tokens):
         B, H, _, hd = self.k[0].shape
-        return kv_bytes_formula(len(self.k), H, hd, min(tokens, self.window), B, self.k[0].element_size())
+        return kv_bytes_formula(len(self.k), H, hd, min(tokens, self.slots), B, self.k[0].element_size())
 
 
 def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -346,6 +370,9 @@ class QuantizedCache(KVCache):
 
     def reset(self):
         pass  # as the static cache: slots past the position are never read
+
+    def crop(self, length):
+        pass
 
     def contents(self, layer, length):
         return torch.arange(length, device=self.kq[layer].device), *self.read(layer, length)
@@ -466,6 +493,13 @@ class PagedCache(KVCache):
         for row in range(self.batch):
             self.release(row)
         self.finished.clear()
+
+    def crop(self, length):
+        offsets = [0] * self.batch if self.pads is None else self.pads.tolist()
+        for row, pad in enumerate(offsets):
+            keep = -(-max(0, length - pad) // self.block_size)  # whole blocks still holding kept tokens
+            self.free.extend(self.tables[row][keep:])
+            self.tables[row] = self.tables[row][:keep]
 
     def contents(self, layer, length):
         k, v = self.gather(layer)

@@ -107,6 +107,22 @@ def decoder_for(strategy: Strategy | str, device: torch.device) -> Decode:
     return _compiled[device]
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """Speculative decoding's rejected drafts: every `every` steps, `tokens` random draft tokens go through the
+    cache at the next position (one multi-token forward) and are then rolled back with crop(), before the
+    real token is decoded there. Whatever the drafts left behind must not change a single logit."""
+
+    tokens: int
+    every: int = 5
+    seed: int = 0
+
+    def drafts(self, batch: int, vocab: int, device: torch.device) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield torch.randint(0, vocab, (batch, self.tokens), generator=generator).to(device)  # (B, K)
+
+
 @dataclass
 class Step:
     index: int  # 0 is the prefill
@@ -117,20 +133,27 @@ class Step:
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
                      choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None,
-                     pads: torch.Tensor | None = None, prefill_chunk: int | None = None) -> Iterator[Step]:
+                     pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
+                     rollback: Rollback | None = None) -> Iterator[Step]:
     """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
     The cache is reset first. `pads`: a left-padded ragged batch (see left_pad); `prefill_chunk`: the
-    prompt enters the cache that many tokens at a time."""
+    prompt enters the cache that many tokens at a time; `rollback`: rejected drafts written and rolled back."""
     if cache is None:
         yield from _naive_steps(model, prompt, new_tokens, choose, window, pads)
         return
     cache.reset()
     n_prompt = prompt.shape[1]
+    last_column = n_prompt + new_tokens - 2  # the last token fed back: drafts never reach past it
+    drafts = rollback.drafts(prompt.shape[0], model.config.vocab_size, prompt.device) if rollback else None
     logits = prefill(model, prompt, cache, pads, prefill_chunk)
     token = choose(logits)
     yield Step(0, logits, token)
     for i in range(1, new_tokens):
-        logits = decode(model, token, cache, n_prompt + i - 1, pads)  # the previous token, at its column
+        column = n_prompt + i - 1  # where the previous token goes
+        if rollback and i % rollback.every == 0 and column + rollback.tokens - 1 <= last_column:
+            model(next(drafts), cache, start_pos=column, last_only=True, pads=pads)  # drafts, then rejected
+            cache.crop(column)
+        logits = decode(model, token, cache, column, pads)
         token = choose(logits)
         yield Step(i, logits, token)
 
@@ -160,12 +183,12 @@ def cache_tokens(prompt_len: int, new_tokens: int) -> int:
 
 
 def new_cache(model: Decoder, strategy: Strategy | str, batch: int, max_len: int,
-              window: int | None = None) -> KVCache | None:
+              window: int | None = None, rollback: int = 0) -> KVCache | None:
     """The strategy's cache sized for max_len tokens (or `window` for a windowed one), on the model's device
     and dtype; None for naive. For an encoder-decoder, the self-attention cache is wrapped with the source's
     cross-attention K/V, kept for the whole generation if the strategy keeps them."""
     strategy = resolve(strategy)
-    shape = CacheShape.of(model.config, batch, max_len, model.dtype, model.device, window)
+    shape = CacheShape.of(model.config, batch, max_len, model.dtype, model.device, window, rollback)
     return for_model(model, strategy.new_cache(shape), keep_cross=strategy.keeps_cross)
 
 
@@ -179,19 +202,23 @@ def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: Strategy | str, keep_logits: bool = False,
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
              window: int | None = None, cache: KVCache | None = None,
-             pads: torch.Tensor | None = None, prefill_chunk: int | None = None) -> Generation:
+             pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
+             rollback: Rollback | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
     `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
     by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad. `prefill_chunk`:
-    the prompt enters the cache that many tokens per forward."""
+    the prompt enters the cache that many tokens per forward. `rollback`: speculative drafts written into
+    the cache and rolled back every few steps (see Rollback); the cache must be made with that rollback."""
     if cache is None:
-        cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window)
+        cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window,
+                          rollback.tokens if rollback else 0)
     decode = decoder_for(strategy, prompt.device)
     sampler = Sampler(sampling)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads, prefill_chunk):
+    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads, prefill_chunk,
+                                 rollback):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())

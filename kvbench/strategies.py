@@ -37,13 +37,14 @@ class CacheShape:
     dtype: torch.dtype
     device: torch.device
     window: int = DEFAULT_WINDOW  # read by windowed strategies only
+    rollback: int = 0  # tokens a generation may roll back at once (a bounded cache keeps that many more)
 
     @classmethod
     def of(cls, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
-           window: int | None = None) -> CacheShape:
+           window: int | None = None, rollback: int = 0) -> CacheShape:
         """The cache shape of a model config: its n_kv_heads K/V heads (grouped-query attention stores only those)."""
         return cls(config.n_layers, batch, config.n_kv_heads, config.head_dim, max_len, dtype, device,
-                   window_of(config, window))
+                   window_of(config, window), rollback)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ DYNAMIC = register(Strategy(
     lambda s: DynamicCache(s.n_layers, s.device)))
 SLIDING = register(Strategy(
     "sliding", "a ring buffer of the last W positions (--window); attention windowed alike",
-    lambda s: SlidingWindowCache(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device),
+    lambda s: SlidingWindowCache(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device, s.rollback),
     windowed=True))
 QUANTIZED = register(Strategy(
     "quantized", "K and V stored as int8 with a float32 scale per token and head", _full_length(QuantizedCache),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kvbench.cache import KVCache
 from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
-from kvbench.generate import (GREEDY, Generation, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
+from kvbench.generate import (GREEDY, Generation, Rollback, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
 from kvbench.model import Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
@@ -663,12 +663,13 @@ def generation_plan(prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, 
 
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
                 sampling: SamplingSettings, window: int | None,
-                on_step: Callable[[Step], None] | None, prefill_chunk: int | None = None) -> list[GenerationCheck]:
+                on_step: Callable[[Step], None] | None, prefill_chunk: int | None = None,
+                rollback: Rollback | None = None) -> list[GenerationCheck]:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
                               sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads,
-                              prefill_chunk=prefill_chunk)
+                              prefill_chunk=prefill_chunk, rollback=rollback)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
@@ -690,7 +691,8 @@ def row_of(generation: Generation, row: int) -> Generation:
 def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, strategy: Strategy,
                    tol: Tolerance,
                    sampling: SamplingSettings, window: int | None,
-                   on_step: Callable[[int], None] | None, prefill_chunk: int | None = None) -> StrategyCheck:
+                   on_step: Callable[[int], None] | None, prefill_chunk: int | None = None,
+                   rollback: Rollback | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
     win = window_of(model.config, window) if strategy.windowed else None
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window),
@@ -706,8 +708,10 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
         # source's encoder output would then show
         runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
-            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), win)
-        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk))
+            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), win,
+                              rollback.tokens if rollback else 0)
+        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk,
+                                  rollback))
     dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
 
@@ -717,7 +721,7 @@ def kv_evaluate(model: Decoder, prompt: torch.Tensor | list[torch.Tensor], new_t
                 tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
                 on_step: Callable[[str, int], None] | None = None,
-                prefill_chunk: int | None = None) -> list[StrategyCheck]:
+                prefill_chunk: int | None = None, rollback: Rollback | None = None) -> list[StrategyCheck]:
     """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
     over several generations per cache object (see generation_plan). on_step(strategy, total) after each
     step, with the total number of steps that strategy will run. `prefill_chunk`: every prompt enters the
@@ -727,5 +731,5 @@ def kv_evaluate(model: Decoder, prompt: torch.Tensor | list[torch.Tensor], new_t
     for strategy in map(resolve, strategies):
         callback = (lambda total, s=strategy.name: on_step(s, total)) if on_step else None
         checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback,
-                                     prefill_chunk))
+                                     prefill_chunk, rollback))
     return checks

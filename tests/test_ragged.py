@@ -136,3 +136,62 @@ def test_bad_prompt_lens_is_one_line(runner, text):
 def test_prompt_lens_refused_for_an_encoder_decoder(runner):
     result = runner.invoke(app, ["kv-evaluate", "--config", "seq2seq", "--prompt-lens", "3,5"])
     assert result.exit_code == 2 and "decoder" in result.output, result.output
+
+
+# --- rollback (speculative decoding's rejected drafts) -----------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", CACHED + ["paged"])
+@pytest.mark.parametrize("prompt_len, drafts", [(7, 1), (8, 3), (9, 8), (20, 3)])  # window 8: W - 1, W, W + 1, wrap
+def test_rolled_back_drafts_leave_no_trace(strategy, prompt_len, drafts):
+    from kvbench.generate import Rollback
+
+    model = random_model(6, positional="rope", n_kv_heads=2)
+    ids = torch.stack(rows(prompt_len, prompt_len, seed=8))
+    window = 8 if strategy == "sliding" else None
+    naive = generate(model, ids, 24, "naive", keep_logits=True, window=window)
+    rolled = generate(model, ids, 24, strategy, keep_logits=True, window=window, rollback=Rollback(drafts, every=2))
+    torch.testing.assert_close(rolled.logits, naive.logits, atol=2e-4, rtol=1e-4)
+
+
+def test_a_sliding_ring_too_small_for_the_rollback_refuses():
+    from kvbench.cache import SlidingWindowCache
+
+    cache = SlidingWindowCache(1, 1, 1, 4, 2, torch.float32, "cpu", spare=1)
+    cache.begin(0, 10)
+    cache.end()
+    cache.crop(8)  # two tokens back: one spare slot suffices
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.crop(5)
+
+
+def test_kv_evaluate_rollback_catches_a_crop_that_drops_one_token_too_many(register_strategy, runner, tmp_path):
+    from kvbench.cache import SlidingWindowCache
+
+    class OverCropping(SlidingWindowCache):
+        def crop(self, length):
+            super().crop(length - 1)
+
+    register_strategy(dataclasses.replace(
+        strategies.SLIDING, name="over-cropping",
+        cache=lambda s: OverCropping(s.n_layers, s.batch, s.n_heads, s.window, s.head_dim, s.dtype, s.device,
+                                     s.rollback + 1)))
+    args = ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies", "sliding,over-cropping",
+            "--new-tokens", "30", "--window", "8", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0  # no rollback: crop is never called
+    result = runner.invoke(app, [*args, "--rollback", "3"])
+    assert result.exit_code == 1, result.output
+    assert verdicts(result.output) == {"sliding": "pass", "over-cropping": "FAIL"}, result.output
+
+
+def test_a_cache_without_crop_fails_rollback_naming_it(register_strategy, runner, tmp_path):
+    from kvbench.cache import KVCache
+
+    class NoCrop(StaticCache):
+        crop = KVCache.crop  # the interface's default: cannot roll back
+
+    register_strategy(dataclasses.replace(
+        strategies.STATIC, name="no-crop",
+        cache=lambda s: NoCrop(s.n_layers, s.batch, s.n_heads, s.max_len, s.head_dim, s.dtype, s.device)))
+    result = runner.invoke(app, ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies", "no-crop",
+                                 "--new-tokens", "12", "--rollback", "2", "--device", "cpu"])
+    assert result.exit_code == 1 and "cannot roll back" in result.output, result.output

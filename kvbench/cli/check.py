@@ -50,7 +50,7 @@ from kvbench.cli.common import (
     tolerance,
 )
 from kvbench.config import check_seed, load_config
-from kvbench.generate import cache_tokens, for_generation
+from kvbench.generate import Rollback, cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
 
@@ -246,6 +246,9 @@ def kv_evaluate(
     prompt_lens: Annotated[str | None, typer.Option(
         metavar="N,N,...", help="A ragged batch: one prompt length per row (replaces --batch-size and "
                                 "--prompt-len); each row is checked against itself generated alone.")] = None,
+    rollback: Annotated[int | None, typer.Option(
+        metavar="K", help="Every 5 steps, write K random draft tokens into the cache and roll them back (crop), "
+                          "as speculative decoding does with rejected drafts; the result must still be naive's.")] = None,
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prefill every prompt this many tokens per forward (chunked prefill, as servers do for long "
              "prompts); default: the whole prompt at once.")] = None,
@@ -257,7 +260,8 @@ def kv_evaluate(
     if lengths:
         batch_size, prompt_len = len(lengths), max(lengths)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
-                          ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)):
+                          ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk),
+                          ("--rollback", 1 if rollback is None else rollback)):
         require_positive(option, value)
     check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
     if is_seq2seq(loaded):
@@ -274,6 +278,7 @@ def kv_evaluate(
         prompt_len = "/".join(map(str, lengths))
     source = f", source {src_len}" if is_seq2seq(loaded) else ""
     chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
+    chunked += f", {rollback} draft tokens rolled back every {Rollback(1).every} steps" if rollback else ""
     console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
                   f"tokens on {dev} ({dtype}), {sampling.describe()}")
     if is_seq2seq(loaded):
@@ -283,7 +288,7 @@ def kv_evaluate(
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
                                     on_step=lambda s, total: progress.update(tasks[s], total=total, advance=1),
-                                    prefill_chunk=prefill_chunk)
+                                    prefill_chunk=prefill_chunk, rollback=Rollback(rollback) if rollback else None)
     report_checks(checks, tol, win)
     if not all(c.passed for c in checks):
         err_console.print("[bold red]kv-evaluate failed:[/] a strategy does not match naive recomputation",
