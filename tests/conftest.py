@@ -76,3 +76,13 @@ small_models = st.fixed_dictionaries({
     "tie_embeddings": st.booleans(),
     "bias": st.booleans(),
 })
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Forget compiled code after each test: torch.compile caches one graph per shape on the decode step's
+    code object, up to a limit of 8, and the suite builds far more shapes than one process of kvbench does."""
+    yield
+    import torch
+
+    torch._dynamo.reset()

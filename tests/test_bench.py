@@ -158,7 +158,7 @@ def test_cuda_without_cuda(runner, tmp_path):
     (["--lengths", "10,0"], "'0' is not a positive integer"),
     (["--lengths", "ten"], "'ten' is not a positive integer"),
     (["--lengths", "2000"], "do not fit max_seq_len 1280"),
-    (["--strategies", "naive,paged"], "unknown strategy 'paged'"),
+    (["--strategies", "naive,pagd"], "unknown strategy 'pagd'"),
     (["--repeats", "0"], "--repeats must be a positive integer"),
     (["--dtype", "int8"], "--dtype 'int8' is not supported"),
 ])

@@ -25,7 +25,7 @@ def test_cuda_without_cuda_is_a_clear_error(runner, command):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--strategies", "static,paged"], "unknown strategy 'paged'"),
+        (["--strategies", "static,pagd"], "unknown strategy 'pagd'"),
         (["--strategies", ","], "--strategies is empty"),
         (["--new-tokens", "0"], "--new-tokens must be a positive integer"),
         (["--batch-size", "-1"], "--batch-size must be a positive integer"),

@@ -57,7 +57,7 @@ def test_config_paths_are_relative_to_the_spec(tmp_path):
     (dict(configs=["tiny"], repeats=0), "repeats: Input should be greater than 0"),
     (dict(repeats=1), "missing required key 'configs'"),
     (dict(configs=["tiny"], dtype="float64"), "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
-    (dict(configs=["tiny"], strategies=["static", "paged"]), "unknown strategy 'paged'"),
+    (dict(configs=["tiny"], strategies=["static", "pagd"]), "unknown strategy 'pagd'"),
     (dict(configs=["tiny"], matrix={"dtypes": ["float32"]}), "matrix.dtypes is not a benchmark option; did you mean 'dtype'?"),
     (dict(configs=["tiny"], dtype="float32", matrix={"dtype": ["float32"]}), "dtype is set both at the top level and in matrix"),
     (dict(configs=["tiny"], matrix={"batch_size": [1, -2]}), "matrix.batch_size[1] batch_size: Input should be greater than 0"),
