@@ -166,7 +166,7 @@ class Seq2SeqConfig(ArchitectureConfig):
         return self.tgt_vocab_size  # what is generated
 
 
-FAMILIES = {"decoder": ModelConfig, "encoder-decoder": Seq2SeqConfig}
+SCHEMAS = {"decoder": ModelConfig, "encoder-decoder": Seq2SeqConfig}  # family -> its config (families.py: the rest)
 AnyConfig = Union[ModelConfig, Seq2SeqConfig]
 
 
@@ -213,9 +213,9 @@ def validate_config(data: Any, origin: str, source_keys: dict[str, str] | None =
     if not isinstance(data, dict):
         raise KVBenchError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
     family = data.get("family", "decoder")
-    if family not in FAMILIES:
-        raise KVBenchError(f"{origin}: family: must be one of {', '.join(FAMILIES)} (got {family!r})")
-    schema = FAMILIES[family]
+    if family not in SCHEMAS:
+        raise KVBenchError(f"{origin}: family: must be one of {', '.join(SCHEMAS)} (got {family!r})")
+    schema = SCHEMAS[family]
     try:
         return schema(**data)
     except ValidationError as exc:

@@ -13,9 +13,8 @@ from typing import Callable, Iterator
 import torch
 
 from kvbench.cache import KVCache
-from kvbench.model import Decoder
+from kvbench.model import Decoder, random_ids  # noqa: F401  (random_ids: part of generate's surface)
 from kvbench.sampling import SamplingSettings, Sampler, greedy
-from kvbench.seq2seq import Seq2Seq, Seq2SeqCache, SourceBound
 from kvbench.strategies import CacheShape, Strategy, resolve
 
 GREEDY = SamplingSettings()
@@ -193,10 +192,8 @@ def new_cache(model: Decoder, strategy: Strategy | str, batch: int, max_len: int
 
 
 def for_model(model, cache: KVCache | None, keep_cross: bool = True) -> KVCache | None:
-    """A self-attention cache as the model needs it: an encoder-decoder's wrapped with its source's K/V."""
-    if isinstance(model, SourceBound) and cache is not None:
-        return Seq2SeqCache(cache, keep_cross=keep_cross)
-    return cache
+    """A self-attention cache as the model needs it (an encoder-decoder's wrapped with its source's K/V)."""
+    return model.wrap_cache(cache, keep_cross)
 
 
 def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: Strategy | str, keep_logits: bool = False,
@@ -228,23 +225,13 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: St
     return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None, draws)
 
 
-def random_ids(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
-    """Seeded random token ids (B, L): the same ids for the same seed, whatever the device."""
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def for_generation(model, batch: int, src_len: int, seed: int):
     """The model generation code runs: a decoder as it is; an encoder-decoder bound to a seeded random source
     batch (B, src_len), drawn with seed + 1 so that it differs from the target prompt drawn with seed."""
-    if not isinstance(model, Seq2Seq):
-        return model
-    device = model.device
-    return model.bind(random_ids(model.config.src_vocab_size, batch, src_len, seed + 1).to(device))
+    return model.for_generation(batch, src_len, seed)
 
 
 def with_batch(model, batch: int, seed: int):
     """The same model for `batch` rows of new inputs: an encoder-decoder rebound to a new seeded source
     batch of the same source length; a decoder as it is."""
-    if not isinstance(model, SourceBound):
-        return model
-    return for_generation(model.model, batch, model.src.shape[1], seed)
+    return model.with_rows(batch, seed)

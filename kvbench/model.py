@@ -318,10 +318,30 @@ def positions_for(config: ModelConfig) -> Positions:
     return POSITIONS[config.positional](config)
 
 
+def random_ids(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Seeded random token ids (B, L): the same ids for the same seed, whatever the device."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 class LanguageModel(nn.Module):
-    """What every model kvbench generates with has: an LM head, whose weight says where the model lives."""
+    """What every model kvbench generates with has: an LM head, whose weight says where the model lives.
+
+    A model that needs more than token ids to generate (an encoder-decoder needs a source) overrides the
+    three methods below; generation code calls them instead of asking what kind of model it has."""
 
     lm_head: Linear
+
+    def for_generation(self, batch: int, src_len: int, seed: int) -> LanguageModel:
+        """The model generation runs: a decoder as it is (an encoder-decoder binds a seeded source)."""
+        return self
+
+    def with_rows(self, batch: int, seed: int) -> LanguageModel:
+        """The same model for `batch` rows of new inputs (an encoder-decoder: a new seeded source)."""
+        return self
+
+    def wrap_cache(self, cache: KVCache | None, keep_cross: bool = True) -> KVCache | None:
+        """A strategy's self-attention cache as this model uses it (an encoder-decoder adds its source's K/V)."""
+        return cache
 
     @property
     def device(self) -> torch.device:

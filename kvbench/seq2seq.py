@@ -17,7 +17,8 @@ from torch import nn
 from kvbench.cache import KVCache
 from kvbench.config import Seq2SeqConfig
 from kvbench.model import (MLPS, Attention, Block, LanguageModel, Linear, Pass, Position, begin_pass, check_positions,
-                           end_pass, layer_norm, matrix_elements, parameter_bytes, positions_for, row_bytes, use_kernel)
+                           end_pass, layer_norm, matrix_elements, parameter_bytes, positions_for, random_ids, row_bytes,
+                           use_kernel)
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: K and V (B, H, S, hd) of the source
 
@@ -122,6 +123,11 @@ class Seq2Seq(LanguageModel):
     def bind(self, src: torch.Tensor) -> SourceBound:
         return SourceBound(self, src)
 
+    def for_generation(self, batch: int, src_len: int, seed: int) -> SourceBound:
+        """Bound to a seeded random source batch (B, src_len), drawn with seed + 1 so that it differs from
+        the target prompt drawn with seed."""
+        return self.bind(random_ids(self.config.src_vocab_size, batch, src_len, seed + 1).to(self.device))
+
 
 class Seq2SeqCache(KVCache):
     """The decoder's self-attention cache, plus what a generation keeps of its source.
@@ -209,6 +215,12 @@ class SourceBound(LanguageModel):
                 last_only: bool = False, window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         h = self.hidden(ids, cache, start_pos, window, pads)
         return self.lm_head(h[:, -1:] if last_only else h)
+
+    def with_rows(self, batch: int, seed: int) -> SourceBound:
+        return self.model.for_generation(batch, self.source_len, seed)
+
+    def wrap_cache(self, cache: KVCache | None, keep_cross: bool = True) -> KVCache | None:
+        return None if cache is None else Seq2SeqCache(cache, keep_cross=keep_cross)
 
     @property
     def source_len(self) -> int:

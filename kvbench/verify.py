@@ -22,7 +22,7 @@ from kvbench.model import Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
 from kvbench.strategies import Strategy, resolve, window_of
-from kvbench.reference import reference_logits, reference_seq2seq_logits
+from kvbench.families import family_of
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 from kvbench.weights import save_tensors
 
@@ -154,10 +154,8 @@ class EvaluateResult:
 
 def numpy_reference(cpu_weights: dict[str, torch.Tensor], config: AnyConfig, inputs: EvalInputs) -> torch.Tensor:
     weights = {name: t.double().numpy() for name, t in cpu_weights.items()}
-    if inputs.src_ids is not None:
-        return torch.from_numpy(reference_seq2seq_logits(weights, config, inputs.src_ids.numpy(),
-                                                         inputs.input_ids.numpy()))
-    return torch.from_numpy(reference_logits(weights, config, inputs.input_ids.numpy()))
+    src = None if inputs.src_ids is None else inputs.src_ids.numpy()
+    return torch.from_numpy(family_of(config).reference(weights, config, inputs.input_ids.numpy(), src))
 
 
 def evaluate(model: Decoder | Seq2Seq, cpu_weights: dict[str, torch.Tensor], inputs: EvalInputs, tol: Tolerance,

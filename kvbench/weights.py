@@ -11,9 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kvbench.config import AnyConfig, LoadedConfig, Seq2SeqConfig
+from kvbench.config import AnyConfig, LoadedConfig
 from kvbench import checkpoints, memory
 from kvbench.checkpoints import to_kvbench
+from kvbench.families import family_of
 from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.model import Decoder, init_weights
 from kvbench.seq2seq import Seq2Seq
@@ -93,7 +94,7 @@ def warn_non_finite(tensors: dict[str, torch.Tensor], origin: str) -> None:
 
 
 def _construct(config: AnyConfig) -> Decoder | Seq2Seq:
-    return Seq2Seq(config) if isinstance(config, Seq2SeqConfig) else Decoder(config)
+    return family_of(config).build(config)
 
 
 def shapes_only(config: AnyConfig) -> Decoder | Seq2Seq:
