@@ -46,10 +46,33 @@ def wrap_at_dots(text: str, width: int = SUBTITLE_WIDTH) -> str:
     return "\n".join(lines)
 
 
+def _batches(meta: dict) -> list[int]:
+    batch = meta["settings"]["batch_size"]
+    return sorted(batch) if isinstance(batch, list) else [batch]  # an int in directories before the batch axis
+
+
 def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
     s = meta["settings"]
-    return wrap_at_dots(f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · batch "
-                        f"{s['batch_size']} · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
+    batches = _batches(meta)
+    batch = f"batch {batches[0]}" if len(batches) == 1 else "batches " + ", ".join(map(str, batches))
+    return wrap_at_dots(f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · {batch}"
+                        f" · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
+
+
+BATCH_LINES = ["-", "--", ":", "-."]  # one line style per batch size, in increasing order
+
+
+def _series(frame: pd.DataFrame, meta: dict):
+    """(style, points) per strategy x batch: the strategy's colour and marker, a line style per batch, and a
+    label naming the batch when the run has several."""
+    batches = _batches(meta)
+    frame = frame if "batch_size" in frame else frame.assign(batch_size=batches[0])
+    for (strategy, batch), points in frame.groupby(["strategy", "batch_size"], sort=False):
+        style = _style(strategy)
+        index = batches.index(batch) if batch in batches else 0
+        if len(batches) > 1:
+            style.update(label=f"{strategy} ×{batch}", ls=BATCH_LINES[index % len(BATCH_LINES)])
+        yield style, points
 
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
@@ -90,9 +113,9 @@ def _tokens_axis(ax, lengths) -> None:
 def latency_figure(runs: pd.DataFrame, meta: dict):
     fig, ax = _figure(7.5, 5.2)
     q = quartiles(runs, "total_s")
-    for strategy, points in q.groupby("strategy", sort=False):
+    for style, points in _series(q, meta):
         err = [points["median"] - points["q25"], points["q75"] - points["median"]]
-        ax.errorbar(points["new_tokens"], points["median"], yerr=err, capsize=3, **_style(strategy))
+        ax.errorbar(points["new_tokens"], points["median"], yerr=err, capsize=3, **style)
     _tokens_axis(ax, runs["new_tokens"].unique())
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PLAIN)
@@ -103,8 +126,9 @@ def latency_figure(runs: pd.DataFrame, meta: dict):
 
 def speedup_figure(summary: pd.DataFrame, meta: dict):
     fig, ax = _figure(7.5, 5.2)
-    for strategy, points in summary[summary["strategy"] != NAIVE.name].groupby("strategy", sort=False):
-        ax.plot(points["new_tokens"], points["speedup_vs_naive"], **_style(strategy))
+    measured = summary[(summary["strategy"] != NAIVE.name) & summary["speedup_vs_naive"].notna()]
+    for style, points in _series(measured, meta):  # only where naive was measured at the same point
+        ax.plot(points["new_tokens"], points["speedup_vs_naive"], **style)
     ax.axhline(1.0, color="gray", lw=1, ls="--", label=NAIVE.name)
     _tokens_axis(ax, summary["new_tokens"].unique())
     ax.set_ylabel("speed-up over naive (median total time ratio)")
@@ -114,17 +138,46 @@ def speedup_figure(summary: pd.DataFrame, meta: dict):
 def per_token_figure(steps: pd.DataFrame, meta: dict, floor: pd.DataFrame | None = None):
     longest = int(steps["new_tokens"].max())
     fig, ax = _figure(7.5, 5.2)
-    for strategy, points in step_medians(steps, longest).groupby("strategy", sort=False):
-        ax.plot(points["position"], points["step_ms"], lw=1, color=color_of(strategy), label=strategy)
+    for style, points in _series(step_medians(steps, longest), meta):
+        ax.plot(points["position"], points["step_ms"], lw=1, color=style["color"], label=style["label"],
+                ls=style.get("ls", "-"))
     if floor is not None and not floor.empty:
-        ax.plot(floor["position"], floor["floor_ms"], color="black", ls="--", lw=1, label="memory-bandwidth floor")
+        several = floor["batch_size"].nunique() > 1
+        for batch, line in floor.groupby("batch_size"):
+            ax.plot(line["position"], line["floor_ms"], color="black", ls="--", lw=1,
+                    label="floor (roofline)" + (f" ×{batch}" if several else ""))
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PLAIN)
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("token position (prompt + generated)")
     ax.set_ylabel("decode step time (ms, median over repeats)")
     return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta,
-                   "median of {repeats} runs per position")
+                   "median of {repeats} runs per position · floor: max(bytes / bandwidth, FLOPs / matmul throughput)")
+
+
+def crossover_figure(summary: pd.DataFrame, meta: dict):
+    """Per-token time against the bytes of K/V a step attends over the bytes of weights it reads, across
+    lengths and batches: flat while the weights dominate, rising once the cache does."""
+    points = summary[summary["kv_over_weights"].notna() & summary["per_token_ms_median"].notna()
+                     & (summary["strategy"] != NAIVE.name)]
+    fig, ax = _figure(7.5, 5.4)
+    for style, line in _series(points, meta):
+        line = line.sort_values("kv_over_weights")
+        ax.plot(line["kv_over_weights"], line["per_token_ms_median"], **style)
+    floors = points.drop_duplicates(["batch_size", "new_tokens"]).sort_values("kv_over_weights")
+    for batch, line in floors.groupby("batch_size"):
+        ax.plot(line["kv_over_weights"], line["floor_ms"], color="black", ls="--", lw=1, marker="x", ms=5,
+                label="floor" + (f" ×{batch}" if floors["batch_size"].nunique() > 1 else ""))
+    ax.axvline(1.0, color="gray", lw=1, ls=":")
+    ax.text(1.0, 0.98, " cache = weights", transform=ax.get_xaxis_transform(), fontsize=8, va="top", color="gray")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(PLAIN)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K/V bytes attended per step / weight bytes per step (full precision)")
+    ax.set_ylabel("decode time per token (ms, median)")
+    return _finish(fig, ax, "Where the cache decides: weight-bound left of 1, cache-bound right of it", meta,
+                   "lines: new token counts of one batch · median of {repeats}")
 
 
 def _memory_measure(summary: pd.DataFrame, meta: dict) -> tuple[pd.Series, str]:
@@ -139,12 +192,12 @@ def _memory_measure(summary: pd.DataFrame, meta: dict) -> tuple[pd.Series, str]:
 def memory_figure(summary: pd.DataFrame, meta: dict):
     fig, (left, right) = _figure(11, 5.0, ncols=2)
     measure, what = _memory_measure(summary, meta)
-    for strategy, points in summary.groupby("strategy", sort=False):
-        style = _style(strategy)
-        if strategy != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
-            left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ls="none", ms=7, **style)
+    summary = summary[summary["repeats"] > 0]  # points skipped past --naive-max hold no numbers
+    for style, points in _series(summary, meta):
+        if points["strategy"].iloc[0] != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
+            left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ms=7, **{**style, "ls": "none"})
             left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
-                      ls="--")
+                      ls=style.get("ls", "--"))
         right.plot(points["new_tokens"], measure[points.index] / 2**20, **style)
     for ax in (left, right):
         _tokens_axis(ax, summary["new_tokens"].unique())
@@ -163,14 +216,27 @@ def memory_figure(summary: pd.DataFrame, meta: dict):
 
 
 def floor_line(steps: pd.DataFrame, meta: dict) -> pd.DataFrame | None:
-    """Memory floor per position: the token at position p attends p + 1 keys (from meta's measurements)."""
+    """The floor per batch and position: the token at position p attends p + 1 keys (from meta's measurements);
+    memory or compute, whichever is slower. Directories from before the roofline have a bytes-only floor."""
     if "decode_step" not in meta or "machine_limits" not in meta or steps.empty:
         return None
-    step, bandwidth = meta["decode_step"], meta["machine_limits"]["best_bandwidth_gbs"]
+    step = meta["decode_step"]
     positions = pd.Series(sorted(steps["position"].unique()))
-    fixed = step.get("fixed_bytes", step.get("weight_bytes"))  # results written before the rename say weight_bytes
-    floor_ms = 1000 * (fixed + step["kv_bytes_per_token"] * (positions + 1)) / (bandwidth * 1e9)
-    return pd.DataFrame({"position": positions, "floor_ms": floor_ms})
+    if "by_batch" not in step:  # one batch, bytes only; results written before the rename say weight_bytes
+        fixed = step.get("fixed_bytes", step.get("weight_bytes"))
+        bandwidth = meta["machine_limits"]["best_bandwidth_gbs"]
+        floor_ms = 1000 * (fixed + step["kv_bytes_per_token"] * (positions + 1)) / (bandwidth * 1e9)
+        return pd.DataFrame({"batch_size": _batches(meta)[0], "position": positions, "floor_ms": floor_ms})
+    from kvbench.bench.floor import MachineLimits
+
+    limits = MachineLimits.from_dict(meta["machine_limits"])
+    frames = []
+    for batch, counts in step["by_batch"].items():
+        tokens = positions + 1
+        floors = [limits.floor(counts["fixed_bytes"] + counts["kv_bytes_per_token"] * t,
+                               counts["fixed_flops"] + counts["flops_per_token"] * t, int(batch))[0] for t in tokens]
+        frames.append(pd.DataFrame({"batch_size": int(batch), "position": positions, "floor_ms": floors}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
@@ -179,9 +245,11 @@ def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, met
         return []
     written = [save(latency_figure(runs, meta), out / "latency.png"),
                save(memory_figure(summary, meta), out / "memory.png")]
-    if (summary["strategy"] == NAIVE.name).any() and (summary["strategy"] != NAIVE.name).any():
+    if summary["speedup_vs_naive"].notna().any():
         written.append(save(speedup_figure(summary, meta), out / "speedup.png"))
     if not steps.empty:
         floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta)
         written.append(save(per_token_figure(steps, meta, floor), out / "per_token.png"))
+    if "kv_over_weights" in summary and summary["kv_over_weights"].notna().any():
+        written.append(save(crossover_figure(summary, meta), out / "crossover.png"))
     return written

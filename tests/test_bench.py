@@ -124,7 +124,7 @@ def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_pa
     [again] = meta["resumes"]
     assert again["command_line"] == f"kvbench benchmark --resume {out}"
     assert again["status"] == "complete" and again["started_at"] <= again["ended_at"]
-    key = ["strategy", "new_tokens", "repeat"]
+    key = ["strategy", "batch_size", "new_tokens", "repeat"]
     done_now = set(runs[key].itertuples(index=False, name=None)) - set(kept[key].itertuples(index=False, name=None))
     assert {tuple(run) for run in again["runs"]} == done_now and len(done_now) == 5
 
@@ -176,7 +176,8 @@ def hand_runs() -> pd.DataFrame:
         for repeat, total in enumerate(totals):
             rows.append(dict(strategy=strategy, new_tokens=11, repeat=repeat, total_s=total, prefill_s=0.0,
                              decode_s=total, per_token_ms=100 * total, tokens_per_s=11 / total, kv_cache_bytes=0,
-                             kv_cache_formula_bytes=0, peak_mem_bytes=1, mem_growth_bytes=0, floor_ms=50.0, bandwidth_gbs=1.0,
+                             kv_cache_formula_bytes=0, peak_mem_bytes=1, mem_growth_bytes=0, weight_bytes=100,
+                             kv_bytes=25, floor_ms=50.0, bound="memory", bandwidth_gbs=1.0,
                              gflops_per_token=1.0, achieved_gflops=1.0))
     return pd.DataFrame(rows)
 
@@ -203,8 +204,8 @@ def test_cost_model_by_hand():
 def test_plan_interleaves_strategies_and_skips_recorded_runs():
     settings = SweepSettings(lengths=[5, 200], strategies=["naive", "static"], repeats=2, warmup=1)
     costs = CostModel(np.array([0.0, 0.01]), 0.01)
-    runs = plan_runs(settings, costs, done={("naive", 5, 0), ("static", 5, 0), ("naive", 5, 1), ("static", 5, 1),
-                                            ("naive", 200, 0)})
+    runs = plan_runs(settings, costs, done={("naive", 1, 5, 0), ("static", 1, 5, 0), ("naive", 1, 5, 1),
+                                            ("static", 1, 5, 1), ("naive", 1, 200, 0)})
     assert [(r.strategy, r.new_tokens, r.repeat) for r in runs] == [
         ("naive", 200, -1), ("static", 200, -1), ("static", 200, 0), ("naive", 200, 1), ("static", 200, 1)]
     assert runs[0].tokens == 100  # warm-ups are capped, into the point's own cache
@@ -536,3 +537,109 @@ def test_ctrl_c_while_redrawing_says_to_run_plot_again(runner, finished_run, tmp
     monkeypatch.setattr(session, "draw_all", interrupted_plots)
     result = runner.invoke(app, ["plot", str(out)])
     assert result.exit_code == 130 and f"run kvbench plot {out} again" in result.output, result.output
+
+
+# --- batch as a sweep axis, naive skipped past --naive-max ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch_sweep(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("batches") / "run"
+    result = CliRunner().invoke(app, ["benchmark", "--config", TINY, "--lengths", "3,6", "--batch-size", "2,1",
+                                      "--naive-max", "3", "--strategies", "naive,static,quantized", "--repeats", "1",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_batch_is_a_sweep_axis_in_every_file(batch_sweep):
+    out, _ = batch_sweep
+    runs = pd.read_csv(out / "results.csv")
+    # naive at 6 tokens is past --naive-max 3: not run at either batch
+    assert sorted(runs[["strategy", "batch_size", "new_tokens"]].itertuples(index=False, name=None)) == sorted(
+        [("naive", b, 3) for b in (1, 2)] + [(s, b, n) for s in ("static", "quantized") for b in (1, 2) for n in (3, 6)])
+    static = runs[runs["strategy"] == "static"].set_index(["batch_size", "new_tokens"])
+    assert static.loc[(2, 6), "kv_cache_bytes"] == 2 * static.loc[(1, 6), "kv_cache_bytes"]  # the cache holds B rows
+    assert static.loc[(2, 6), "kv_bytes"] == 2 * static.loc[(1, 6), "kv_bytes"]
+    np.testing.assert_allclose(runs["tokens_per_s"], runs["batch_size"] * runs["new_tokens"] / runs["total_s"])
+    steps = pd.read_csv(out / "steps.csv")
+    assert set(steps["batch_size"]) == {1, 2}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["batch_size"] == [2, 1] or meta["settings"]["batch_size"] == [1, 2]
+    assert set(meta["decode_step"]["by_batch"]) == {"1", "2"}
+
+
+def test_skipped_naive_points_are_marked_never_dropped(batch_sweep):
+    out, result = batch_sweep
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    skipped = summary[summary["skipped"] != ""]
+    assert sorted(skipped[["strategy", "batch_size", "new_tokens"]].itertuples(index=False, name=None)) == [
+        ("naive", 1, 6), ("naive", 2, 6)]
+    assert (skipped["skipped"] == "skipped: past --naive-max 3").all() and (skipped["repeats"] == 0).all()
+    speedups = summary[summary["strategy"] == "static"].set_index(["batch_size", "new_tokens"])["speedup_vs_naive"]
+    assert speedups.loc[(1, 3)] != "" and speedups.loc[(1, 6)] == ""  # only where naive was measured
+    table = [line.split() for line in result.output.splitlines()]
+    assert ["naive", "2", "6", "skipped"] in table and "2 point(s) skipped: past --naive-max 3" in result.output
+
+
+def test_crossover_plot_and_code_paths(batch_sweep):
+    out, result = batch_sweep
+    assert (out / "crossover.png").read_bytes()[:4] == b"\x89PNG"
+    paths = json.loads((out / "meta.json").read_text())["code_paths"]
+    assert set(paths) == {"naive", "static", "quantized"}
+    assert paths["static"]["attention"].startswith("SDPA") and paths["static"]["step"] == "eager"
+    assert paths["quantized"]["attention"] != paths["static"]["attention"]  # attends over its own int8 storage
+    assert "code paths" in result.output
+
+
+def test_floor_rows_say_which_limit_binds(batch_sweep):
+    runs = pd.read_csv(batch_sweep[0] / "results.csv")
+    assert set(runs["bound"]) <= {"memory", "compute"}
+    meta = json.loads((batch_sweep[0] / "meta.json").read_text())
+    from kvbench.bench.floor import MachineLimits
+
+    limits = MachineLimits.from_dict(meta["machine_limits"])
+    for row in runs.itertuples():
+        counts = meta["decode_step"]["by_batch"][str(row.batch_size)]
+        visible = row.kv_bytes / counts["kv_bytes_per_token"]
+        expected = limits.floor(row.weight_bytes + row.kv_bytes, counts["fixed_flops"] + counts["flops_per_token"]
+                                * visible, row.batch_size)
+        assert row.floor_ms == pytest.approx(expected[0]) and row.bound == expected[1]
+
+
+def test_an_old_directory_with_an_int_batch_size_resumes_and_plots(runner, finished_run, tmp_path):
+    """Directories written before batch was an axis: meta.json says batch_size 1, steps.csv has no batch column,
+    results.csv lacks the floor's new columns. Resume completes them; plot redraws them."""
+    out = copy_of(finished_run, tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["settings"]["batch_size"] = 1
+    meta["settings"].pop("naive_max")
+    (out / "meta.json").write_text(json.dumps(meta))
+    steps = pd.read_csv(out / "steps.csv").drop(columns="batch_size")
+    runs = pd.read_csv(out / "results.csv").drop(columns=["weight_bytes", "kv_bytes", "bound"])
+    runs.iloc[:-1].to_csv(out / "results.csv", index=False)  # the last run is redone by the resume
+    steps.to_csv(out / "steps.csv", index=False)
+    result = runner.invoke(app, ["benchmark", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out / "results.csv")) == len(runs)
+    assert runner.invoke(app, ["plot", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "1,0"], "--batch-size: '0' is not a positive integer"),
+    (["--batch-size", "four"], "--batch-size: 'four' is not a positive integer"),
+    (["--naive-max", "0"], "--naive-max must be a positive integer"),
+])
+def test_bad_batch_options(runner, tmp_path, args, needle):
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2 and needle in result.output, result.output
+
+
+def test_default_naive_max_comes_from_the_estimate():
+    settings = SweepSettings(lengths=[10, 100, 1000], strategies=["naive", "static"], batch_size=[1, 4])
+    costs = CostModel(naive_poly=np.array([0.001, 0.0]), decode_s=0.01)  # naive step: 1 ms per token at batch 1
+    # at batch 4 a naive run of n tokens takes ~4 ms x sum(16 + i) = 2 ms x n^2: 100 tokens ~26 s, 1000 ~2100 s
+    assert costs.naive_max(settings, budget_s=60) == 100
+    assert {(s, b, n) for s, b, n in sweep_module.skipped_points(settings, 100)} == {("naive", 1, 1000),
+                                                                                    ("naive", 4, 1000)}

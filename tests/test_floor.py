@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import random_model
@@ -36,11 +37,49 @@ def test_kv_bytes_and_flops_by_hand():
     assert floor.naive_step_flops(model, 10, 1) == 2 * matrices * 10 + 4 * 2 * 32 * 55 + 2 * 32 * 97
 
 
-def test_bandwidth_measurement_is_positive_and_sized():
-    limits = floor.measure_limits(torch.device("cpu"), step_bytes=1000, dtype=torch.float32, repeats=2)
-    assert limits.bandwidth_bytes >= floor.BANDWIDTH_MIN_BYTES
-    assert limits.best_bandwidth_gbs == max(limits.bandwidth_gbs.values()) > 0
+def test_every_probe_is_recorded_and_the_floor_takes_the_best():
+    limits = floor.measure_limits(torch.device("cpu"), step_bytes=1000, dtype=torch.float32, batches=[1, 4],
+                                  repeats=2)
+    kernels = {p["kernel"] for p in limits.bandwidth}
+    assert kernels == {"sum", "copy", "x @ W, W (in, out)", "F.linear, W (out, in)", "torch.mv, W (out, in)"}
+    assert all(p["buffer_bytes"] >= floor.BANDWIDTH_MIN_BYTES and p["gbs"] > 0 for p in limits.bandwidth)
+    assert limits.best_gbs(1000) == max(p["gbs"] for p in limits.bandwidth)
+    assert set(limits.matmul_by_rows) == {1, 4} and min(limits.matmul_by_rows.values()) > 0
     assert limits.matmul_gflops > 0
+
+
+def limits_by_hand() -> floor.MachineLimits:
+    probes = [{"buffer_bytes": 100 * 2**20, "kernel": "sum", "gbs": 20.0},
+              {"buffer_bytes": 100 * 2**20, "kernel": "x @ W, W (in, out)", "gbs": 40.0},
+              {"buffer_bytes": 1000 * 2**20, "kernel": "sum", "gbs": 10.0}]
+    return floor.MachineLimits(probes, {1: 50.0, 16: 400.0}, 500.0)
+
+
+def test_floor_is_the_slower_of_reading_and_computing():
+    limits = limits_by_hand()
+    # 80 MB near the 100 MiB probes (best 40 GB/s): 2 ms; 0.02 GFLOP at batch 1 (50 GFLOP/s): 0.4 ms
+    assert limits.floor(80e6, 0.02e9, 1) == (pytest.approx(2.0), "memory")
+    # the same bytes at batch 16 with 1.6 GFLOP at 400 GFLOP/s: 4 ms, compute-bound
+    assert limits.floor(80e6, 1.6e9, 16) == (pytest.approx(4.0), "compute")
+    # 900 MB is nearest the 1000 MiB probe: 10 GB/s there, whatever the smaller buffer read at
+    assert limits.floor(900e6, 0.0, 1) == (pytest.approx(90.0), "memory")
+
+
+def test_limits_survive_meta_json_and_old_directories():
+    import json
+
+    limits = limits_by_hand()
+    again = floor.MachineLimits.from_dict(json.loads(json.dumps(limits.to_dict())))  # int keys become strings
+    assert again.floor(80e6, 1.6e9, 16) == limits.floor(80e6, 1.6e9, 16)
+    old = floor.MachineLimits.from_dict({"bandwidth_bytes": 2**27, "bandwidth_gbs": {"sum": 30.0,
+                                         "matrix_vector": 33.0}, "best_bandwidth_gbs": 33.0, "matmul_gflops": 300})
+    assert old.floor(33e6, 1e12, 1) == (pytest.approx(1.0), "memory")  # bytes only, as those runs' floor was
+
+
+def test_gqa_reads_only_the_kv_heads():
+    model = random_model(0, n_kv_heads=2)  # 4 query heads share 2 K/V heads of 8 features
+    assert floor.kv_bytes_read(model, 10, batch=1) == 2 * 2 * 2 * 8 * 10 * 4
+    assert floor.attention_flops(model.config, 10) == 2 * 2 * 2 * 4 * 8 * 10  # every query head still attends
 
 
 def test_encoder_decoder_step_reads_the_decoder_and_the_cached_source_only():

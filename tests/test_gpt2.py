@@ -88,7 +88,8 @@ def test_ablation_times_kvbench_against_transformers_on_the_same_weights():
     variants = ablation.build_variants(["kvbench", "naive", "hf-cache"], model, prompt, 24)
     rows = ablation.run_ablation(variants, 24, 2, torch.device("cpu"))
     assert sorted(rows["variant"].unique()) == ["hf-cache", "kvbench", "naive"] and len(rows) == 6
-    summary = ablation.summarize_ablation(rows, model, 4, 24, 1, bandwidth_gbs=10.0)
+    limits = ablation.floor.MachineLimits([{"buffer_bytes": 1, "kernel": "sum", "gbs": 10.0}], {1: 100.0}, 100.0)
+    summary = ablation.summarize_ablation(rows, model, 4, 24, 1, limits)
     assert summary["variant"].tolist() == ["kvbench", "naive", "hf-cache"]
     assert (summary["per_token_ms"] > 0).all() and summary["x_first"].iloc[0] == 1.0
 

@@ -150,14 +150,14 @@ def run_ablation(variants: list[Variant], new_tokens: int, repeats: int, device:
 
 
 def summarize_ablation(rows: pd.DataFrame, model: Decoder, prompt_len: int, new_tokens: int, batch: int,
-                       bandwidth_gbs: float) -> pd.DataFrame:
+                       limits: floor.MachineLimits) -> pd.DataFrame:
     visible = prompt_len + new_tokens / 2  # mean keys attended over the decode steps
     step_bytes = floor.weight_bytes_per_step(model, batch) + floor.kv_bytes_read(model, visible, batch)
-    floor_ms = 1000 * step_bytes / (bandwidth_gbs * 1e9)
+    floor_ms, bound = limits.floor(step_bytes, floor.cached_step_flops(model, visible, batch), batch)
     summary = rows.groupby("variant", sort=False)["per_token_ms"].agg(
         per_token_ms="median", iqr_ms=iqr).reset_index()
     summary["x_floor"] = summary["per_token_ms"] / floor_ms
     summary["x_first"] = summary["per_token_ms"] / summary["per_token_ms"].iloc[0]
-    summary.attrs["floor_ms"] = floor_ms
+    summary.attrs["floor_ms"], summary.attrs["bound"] = floor_ms, bound
     return summary
 

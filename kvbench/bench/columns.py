@@ -12,7 +12,7 @@ RUNS = {  # results.csv: one row per timed run
     "device_name": "CPU model or GPU name",
     "dtype": "float32, bfloat16 or float16",
     "threads": "torch's CPU threads during the run",
-    "batch_size": "sequences generated at once",
+    "batch_size": "sequences generated at once (--batch-size: a sweep axis)",
     "prompt_len": "prompt tokens per sequence (random ids, seeded)",
     "new_tokens": "tokens generated per sequence: the sweep point's length",
     "repeat": "0-based repeat index of this point (repeats are interleaved across strategies)",
@@ -27,8 +27,12 @@ RUNS = {  # results.csv: one row per timed run
                       "interpreter); CUDA: torch.cuda.max_memory_allocated during the run",
     "mem_growth_bytes": "peak_mem_bytes minus the same measure at the run's start: what the run itself added "
                         "(CPU: resident memory; CUDA: allocated tensors)",
-    "floor_ms": "milliseconds a decode step needs at least: the bytes it must read (weights, K/V attended, "
-                "averaged over the steps) / the read bandwidth measured in the same run",
+    "weight_bytes": "bytes of weights (and an encoder-decoder's cached source K/V) one decode step reads",
+    "kv_bytes": "bytes of full-precision K/V one decode step attends, averaged over the run's steps",
+    "floor_ms": "milliseconds a decode step needs at least: max(bytes it must read (weight_bytes + kv_bytes) / "
+                "the best read bandwidth probed in the same run, its FLOPs / matmul throughput measured with rows "
+                "= batch size in the run's dtype); the same for every strategy at a point",
+    "bound": "which term of floor_ms is larger: memory or compute",
     "bandwidth_gbs": "those bytes / the measured per-token time, in GB/s",
     "gflops_per_token": "arithmetic of one decode step (naive: of recomputing the sequence), GFLOP",
     "achieved_gflops": "gflops_per_token / the measured per-token time, GFLOP/s",
@@ -37,6 +41,7 @@ RUNS = {  # results.csv: one row per timed run
 
 STEPS = {  # steps.csv: one row per decode step of each timed run
     "strategy": "as in results.csv",
+    "batch_size": "as in results.csv",
     "new_tokens": "as in results.csv",
     "repeat": "as in results.csv",
     "step": "decode step, 1 .. new_tokens - 1 (the prefill is not a step)",
@@ -44,10 +49,11 @@ STEPS = {  # steps.csv: one row per decode step of each timed run
     "step_ms": "milliseconds of this decode step",
 }
 
-SUMMARY = {  # summary.csv: one row per strategy and length, over the repeats
+SUMMARY = {  # summary.csv: one row per strategy, batch and length, over the repeats
     "strategy": "as in results.csv",
+    "batch_size": "as in results.csv",
     "new_tokens": "as in results.csv",
-    "repeats": "timed runs recorded for this point",
+    "repeats": "timed runs recorded for this point (0 for a skipped point)",
     "total_s_median": "median of total_s",
     "total_s_iqr": "interquartile range of total_s",
     "prefill_s_median": "median of prefill_s",
@@ -58,13 +64,20 @@ SUMMARY = {  # summary.csv: one row per strategy and length, over the repeats
     "kv_cache_formula_bytes": "largest kv_cache_formula_bytes over the repeats",
     "peak_mem_bytes_median": "median of peak_mem_bytes",
     "mem_growth_bytes_median": "median of mem_growth_bytes",
+    "weight_bytes": "median of weight_bytes",
+    "kv_bytes": "median of kv_bytes",
     "floor_ms": "median of floor_ms",
+    "bound": "as in results.csv",
     "bandwidth_gbs_median": "median of bandwidth_gbs",
     "gflops_per_token": "median of gflops_per_token",
     "achieved_gflops_median": "median of achieved_gflops",
     "per_token_over_floor": "per_token_ms_median / floor_ms: 1.0 is as fast as memory allows",
-    "speedup_vs_naive": "naive's total_s_median at this length / this strategy's",
+    "kv_over_weights": "kv_bytes / weight_bytes: below 1 the weights dominate a step's reads, above 1 the cache",
+    "speedup_vs_naive": "naive's total_s_median at this batch and length / this strategy's; empty where naive "
+                        "was not measured",
     "noisy": "True when an IQR exceeds 10% of its median: too noisy to trust the point alone",
+    "skipped": "empty for a measured point; for a point not run, why (naive past --naive-max): its numbers are "
+               "empty",
 }
 
 FILES = {"results.csv": RUNS, "steps.csv": STEPS, "summary.csv": SUMMARY}

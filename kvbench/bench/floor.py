@@ -1,21 +1,34 @@
 """The machine's limits, measured in the same run as the benchmark, and what a decode step must do.
 
-A cached decode step reads every weight once (plus the K/V it attends to) and does little arithmetic per
-byte read: it is memory-bound, so its floor is bytes read / read bandwidth. Naive recomputation does
-arithmetic proportional to the sequence length each step, so its time follows FLOPs instead; both counts
-are reported so a reader can see which limit each strategy runs into.
+A cached decode step reads every weight once (plus the K/V it attends to) and does ~2 FLOPs per weight
+element per sequence. At batch 1 that is memory-bound; at a large batch the same bytes feed B times the
+arithmetic, so a step can be bound by either. The floor is therefore
+
+    floor_ms = max(bytes read / read bandwidth, FLOPs / matmul throughput at the step's rows)
+
+with `bound` saying which term won. Both limits are measured honestly: the read bandwidth is the best of
+several kernels (a reduction, a copy, matrix-vector products in both weight layouts) over a buffer the size
+of the step's reads, never only the kernel the model itself uses (a floor that the model's own kernel
+defines could never show the model's overhead); the throughput is a dense matmul with as many rows as the
+batch, in the run's dtype, on a weight block that stays in cache (so that it measures arithmetic, not reads).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvbench.bench.timing import median_seconds
 from kvbench.cache import kv_bytes_formula
 
 BANDWIDTH_MIN_BYTES = 64 * 2**20  # smaller buffers would measure a cache level, not the read path
+SIZES_APART = 1.5  # probe a second buffer size only when the largest step reads this much more than the smallest
+COMPUTE_BLOCK_BYTES = 2**20  # weight block of the throughput probe: stays in L2, so arithmetic is what is timed
+COMPUTE_CALLS = 20  # matmuls per timed call of the throughput probe (one is too short to time)
+PROBE_COLUMNS = 768  # inner dimension of the matrix-vector probes (GPT-2's d_model)
 
 
 def weight_bytes_per_step(model, batch: int) -> int:
@@ -23,11 +36,16 @@ def weight_bytes_per_step(model, batch: int) -> int:
     return model.step_weight_bytes(batch)
 
 
+def kv_heads(config) -> int:
+    """Heads of K and V a cache holds: fewer than the query heads under grouped-query attention."""
+    return getattr(config, "n_kv_heads", None) or config.n_heads
+
+
 def kv_bytes_read(model, tokens: float, batch: int) -> float:
-    """Bytes of K and V one decode step attends to when `tokens` positions are visible."""
+    """Bytes of K and V one decode step attends to when `tokens` positions are visible (full precision)."""
     c = model.config
     element = model.dtype.itemsize
-    return kv_bytes_formula(c.n_layers, c.n_kv_heads, c.head_dim, 1, batch, element) * tokens  # K/V heads only
+    return kv_bytes_formula(c.n_layers, kv_heads(c), c.head_dim, 1, batch, element) * tokens
 
 
 def matmul_weights(model) -> int:
@@ -35,11 +53,16 @@ def matmul_weights(model) -> int:
     return model.step_matrices()
 
 
+def attention_flops(config, visible: float) -> float:
+    """q.k scores and the weighted sum of v, for every query head, over `visible` keys, per sequence."""
+    return 2 * 2 * config.n_layers * config.n_heads * config.head_dim * visible
+
+
 def cached_step_flops(model, visible: float, batch: int) -> float:
     """One cached decode step: each matrix once for the new token, attention over `visible` keys (and, in an
     encoder-decoder, over the source's cached cross K/V)."""
     c = model.config
-    attention = 2 * 2 * c.n_layers * c.n_heads * c.head_dim * (visible + model.source_len)  # q.k scores, weighted v
+    attention = attention_flops(c, visible + model.source_len)
     return batch * (2 * matmul_weights(model) + 2 * c.d_model * c.vocab_size + attention)
 
 
@@ -47,19 +70,50 @@ def naive_step_flops(model, seq_len: float, batch: int) -> float:
     """One naive step: every decoder block over the whole sequence, causal attention, LM head on the last
     position (an encoder-decoder's encoder rerun and cross projections are not counted: a lower bound)."""
     c = model.config
-    attention = 2 * 2 * c.n_layers * c.n_heads * c.head_dim * seq_len * (seq_len + 1) / 2
+    attention = attention_flops(c, seq_len * (seq_len + 1) / 2)
     return batch * (2 * matmul_weights(model) * seq_len + attention + 2 * c.d_model * c.vocab_size)
 
 
 @dataclass
 class MachineLimits:
-    bandwidth_bytes: int  # size of the buffer read: the same bytes as one decode step
-    bandwidth_gbs: dict  # GB/s by read kernel
-    best_bandwidth_gbs: float  # the floor uses the fastest read seen
-    matmul_gflops: float  # dense matmul in the benchmark's dtype: the ceiling for arithmetic-bound work
+    """Every probe's result (meta.json records them all) and what the floor takes from them."""
+
+    bandwidth: list[dict] = field(default_factory=list)  # {buffer_bytes, kernel, gbs} per probe
+    matmul_by_rows: dict = field(default_factory=dict)  # rows (= batch) -> GFLOP/s, L2-resident weight block
+    matmul_gflops: float = 0.0  # a large square matmul: the ceiling for naive's arithmetic
+    dtype: str = "float32"
+
+    def best_gbs(self, step_bytes: float) -> float:
+        """The fastest read measured over the probed buffer size nearest (in ratio) to step_bytes."""
+        sizes = {p["buffer_bytes"] for p in self.bandwidth}
+        size = min(sizes, key=lambda s: abs(math.log(s / max(step_bytes, 1))))
+        return max(p["gbs"] for p in self.bandwidth if p["buffer_bytes"] == size)
+
+    @property
+    def best_bandwidth_gbs(self) -> float:
+        return max(p["gbs"] for p in self.bandwidth)
+
+    def throughput_gflops(self, rows: int) -> float:
+        by_rows = {int(r): g for r, g in self.matmul_by_rows.items()}  # JSON keys come back as strings
+        return by_rows.get(rows) or by_rows[min(by_rows, key=lambda r: abs(r - rows))]
+
+    def floor(self, step_bytes: float, step_flops: float, batch: int) -> tuple[float, str]:
+        """(floor in ms, "memory" or "compute") of a step reading step_bytes and doing step_flops."""
+        memory_ms = 1000 * step_bytes / (self.best_gbs(step_bytes) * 1e9)
+        compute_ms = 1000 * step_flops / (self.throughput_gflops(batch) * 1e9)
+        return (memory_ms, "memory") if memory_ms >= compute_ms else (compute_ms, "compute")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "best_bandwidth_gbs": self.best_bandwidth_gbs}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MachineLimits:
+        """Also reads meta.json of runs before the floor had several probes (one bandwidth per kernel)."""
+        if isinstance(data.get("bandwidth"), list):
+            return cls(data["bandwidth"], data["matmul_by_rows"], data["matmul_gflops"], data.get("dtype", "float32"))
+        probes = [{"buffer_bytes": data["bandwidth_bytes"], "kernel": k, "gbs": g}
+                  for k, g in data["bandwidth_gbs"].items()]
+        return cls(probes, {1: math.inf}, data["matmul_gflops"])  # bytes only, as those runs' floor was
 
 
 def _median_time(fn, device: torch.device, repeats: int) -> float:
@@ -67,22 +121,57 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
     return median_seconds(fn, device, repeats)
 
 
-def _read_bandwidth(device: torch.device, nbytes: int, repeats: int) -> tuple[int, dict[str, float]]:
-    """Bytes actually read (nbytes rounded to whole rows) and the GB/s of each read kernel."""
-    columns = 1024
-    buffer = torch.ones(nbytes // 4 // columns, columns, device=device)  # (rows, 1024) float32
-    vector = torch.ones(columns, device=device)
-    read = buffer.numel() * 4
-    kernels = {"sum": buffer.sum, "matrix_vector": lambda: buffer @ vector}
-    return read, {name: read / _median_time(fn, device, repeats) / 1e9 for name, fn in kernels.items()}
+def read_probes(device: torch.device, nbytes: int) -> tuple[int, dict]:
+    """Kernels that read a float32 buffer of about nbytes once: (bytes read, {name: fn})."""
+    rows = max(-(-nbytes // (4 * PROBE_COLUMNS)), 1)  # rounded up: at least nbytes
+    buffer = torch.ones(rows, PROBE_COLUMNS, device=device)  # (rows, 768): W (out, in)
+    as_in_out = buffer.view(PROBE_COLUMNS, rows)  # the same bytes read as W (in, out)
+    x_in, x_row, out = torch.ones(PROBE_COLUMNS, device=device), torch.ones(1, PROBE_COLUMNS, device=device), \
+        torch.empty_like(buffer)
+    kernels = {
+        "sum": buffer.sum,
+        "copy": lambda: out.copy_(buffer),  # counted as bytes read only: it also writes as many
+        "x @ W, W (in, out)": lambda: x_row @ as_in_out,
+        "F.linear, W (out, in)": lambda: F.linear(x_row, buffer),
+        "torch.mv, W (out, in)": lambda: torch.mv(buffer, x_in),
+    }
+    return buffer.numel() * 4, kernels
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, repeats: int) -> list[dict]:
+    read, kernels = read_probes(device, max(nbytes, BANDWIDTH_MIN_BYTES))
+    return [{"buffer_bytes": read, "kernel": name, "gbs": round(read / _median_time(fn, device, repeats) / 1e9, 2)}
+            for name, fn in kernels.items()]
+
+
+def measure_throughput(device: torch.device, dtype: torch.dtype, rows: int, inner: int, repeats: int) -> float:
+    """GFLOP/s of (rows, inner) @ (inner, N) with the (inner, N) block L2-resident."""
+    cols = max(COMPUTE_BLOCK_BYTES // (inner * dtype.itemsize), 16)
+    x = torch.randn(rows, inner, device=device, dtype=dtype)
+    w = torch.randn(inner, cols, device=device, dtype=dtype)
+
+    def calls():
+        for _ in range(COMPUTE_CALLS):
+            x @ w
+
+    return 2 * rows * inner * cols * COMPUTE_CALLS / _median_time(calls, device, repeats) / 1e9
+
+
+def probe_sizes(step_bytes: list[float]) -> list[int]:
+    """Buffer sizes to probe: the smallest step's reads, and the largest's if it is far bigger (a big batch
+    at a long context reads its cache on top of the weights, possibly from another level of the hierarchy)."""
+    low, high = int(min(step_bytes)), int(max(step_bytes))
+    return [low] if high < SIZES_APART * low else [low, high]
 
 
 @torch.inference_mode()
-def measure_limits(device: torch.device, step_bytes: int, dtype: torch.dtype, repeats: int = 9) -> MachineLimits:
-    """Read bandwidth over a buffer the size of one decode step's reads, and dense matmul throughput."""
-    nbytes = max(step_bytes, BANDWIDTH_MIN_BYTES)
-    read, gbs = _read_bandwidth(device, nbytes, repeats)
+def measure_limits(device: torch.device, step_bytes: list[float] | float, dtype: torch.dtype,
+                   batches: list[int] = (1,), inner: int = PROBE_COLUMNS, repeats: int = 9) -> MachineLimits:
+    """Read bandwidth over buffers the size of the steps' reads, and matmul throughput per batch size."""
+    sizes = probe_sizes(step_bytes if isinstance(step_bytes, (list, tuple)) else [step_bytes])
+    bandwidth = [probe for size in sizes for probe in measure_bandwidth(device, size, repeats)]
+    by_rows = {b: round(measure_throughput(device, dtype, b, inner, 5), 1) for b in batches}
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     gflops = 2 * n**3 / _median_time(lambda: a @ b, device, 5) / 1e9
-    return MachineLimits(read, {k: round(v, 2) for k, v in gbs.items()}, round(max(gbs.values()), 2), round(gflops, 1))
+    return MachineLimits(bandwidth, by_rows, round(gflops, 1), str(dtype).removeprefix("torch."))

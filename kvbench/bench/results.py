@@ -25,14 +25,15 @@ from kvbench.errors import KVBenchError
 RUN_COLUMNS = [
     "config", "strategy", "device", "device_name", "dtype", "threads", "batch_size", "prompt_len", "new_tokens",
     "repeat", "total_s", "prefill_s", "decode_s", "per_token_ms", "tokens_per_s", "kv_cache_bytes",
-    "kv_cache_formula_bytes", "peak_mem_bytes", "mem_growth_bytes", "floor_ms", "bandwidth_gbs", "gflops_per_token",
-    "achieved_gflops", "finished_at",
+    "kv_cache_formula_bytes", "peak_mem_bytes", "mem_growth_bytes", "weight_bytes", "kv_bytes", "floor_ms", "bound",
+    "bandwidth_gbs", "gflops_per_token", "achieved_gflops", "finished_at",
 ]
-ADDED_RUN_COLUMNS = {"mem_growth_bytes"}  # absent from directories written before it existed: read as NaN
-TEXT_RUN_COLUMNS = {"config", "strategy", "device", "device_name", "dtype", "finished_at"}
-KEY_COLUMNS = ["strategy", "new_tokens", "repeat"]  # a run's identity: never empty
-STEP_COLUMNS = ["strategy", "new_tokens", "repeat", "step", "position", "step_ms"]
-RunKey = tuple[str, int, int]  # (strategy, new_tokens, repeat)
+# absent from directories written before they existed: read as NaN (or empty)
+ADDED_RUN_COLUMNS = {"mem_growth_bytes", "weight_bytes", "kv_bytes", "bound"}
+TEXT_RUN_COLUMNS = {"config", "strategy", "device", "device_name", "dtype", "bound", "finished_at"}
+KEY_COLUMNS = ["strategy", "batch_size", "new_tokens", "repeat"]  # a run's identity: never empty
+STEP_COLUMNS = ["strategy", "batch_size", "new_tokens", "repeat", "step", "position", "step_ms"]
+RunKey = tuple[str, int, int, int]  # (strategy, batch_size, new_tokens, repeat)
 LOCK_NAME, OWNER_NAME = ".kvbench.lock", ".kvbench.owner"
 
 
@@ -189,16 +190,20 @@ class ResultsDir:
         if not self.steps_csv.exists():
             return pd.DataFrame(columns=STEP_COLUMNS)
         steps = pd.read_csv(self.steps_csv)
+        runs = self.read_runs()
+        if "batch_size" not in steps.columns:  # written before batch was an axis: one batch size per directory
+            steps.insert(1, "batch_size", int(runs["batch_size"].iloc[0]) if len(runs) else 1)
         # keep only steps of runs that finished (a run interrupted after its steps were written is dropped)
         # and a run repeated after such an interruption keeps only its last steps
-        key = ["strategy", "new_tokens", "repeat"]
-        done = self.read_runs()[key].drop_duplicates()
+        key = KEY_COLUMNS
+        done = runs[key].drop_duplicates()
         steps = steps.drop_duplicates(subset=[*key, "step"], keep="last")
         return steps.merge(done, on=key, how="inner")
 
     def completed(self) -> set[RunKey]:
         runs = self.read_runs()
-        return {(str(s), int(n), int(r)) for s, n, r in zip(runs["strategy"], runs["new_tokens"], runs["repeat"], strict=True)}
+        return {(str(s), int(b), int(n), int(r)) for s, b, n, r in
+                zip(runs["strategy"], runs["batch_size"], runs["new_tokens"], runs["repeat"], strict=True)}
 
     def read_meta(self) -> dict[str, Any]:
         try:

@@ -16,8 +16,10 @@ import torch
 from kvbench.bench import floor
 from kvbench.bench.machine import check_threads, command_line, device_name, machine_info
 from kvbench.bench.results import ResultsDir
-from kvbench.bench.stats import summarize
-from kvbench.bench.sweep import Reporter, Sweep, SweepSettings, calibrate, plan_runs, timed_runs
+from kvbench.bench.paths import code_paths
+from kvbench.bench.stats import POINT, summarize
+from kvbench.bench.sweep import (NAIVE_RUN_BUDGET_S, Reporter, Sweep, SweepSettings, calibrate, plan_runs,
+                                 skipped_points, timed_runs)
 from kvbench.bench.timing import PeakMemory
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
@@ -40,9 +42,14 @@ class Session:
     recorded_before: frozenset = frozenset()  # runs already in results.csv when this session began
 
     @property
+    def naive_max(self) -> int | None:
+        """The --naive-max given, else the one the cost estimate chose (recorded once the estimate is made)."""
+        return self.settings.naive_max or self.meta.get("naive_max")
+
+    @property
     def to_do(self) -> int:
         """Timed runs not yet recorded."""
-        return len(timed_runs(self.settings) - self.results.completed())
+        return len(timed_runs(self.settings, self.naive_max) - self.results.completed())
 
 
 def start(loaded: LoadedConfig, settings: SweepSettings, results: ResultsDir) -> Session:
@@ -91,28 +98,54 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     s = session.settings
     if s.threads:
         torch.set_num_threads(s.threads)
-    model = for_generation(build_model(session.loaded, device, DTYPES[s.dtype]), s.batch_size, s.src_len or 0, s.seed)
+    model = build_model(session.loaded, device, DTYPES[s.dtype])
     if "machine_limits" not in session.meta:  # a resumed run keeps its first measurement: one floor per run
-        step_bytes = floor.weight_bytes_per_step(model, s.batch_size)
-        session.meta["machine_limits"] = floor.measure_limits(device, step_bytes, DTYPES[s.dtype]).to_dict()
-        session.meta["decode_step"] = {
-            "fixed_bytes": step_bytes,
-            "kv_bytes_per_token": floor.kv_bytes_read(model, 1, s.batch_size),
-            "floor_definition": "floor_ms = (fixed_bytes + kv_bytes_per_token x tokens attended) / best read "
-                                "bandwidth; fixed bytes: the weights a decode step reads (and an encoder-"
-                                "decoder's cached cross K/V); tokens attended averaged over the run's decode "
-                                "steps; the same floor for every strategy at a given length",
+        record_limits(session, device, model)
+    limits = floor.MachineLimits.from_dict(session.meta["machine_limits"])
+    sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), limits)
+    smallest = sweep.model_and_prompt(min(s.batches))  # kept here: the sweep holds one batch's inputs at a time
+    costs = calibrate(*smallest, max(s.lengths), device, sweep.model_and_prompt(max(s.batches)))
+    if session.naive_max is None:
+        session.meta.update(naive_max=costs.naive_max(s), naive_max_source=(
+            f"estimate: the longest length whose naive run at batch {max(s.batches)} takes at most "
+            f"{NAIVE_RUN_BUDGET_S:.0f} s"))
+        session.results.write_meta(session.meta)
+
+    def compiled(batch: int, seconds: float) -> None:
+        session.meta.setdefault("compile_s", []).append(round(seconds, 2))  # one entry per batch and (re)start
+        session.results.write_meta(session.meta)
+
+    sweep.run(plan_runs(s, costs, session.results.completed(), session.naive_max), reporter, compiled)
+
+
+def record_limits(session: Session, device: torch.device, model) -> None:
+    """Measure the machine (every probe recorded), and write what each batch's decode step reads and
+    computes, and which code path each strategy runs, into meta.json."""
+    s = session.settings
+    by_batch = {}
+    for batch in s.batches:
+        bound = for_generation(model, batch, s.src_len or 0, s.seed)
+        by_batch[batch] = {
+            "fixed_bytes": floor.weight_bytes_per_step(bound, batch),
+            "kv_bytes_per_token": floor.kv_bytes_read(bound, 1, batch),
+            "fixed_flops": floor.cached_step_flops(bound, 0, batch),
+            "flops_per_token": floor.cached_step_flops(bound, 1, batch) - floor.cached_step_flops(bound, 0, batch),
         }
-        session.results.write_meta(session.meta)
-    bandwidth = session.meta["machine_limits"]["best_bandwidth_gbs"]
-    sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), bandwidth)
-    compile_s = sweep.compile_seconds()
-    if compile_s is not None:
-        session.meta.setdefault("compile_s", []).append(round(compile_s, 2))  # one entry per (re)start
-        session.results.write_meta(session.meta)
-        reporter.compiled(compile_s)
-    costs = calibrate(model, sweep.prompt, max(s.lengths), device)
-    sweep.run(plan_runs(s, costs, session.results.completed()), reporter)
+    longest = s.prompt_len + max(s.lengths)
+    step_bytes = [step["fixed_bytes"] + step["kv_bytes_per_token"] * tokens for step in by_batch.values()
+                  for tokens in (s.prompt_len, longest)]
+    session.meta["machine_limits"] = floor.measure_limits(device, step_bytes, DTYPES[s.dtype], s.batches).to_dict()
+    session.meta["decode_step"] = {
+        "by_batch": by_batch,
+        "floor_definition": "floor_ms = max(bytes / bandwidth, flops / matmul throughput); bytes = fixed_bytes + "
+                            "kv_bytes_per_token x tokens attended (full-precision K/V), bandwidth the best probe "
+                            "over the buffer size nearest those bytes; flops = fixed_flops + flops_per_token x "
+                            "tokens attended, throughput measured with rows = batch in the run's dtype; tokens "
+                            "attended averaged over the run's decode steps; the same floor for every strategy",
+    }
+    small = for_generation(model, min(s.batches), s.src_len or 0, s.seed)
+    session.meta["code_paths"] = code_paths(small, s.strategies, min(s.batches), s.prompt_len + 1)
+    session.results.write_meta(session.meta)
 
 
 def finish(session: Session, status: str) -> tuple[pd.DataFrame, list[Path]]:
@@ -124,7 +157,7 @@ def finish(session: Session, status: str) -> tuple[pd.DataFrame, list[Path]]:
     results = session.results
     try:
         runs = results.read_runs()
-        summary = summarize(runs, session.settings.strategies) if not runs.empty else pd.DataFrame()
+        summary = summarize_session(runs, session.meta) if not runs.empty else pd.DataFrame()
         if not runs.empty:
             results.write_summary(summary)
         results.write_columns_doc()
@@ -136,12 +169,24 @@ def finish(session: Session, status: str) -> tuple[pd.DataFrame, list[Path]]:
     return summary, plots
 
 
+def summarize_session(runs: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """The summary with the naive points past --naive-max marked as skipped."""
+    settings = SweepSettings(**meta["settings"]) if "settings" in meta else None
+    naive_max = meta.get("settings", {}).get("naive_max") or meta.get("naive_max")
+    if settings is None:
+        return summarize(runs)
+    estimated = settings.naive_max is None
+    note = f"skipped: past --naive-max {naive_max}" + (" (estimated: a longer naive run would exceed its budget)"
+                                                       if estimated else "")
+    return summarize(runs, settings.strategies, skipped_points(settings, naive_max), note)
+
+
 def record_end(session: Session, status: str) -> None:
     """meta.json's status, end time and run count; for a resume, also which runs it recorded."""
     done = session.results.completed()
     session.meta.update(status=status, ended_at=now(), runs_recorded=len(done))
     if session.meta.get("resumes"):
-        new = sorted(done - session.recorded_before, key=lambda key: (key[1], key[2], key[0]))
+        new = sorted(done - session.recorded_before, key=lambda key: (key[1], key[2], key[3], key[0]))
         session.meta["resumes"][-1].update(ended_at=now(), status=status, runs=[list(key) for key in new])
     session.results.write_meta(session.meta)
 
@@ -152,7 +197,7 @@ def redraw(results: ResultsDir) -> tuple[pd.DataFrame, list[Path]]:
     runs = results.read_runs()
     if runs.empty:
         raise KVBenchError(f"{results.runs_csv} holds no finished runs; nothing to plot")
-    summary = summarize(runs, meta.get("settings", {}).get("strategies"))
+    summary = summarize_session(runs, meta)
     results.write_summary(summary)
     results.write_columns_doc()
     return summary, draw_all(runs, summary, results.read_steps(), meta, path)
@@ -163,11 +208,11 @@ COMPARED_SETTINGS = ("dtype", "batch_size", "prompt_len", "device", "threads", "
 
 @dataclass
 class Comparison:
-    joined: pd.DataFrame  # per shared (strategy, new_tokens): medians of A and B and their ratios
+    joined: pd.DataFrame  # per shared (strategy, batch_size, new_tokens): medians of A and B and their ratios
     meta_a: dict
     meta_b: dict
-    only_a: list[tuple[str, int]]  # points measured in A only
-    only_b: list[tuple[str, int]]
+    only_a: list[tuple[str, int, int]]  # points measured in A only
+    only_b: list[tuple[str, int, int]]
     differences: list[str]  # what differs between the two runs besides the code: the ratios mix these in
 
 
@@ -193,7 +238,7 @@ def compare(path_a: Path, path_b: Path) -> Comparison:
         runs = results.read_runs()
         if runs.empty:
             raise KVBenchError(f"{results.runs_csv} holds no finished runs; nothing to compare")
-        frames.append(summarize(runs).set_index(["strategy", "new_tokens"]))
+        frames.append(summarize(runs).set_index(POINT))
     a, b = (frame[["total_s_median", "per_token_ms_median"]] for frame in frames)
     joined = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
     only_a, only_b = sorted(set(a.index) - set(b.index)), sorted(set(b.index) - set(a.index))
@@ -206,4 +251,4 @@ def compare(path_a: Path, path_b: Path) -> Comparison:
 
 
 def _points(index) -> str:
-    return ", ".join(f"{s}@{n}" for s, n in sorted(index))
+    return ", ".join(f"{s}@{n}" + (f"x{b}" if b != 1 else "") for s, b, n in sorted(index))

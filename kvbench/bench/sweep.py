@@ -1,4 +1,5 @@
-"""The benchmark sweep: cached against naive generation over lengths, warm-up excluded, strategies interleaved.
+"""The benchmark sweep: cached against naive generation over batch sizes x lengths, warm-up excluded,
+strategies interleaved.
 
 What is timed: the prefill (which yields the first new token) and each decode step, separately, with the
 device synchronised (CUDA events). Outside the timed region: building the model, loading weights, allocating
@@ -21,12 +22,15 @@ from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, median_seconds
 from kvbench.cache import KVCache
 from kvbench.config import LoadedConfig
-from kvbench.generate import Decode, cache_tokens, decode_one, decoder_for, generation_steps, naive_step, new_cache
+from kvbench.generate import (Decode, cache_tokens, decode_one, decoder_for, for_generation, generation_steps,
+                              naive_step, new_cache)
 from kvbench.model import Decoder
-from kvbench.strategies import get
+from kvbench.strategies import NAIVE, get
 from kvbench.verify import random_prompt
 
+NAIVE_NAME = NAIVE.name
 WARMUP_TOKEN_CAP = 100  # warm-up generations stop here: same kernels, without doubling the naive sweep
+NAIVE_RUN_BUDGET_S = 60.0  # default --naive-max: the longest length whose naive run is estimated under this
 
 
 @dataclass(frozen=True)
@@ -38,21 +42,39 @@ class SweepSettings:
     repeats: int = 3
     warmup: int = 1
     prompt_len: int = 16
-    batch_size: int = 1
+    batch_size: list[int] = field(default_factory=lambda: [1])  # a second sweep axis (an int in older meta.json)
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
     seed: int = 0
     window: int | None = None  # the sliding strategy's window
     src_len: int | None = None  # encoder-decoder: source tokens per sequence
+    naive_max: int | None = None  # naive points past this many new tokens are skipped; None: from the estimate
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, int):  # results directories written before batch became an axis
+            object.__setattr__(self, "batch_size", [self.batch_size])
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted(self.batch_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def skipped_points(settings: SweepSettings, naive_max: int | None) -> list[tuple[str, int, int]]:
+    """(strategy, batch, new_tokens) of the uncached points past naive_max: not run, marked in the summary."""
+    if naive_max is None:
+        return []
+    return [(s, b, n) for s in settings.strategies if not get(s).cached for b in settings.batches
+            for n in settings.lengths if n > naive_max]
+
+
 @dataclass(frozen=True)
 class Run:
     strategy: str
+    batch: int  # sequences generated at once
     new_tokens: int  # the sweep point's length
     repeat: int  # -1 for a warm-up
     estimate_s: float
@@ -64,7 +86,7 @@ class Run:
 
     @property
     def key(self) -> RunKey:
-        return (self.strategy, self.new_tokens, self.repeat)
+        return (self.strategy, self.batch, self.new_tokens, self.repeat)
 
     @property
     def is_warmup(self) -> bool:
@@ -84,23 +106,52 @@ class Reporter(Protocol):
 
 @dataclass
 class CostModel:
-    """Seconds per step, measured once before the sweep: naive as a quadratic in sequence length."""
+    """Seconds per step, measured once before the sweep at one batch size: naive as a quadratic in sequence
+    length, scaled linearly to other batches (it is arithmetic-bound); a cached step at the smallest and the
+    largest batch, interpolated between them."""
 
-    naive_poly: np.ndarray  # coefficients of seconds per naive step against sequence length
-    decode_s: float  # one cached decode step
+    naive_poly: np.ndarray  # coefficients of seconds per naive step against sequence length, at batch `batch`
+    decode_s: float  # one cached decode step at batch `batch`
+    batch: int = 1
+    decode_s_largest: tuple[int, float] | None = None  # (largest batch, its cached step) when it differs
 
-    def naive_step_s(self, seq_len: int) -> float:
-        return max(float(np.polyval(self.naive_poly, seq_len)), 0.0)
+    def naive_step_s(self, seq_len: int, batch: int | None = None) -> float:
+        scale = (batch or self.batch) / self.batch
+        return max(float(np.polyval(self.naive_poly, seq_len)), 0.0) * scale
 
-    def run_s(self, strategy: str, prompt_len: int, new_tokens: int) -> float:
+    def decode_step_s(self, batch: int) -> float:
+        if self.decode_s_largest is None or batch <= self.batch:
+            return self.decode_s
+        largest, largest_s = self.decode_s_largest
+        share = min((batch - self.batch) / max(largest - self.batch, 1), 1.0)
+        return self.decode_s + share * (largest_s - self.decode_s)
+
+    def run_s(self, strategy: str, prompt_len: int, new_tokens: int, batch: int | None = None) -> float:
         if not get(strategy).cached:
-            return sum(self.naive_step_s(prompt_len + i) for i in range(new_tokens))
-        return self.naive_step_s(prompt_len) + (new_tokens - 1) * self.decode_s
+            return sum(self.naive_step_s(prompt_len + i, batch) for i in range(new_tokens))
+        return self.naive_step_s(prompt_len, batch) + (new_tokens - 1) * self.decode_step_s(batch or self.batch)
+
+    def naive_max(self, settings: SweepSettings, budget_s: float = NAIVE_RUN_BUDGET_S) -> int:
+        """The longest swept length whose naive run at the largest batch is estimated within budget_s (at
+        least the shortest length, so that every sweep has one speed-up)."""
+        largest = max(settings.batches)
+        within = [n for n in settings.lengths if self.run_s(NAIVE_NAME, settings.prompt_len, n, largest) <= budget_s]
+        return max(within, default=min(settings.lengths))
+
+
+def _cached_step_s(model: Decoder, prompt: torch.Tensor, device: torch.device) -> float:
+    cache = new_cache(model, "static", prompt.shape[0], prompt.shape[1] + 8)
+    steps = generation_steps(model, prompt, 8, cache)
+    next(steps)
+    next(steps)  # first decode step: one-off costs
+    return median_seconds(lambda: next(steps), device, repeats=5)
 
 
 @torch.inference_mode()
-def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device) -> CostModel:
-    """Time a few naive forwards and cached decode steps to predict the sweep's duration."""
+def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device,
+              largest: tuple[Decoder, torch.Tensor] | None = None) -> CostModel:
+    """Time a few naive forwards and cached decode steps to predict the sweep's duration; `largest` is the
+    model and prompt of the largest batch, for its cached step."""
     n_prompt = prompt.shape[1]
     seq_lens = sorted({n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1})
     vocab = model.config.vocab_size
@@ -113,34 +164,66 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
         lengths = iter(range(seq_len + 1, seq_len + 4))
         naive_times.append(median_seconds(lambda: naive_step(model, ids[:, :next(lengths)]), device, repeats=3))
     poly = np.polyfit(seq_lens, naive_times, deg=min(2, len(seq_lens) - 1))
-    cache = new_cache(model, "static", prompt.shape[0], n_prompt + 8)
-    steps = generation_steps(model, prompt, 8, cache)
-    next(steps)
-    next(steps)  # first decode step: one-off costs
-    decode_s = median_seconds(lambda: next(steps), device, repeats=5)
-    return CostModel(poly, decode_s)
+    at_largest = None
+    if largest is not None and largest[1].shape[0] != prompt.shape[0]:
+        at_largest = (largest[1].shape[0], _cached_step_s(*largest, device))
+    return CostModel(poly, _cached_step_s(model, prompt, device), prompt.shape[0], at_largest)
 
 
 # --- plan -------------------------------------------------------------------------------------------------------
 
-def timed_runs(settings: SweepSettings) -> set[RunKey]:
-    """Every timed run the settings ask for."""
-    return {(s, n, r) for n in settings.lengths for s in settings.strategies for r in range(settings.repeats)}
+def timed_runs(settings: SweepSettings, naive_max: int | None = None) -> set[RunKey]:
+    """Every timed run the settings ask for, but the naive points past naive_max."""
+    skipped = set(skipped_points(settings, naive_max))
+    return {(s, b, n, r) for b in settings.batches for n in settings.lengths for s in settings.strategies
+            for r in range(settings.repeats) if (s, b, n) not in skipped}
 
 
-def plan_runs(settings: SweepSettings, costs: CostModel, done: set[RunKey]) -> list[Run]:
-    """Every run still to do, in order: per length, warm-ups, then repeats with strategies interleaved."""
+def plan_runs(settings: SweepSettings, costs: CostModel, done: set[RunKey], naive_max: int | None = None) -> list[Run]:
+    """Every run still to do, in order: per batch and length, warm-ups, then repeats with strategies
+    interleaved (so that machine drift hits every strategy of a point alike)."""
+    wanted = timed_runs(settings, naive_max) - done
     runs: list[Run] = []
-    for length in settings.lengths:
-        timed = [Run(s, length, r, costs.run_s(s, settings.prompt_len, length))
-                 for r in range(settings.repeats) for s in settings.strategies if (s, length, r) not in done]
-        if not timed:
-            continue
-        warm = min(length, WARMUP_TOKEN_CAP)
-        runs += [Run(s, length, -1, costs.run_s(s, settings.prompt_len, warm), warmup_tokens=warm)
-                 for s in settings.strategies for _ in range(settings.warmup)]
-        runs += timed
+    for batch in settings.batches:
+        for length in settings.lengths:
+            timed = [Run(s, batch, length, r, costs.run_s(s, settings.prompt_len, length, batch))
+                     for r in range(settings.repeats) for s in settings.strategies if (s, batch, length, r) in wanted]
+            if not timed:
+                continue
+            warm = min(length, WARMUP_TOKEN_CAP)
+            runs += [Run(s, batch, length, -1, costs.run_s(s, settings.prompt_len, warm, batch), warmup_tokens=warm)
+                     for s in settings.strategies if any(r.strategy == s for r in timed) for _ in range(settings.warmup)]
+            runs += timed
     return runs
+
+
+# --- what a step must do, and how much of the machine a run used -------------------------------------------------
+
+NO_LIMITS = dict(weight_bytes=math.nan, kv_bytes=math.nan, floor_ms=math.nan, bound="", bandwidth_gbs=math.nan,
+                 gflops_per_token=math.nan, achieved_gflops=math.nan)
+
+
+def step_limits(model, limits: floor.MachineLimits, run: Run, prompt_len: int, step_s: float) -> dict:
+    """The floor of a decode step at this point, and how much of the machine the run used.
+
+    Decode step i (1..N-1) attends to P + i tokens, P + N/2 on average. The floor is the same for every
+    strategy: the least reading (full-precision K/V) and arithmetic any method must do to produce a token;
+    naive does far more arithmetic, which achieved_gflops shows."""
+    visible = [prompt_len + i for i in range(1, run.new_tokens)]
+    if not visible:
+        return dict(NO_LIMITS)
+    mean_visible = sum(visible) / len(visible)
+    weights = floor.weight_bytes_per_step(model, run.batch)
+    kv = floor.kv_bytes_read(model, mean_visible, run.batch)
+    cached_flops = floor.cached_step_flops(model, mean_visible, run.batch)
+    floor_ms, bound = limits.floor(weights + kv, cached_flops, run.batch)
+    if get(run.strategy).cached:
+        flops = cached_flops
+    else:
+        flops = sum(floor.naive_step_flops(model, v, run.batch) for v in visible) / len(visible)
+    return dict(weight_bytes=weights, kv_bytes=kv, floor_ms=floor_ms, bound=bound,
+                bandwidth_gbs=(weights + kv) / step_s / 1e9, gflops_per_token=flops / 1e9,
+                achieved_gflops=flops / step_s / 1e9)
 
 
 # --- one timed run ----------------------------------------------------------------------------------------------
@@ -169,47 +252,56 @@ def time_generation(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache
 class Sweep:
     """Runs the plan, one row per timed run into the results directory."""
 
-    def __init__(self, loaded: LoadedConfig, model: Decoder, settings: SweepSettings, results: ResultsDir,
-                 device: torch.device, device_name: str, bandwidth_gbs: float):
-        self.loaded, self.model, self.settings, self.bandwidth_gbs = loaded, model, settings, bandwidth_gbs
+    def __init__(self, loaded: LoadedConfig, model, settings: SweepSettings, results: ResultsDir,
+                 device: torch.device, device_name: str, limits: floor.MachineLimits):
+        self.loaded, self.base_model, self.settings, self.limits = loaded, model, settings, limits
         self.results, self.device, self.device_name = results, device, device_name
-        self.prompt = random_prompt(loaded.model, settings.batch_size, settings.prompt_len, settings.seed).to(device)
         self.memory = PeakMemory(device)
-        self.caches: dict[tuple[str, int], KVCache | None] = {}
+        self.caches: dict[tuple, KVCache | None] = {}
+        self.inputs: dict[int, tuple] = {}
 
-    def cache_for(self, strategy: str, new_tokens: int) -> KVCache | None:
-        """Allocated before any timing, reset (not reallocated) per run: one per strategy and length, except
-        a compiled strategy's, sized once for the longest length so that its shapes never change (a new
-        shape would mean a new compilation)."""
-        if get(strategy).compiled:
-            if strategy not in self.caches:
-                tokens = cache_tokens(self.settings.prompt_len, max(self.settings.lengths))
-                self.caches[strategy] = new_cache(self.model, strategy, self.settings.batch_size, tokens)
-            return self.caches[strategy]
-        key = (strategy, new_tokens)
+    def model_and_prompt(self, batch: int) -> tuple[Decoder, torch.Tensor]:
+        """The model as generation runs it at this batch (an encoder-decoder bound to its source batch) and the
+        seeded prompt (batch, prompt_len); built once per batch, outside every timing."""
+        if batch not in self.inputs:
+            s = self.settings
+            model = for_generation(self.base_model, batch, s.src_len or 0, s.seed)
+            prompt = random_prompt(self.loaded.model, batch, s.prompt_len, s.seed).to(self.device)
+            self.inputs = {batch: (model, prompt)}  # one batch at a time: a large batch's source is not kept
+        return self.inputs[batch]
+
+    def cache_for(self, strategy: str, batch: int, new_tokens: int) -> KVCache | None:
+        """Allocated before any timing, reset (not reallocated) per run: one per strategy, batch and length,
+        except a compiled strategy's, sized once per batch for the longest length so that its shapes never
+        change within a batch (a new shape would mean a new compilation)."""
+        model, _ = self.model_and_prompt(batch)
+        compiled = get(strategy).compiled
+        key = (strategy, batch) if compiled else (strategy, batch, new_tokens)
         if key not in self.caches:
-            # free the caches of other lengths first (a compiled strategy's, keyed by its name, stays)
-            self.caches = {k: v for k, v in self.caches.items() if isinstance(k, str) or k[1] == new_tokens}
-            tokens = cache_tokens(self.settings.prompt_len, new_tokens)
-            self.caches[key] = new_cache(self.model, strategy, self.settings.batch_size, tokens, self.settings.window)
+            # free the caches of other points first (a compiled strategy's of this batch stays)
+            self.caches = {k: v for k, v in self.caches.items() if k[1] == batch and (len(k) == 2 or k[2] == new_tokens)}
+            longest = max(self.settings.lengths) if compiled else new_tokens
+            tokens = cache_tokens(self.settings.prompt_len, longest)
+            self.caches[key] = new_cache(model, strategy, batch, tokens, None if compiled else self.settings.window)
         return self.caches[key]
 
-    def compile_seconds(self) -> float | None:
-        """Compile the compiled strategies' decode step now, outside every timed run; None if none in the sweep."""
+    def compile_seconds(self, batch: int) -> float | None:
+        """Compile the compiled strategies' decode step for this batch, outside every timed run; None if none."""
         compiled = [s for s in self.settings.strategies if get(s).compiled]
         if not compiled:
             return None
+        model, prompt = self.model_and_prompt(batch)
         start = time.perf_counter()
         for strategy in compiled:
-            cache = self.cache_for(strategy, max(self.settings.lengths))
-            time_generation(self.model, self.prompt, 3, cache, self.device, decoder_for(strategy, self.device))
+            cache = self.cache_for(strategy, batch, max(self.settings.lengths))
+            time_generation(model, prompt, 3, cache, self.device, decoder_for(strategy, self.device))
         return time.perf_counter() - start
 
     def execute(self, run: Run) -> dict | None:
-        cache = self.cache_for(run.strategy, run.new_tokens)
+        model, prompt = self.model_and_prompt(run.batch)
+        cache = self.cache_for(run.strategy, run.batch, run.new_tokens)
         self.memory.start()
-        timing = time_generation(self.model, self.prompt, run.tokens, cache, self.device,
-                                 decoder_for(run.strategy, self.device))
+        timing = time_generation(model, prompt, run.tokens, cache, self.device, decoder_for(run.strategy, self.device))
         if run.is_warmup:
             return None
         row = self.row(run, timing, cache, self.memory.peak_bytes())
@@ -223,44 +315,34 @@ class Sweep:
         held = cache_tokens(s.prompt_len, run.new_tokens)  # tokens the cache has seen by the end
         return dict(
             config=self.loaded.name, strategy=run.strategy, device=self.device.type, device_name=self.device_name,
-            dtype=s.dtype, threads=torch.get_num_threads(), batch_size=s.batch_size, prompt_len=s.prompt_len,
+            dtype=s.dtype, threads=torch.get_num_threads(), batch_size=run.batch, prompt_len=s.prompt_len,
             new_tokens=run.new_tokens, repeat=run.repeat, total_s=timing.total_s, prefill_s=timing.prefill_s,
             decode_s=decode_s, per_token_ms=1000 * decode_s / n_decode if n_decode else math.nan,
-            tokens_per_s=s.batch_size * run.new_tokens / timing.total_s,
+            tokens_per_s=run.batch * run.new_tokens / timing.total_s,
             kv_cache_bytes=cache.nbytes if cache is not None else 0,
             kv_cache_formula_bytes=cache.expected_bytes(held) if cache is not None else 0,
-            peak_mem_bytes=peak, mem_growth_bytes=self.memory.growth_bytes(peak), **self.limits_columns(run, decode_s / n_decode if n_decode else math.nan),
+            peak_mem_bytes=peak, mem_growth_bytes=self.memory.growth_bytes(peak),
+            **step_limits(self.model_and_prompt(run.batch)[0], self.limits, run, s.prompt_len,
+                          decode_s / n_decode if n_decode else math.nan),
             finished_at=datetime.now().isoformat(timespec="seconds"),
         )
 
-    def limits_columns(self, run: Run, step_s: float) -> dict:
-        """The memory floor of a decode step at this length, and how much of the machine the run used.
-
-        Decode step i (1..N-1) attends to P + i tokens, P + N/2 on average. The floor is the same for every
-        strategy: the least reading any method must do to produce a token; naive does far more arithmetic.
-        """
-        s, model = self.settings, self.model
-        visible = [s.prompt_len + i for i in range(1, run.new_tokens)]
-        if not visible:
-            return dict(floor_ms=math.nan, bandwidth_gbs=math.nan, gflops_per_token=math.nan, achieved_gflops=math.nan)
-        mean_visible = sum(visible) / len(visible)
-        step_bytes = floor.weight_bytes_per_step(model, s.batch_size) + floor.kv_bytes_read(model, mean_visible,
-                                                                                            s.batch_size)
-        if not get(run.strategy).cached:
-            flops = sum(floor.naive_step_flops(model, v, s.batch_size) for v in visible) / len(visible)
-        else:
-            flops = floor.cached_step_flops(model, mean_visible, s.batch_size)
-        return dict(floor_ms=1000 * step_bytes / (self.bandwidth_gbs * 1e9), bandwidth_gbs=step_bytes / step_s / 1e9,
-                    gflops_per_token=flops / 1e9, achieved_gflops=flops / step_s / 1e9)
-
     def step_rows(self, run: Run, timing: Timing) -> list[dict]:
         first_position = self.settings.prompt_len  # decode step i feeds the token at position P + i - 1
-        return [dict(strategy=run.strategy, new_tokens=run.new_tokens, repeat=run.repeat, step=i + 1,
+        return [dict(strategy=run.strategy, batch_size=run.batch, new_tokens=run.new_tokens, repeat=run.repeat, step=i + 1,
                      position=first_position + i, step_ms=1000 * seconds)
                 for i, seconds in enumerate(timing.decode_s)]
 
-    def run(self, runs: list[Run], reporter: Reporter) -> None:
+    def run(self, runs: list[Run], reporter: Reporter, on_compiled=lambda batch, seconds: None) -> None:
+        """Each batch's compiled decode step is compiled just before the batch's first run (outside every timing)."""
         reporter.planned(runs)
+        compiled_for: set[int] = set()
         for run in runs:
+            if run.batch not in compiled_for:
+                compiled_for.add(run.batch)
+                seconds = self.compile_seconds(run.batch)
+                if seconds is not None:
+                    on_compiled(run.batch, seconds)
+                    reporter.compiled(seconds)
             reporter.starting(run)
             reporter.finished(run, self.execute(run))

@@ -53,6 +53,7 @@ from kvbench.cli.common import (
     strategies_for,
 )
 from kvbench.bench.machine import check_threads
+from kvbench.bench.sweep import NAIVE_RUN_BUDGET_S
 from kvbench.config import LoadedConfig, check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
@@ -95,11 +96,11 @@ DEFAULT_BENCH_STRATEGIES = "naive,static"
 LONG_RUN_S = 20.0  # announce runs estimated to take longer than this
 
 
-def parse_lengths(text: str) -> list[int]:
+def parse_lengths(text: str, option: str = "--lengths", example: str = "10,50,100") -> list[int]:
     lengths = []
     for part in (p.strip() for p in text.split(",")):
         if not part.isdigit() or int(part) <= 0:
-            raise KVBenchError(f"--lengths: {part!r} is not a positive integer; give e.g. --lengths 10,50,100")
+            raise KVBenchError(f"{option}: {part!r} is not a positive integer; give e.g. {option} {example}")
         lengths.append(int(part))
     return sorted(set(lengths))
 
@@ -130,13 +131,14 @@ class RichReporter:
         self.progress.refresh()
 
     def starting(self, run) -> None:
-        point = (run.strategy, run.new_tokens)
+        point = (run.strategy, run.batch, run.new_tokens)
         if not run.is_warmup and run.estimate_s > LONG_RUN_S and point not in self.announced:
             self.announced.add(point)
-            self.progress.console.print(f"{run.strategy} at {run.new_tokens} tokens: about {duration(run.estimate_s)}"
-                                        f" per run, {self.repeats} repeats")
+            self.progress.console.print(f"{run.strategy} at batch {run.batch} x {run.new_tokens} tokens: about "
+                                        f"{duration(run.estimate_s)} per run, {self.repeats} repeats")
         what = "warm-up" if run.is_warmup else f"repeat {run.repeat + 1}/{self.repeats}"
-        self.progress.update(self.task, description=f"{run.strategy:>8} · {run.new_tokens:>5} tokens · {what}")
+        self.progress.update(self.task, description=f"{run.strategy:>8} · batch {run.batch:>3} · "
+                                                    f"{run.new_tokens:>5} tokens · {what}")
         self.progress.refresh()
 
     def finished(self, run, row) -> None:
@@ -149,40 +151,64 @@ def _number(value: float, fmt: str) -> str:
 
 
 def summary_table(summary) -> Table:
-    """Fits 80 columns with every strategy's name; the title says what each column is."""
-    table = Table(title="medians over repeats; prefill: ms of the prompt's forward; ms/tok: decode time per token "
-                        "(IQR: its interquartile range); floor: ms to read what a decode step must, at the measured "
-                        "bandwidth; tok/s: batch x tokens / total s", box=box.SIMPLE_HEAD, padding=(0, 0))
-    for column in ("strategy", "tokens", "total s", "prefill", "ms/tok", "IQR", "floor", "×floor", "tok/s",
+    """Fits 80 columns with every strategy's name; the title says what each column is. A point that was not
+    run (naive past --naive-max) is a row that says so, never a missing row."""
+    table = Table(title="medians over repeats; B: batch; prefill: ms of the prompt's forward; ms/tok: decode time "
+                        "per token (IQR: its interquartile range); floor: ms a decode step needs at least (m: "
+                        "memory-bound, c: compute-bound); tok/s: batch x tokens / total s; speedup over naive at "
+                        "the same point", box=box.SIMPLE_HEAD, padding=(0, 0))
+    for column in ("strategy", "B", "tokens", "total s", "prefill", "ms/tok", "IQR", "floor", "×floor", "tok/s",
                    "speedup"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
+        if getattr(row, "skipped", ""):
+            table.add_row(row.strategy, str(row.batch_size), str(row.new_tokens), "skipped", style="dim")
+            continue
         speedup = math.nan if row.strategy == NAIVE.name else row.speedup_vs_naive
-        table.add_row(row.strategy, str(row.new_tokens), _number(row.total_s_median, ".3f"),
+        bound = {"memory": "m", "compute": "c"}.get(getattr(row, "bound", ""), "")
+        table.add_row(row.strategy, str(row.batch_size), str(row.new_tokens), _number(row.total_s_median, ".3f"),
                       _number(1000 * row.prefill_s_median, ".1f"), _number(row.per_token_ms_median, ".2f"),
-                      _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f"),
+                      _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f") + bound,
                       _number(row.per_token_over_floor, ".2f"), _number(row.tokens_per_s_median, ".0f"),
                       _number(speedup, ".1f") + ("x" if speedup == speedup else ""))
     return table
 
 
-def report_finish(summary, plots: list[Path], results_path: Path) -> None:
+def paths_table(paths: dict) -> Table:
+    """Which code path each strategy ran (meta.json's code_paths)."""
+    table = Table(title="code paths", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("strategy", "attention", "Linear", "step"):
+        table.add_column(column)
+    for strategy, path in paths.items():
+        table.add_row(strategy, path["attention"], path["linear"], path["step"])
+    return table
+
+
+def report_finish(summary, plots: list[Path], results_path: Path, paths: dict | None = None) -> None:
     if not summary.empty:
         console.print(summary_table(summary))
-        for row in summary[summary["noisy"]].itertuples():
-            err_console.print(f"[yellow]warning:[/] {row.strategy} at {row.new_tokens} tokens: IQR above 10% of the "
+        skipped = summary[summary["skipped"].fillna("") != ""] if "skipped" in summary else summary.iloc[:0]
+        for note in skipped["skipped"].unique():
+            points = skipped[skipped["skipped"] == note]
+            console.print(escape(f"{len(points)} point(s) {note} (marked in summary.csv; no speed-up there)"),
+                          highlight=False)
+        if paths:
+            console.print(paths_table(paths))
+        for row in summary[summary["noisy"].fillna(False).astype(bool)].itertuples():
+            err_console.print(f"[yellow]warning:[/] {row.strategy} at batch {row.batch_size} x {row.new_tokens} tokens: "
+                              "IQR above 10% of the "
                               "median; the machine was noisy, consider more --repeats", highlight=False)
     console.print(f"results in {escape(str(results_path))}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
 
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: str | None, repeats: int,
-                 warmup: int, prompt_len: int, batch_size: int, threads: int | None, dtype: str, seed: int,
-                 compile: bool, window: int | None, src_len: int):
+                 warmup: int, prompt_len: int, batch_size: str, threads: int | None, dtype: str, seed: int,
+                 compile: bool, window: int | None, src_len: int, naive_max: int | None = None):
     """Sweep settings from the options, every value checked."""
     from kvbench.bench.sweep import SweepSettings
 
-    for option, value in (("--repeats", repeats), ("--prompt-len", prompt_len), ("--batch-size", batch_size),
-                          ("--src-len", src_len), ("--threads", threads)):
+    for option, value in (("--repeats", repeats), ("--prompt-len", prompt_len), ("--src-len", src_len),
+                          ("--threads", threads), ("--naive-max", naive_max)):
         if value is not None:
             require_positive(option, value)
     if warmup < 0:
@@ -193,14 +219,15 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
     settings = SweepSettings(
         lengths=parse_lengths(lengths),
         strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
-        repeats=repeats, warmup=warmup, prompt_len=prompt_len, batch_size=batch_size,
+        repeats=repeats, warmup=warmup, prompt_len=prompt_len,
+        batch_size=parse_lengths(batch_size, "--batch-size", "1,4,16"),
         device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
-        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None)
+        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None, naive_max=naive_max)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
     if settings.src_len:
         check_fits(loaded, settings.src_len, "--src-len")
-    check_memory(loaded, settings.device, torch_dtype, settings.strategies, settings.batch_size,
+    check_memory(loaded, settings.device, torch_dtype, settings.strategies, max(settings.batches),
                  settings.prompt_len + max(settings.lengths) - 1, settings.window, "--lengths, --prompt-len")
     return settings
 
@@ -255,7 +282,7 @@ def run_and_finish(run) -> None:
     except KeyboardInterrupt:
         err_console.print(f"interrupted while writing the summary and plots: {escape(hint)}", highlight=False)
         raise typer.Exit(130) from None
-    report_finish(summary, plots, run.results.path)
+    report_finish(summary, plots, run.results.path, run.meta.get("code_paths"))
     if status == "interrupted":
         err_console.print(f"interrupted: {escape(hint)}", highlight=False)
         raise typer.Exit(130)
@@ -274,7 +301,11 @@ def benchmark(
     repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = 1,
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
+    batch_size: Annotated[str, typer.Option(metavar="B,B,...", help="Sequences per batch: a second sweep axis, "
+                                            "e.g. 1,4,16.")] = "1",
+    naive_max: Annotated[int | None, typer.Option(
+        metavar="N", help="Skip naive (marked so in the table and summary.csv) at lengths above N new tokens.",
+        show_default=f"the longest length whose naive run is estimated at most {NAIVE_RUN_BUDGET_S:.0f} s")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch, at most the cores available.",
                                                 show_default="torch's own choice")] = None,
     dtype: DtypeOpt = "float32",
@@ -314,7 +345,7 @@ def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, pro
         return results.path
     loaded = load_config(config)
     settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                            threads, dtype, seed, compile, window, src_len)
+                            threads, dtype, seed, compile, window, src_len, naive_max)
     results = ResultsDir.create(out, Path("results"), loaded.name, settings.device, settings.dtype)
     with results.lock():
         run = bench.start(loaded, settings, results)
@@ -339,18 +370,18 @@ def plot(results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR",
             err_console.print(f"interrupted while redrawing; run kvbench plot {escape(str(results_dir))} again",
                               highlight=False)
             raise typer.Exit(130) from None
-    report_finish(summary, plots, results_dir)
+    report_finish(summary, plots, results_dir, results.read_meta().get("code_paths"))
 
 
 def compare_table(joined) -> Table:
     """At most 80 columns wide: totals in s, decode per token in ms, each with B/A."""
     table = Table(title="B / A, ratio of medians (below 1: B is faster)", box=box.SIMPLE_HEAD, padding=(0, 0))
-    for column in ("strategy", "tokens", "total A", "total B", "B/A", "ms/tok A", "ms/tok B", "B/A"):
+    for column in ("strategy", "batch", "tokens", "total A", "total B", "B/A", "ms/tok A", "ms/tok B", "B/A"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for r in joined.itertuples():
-        table.add_row(r.strategy, str(r.new_tokens), f"{r.total_s_median_a:.3f}", f"{r.total_s_median_b:.3f}",
-                      f"{r.total_ratio:.2f}" + _mark(r.total_significant), _number(r.per_token_ms_median_a, ".2f"),
-                      _number(r.per_token_ms_median_b, ".2f"),
+        table.add_row(r.strategy, str(r.batch_size), str(r.new_tokens), f"{r.total_s_median_a:.3f}",
+                      f"{r.total_s_median_b:.3f}", f"{r.total_ratio:.2f}" + _mark(r.total_significant),
+                      _number(r.per_token_ms_median_a, ".2f"), _number(r.per_token_ms_median_b, ".2f"),
                       _number(r.per_token_ratio, ".2f") + _mark(r.per_token_significant))
     return table
 
@@ -364,7 +395,8 @@ def with_significance(c, dir_a: Path, dir_b: Path):
     from kvbench.bench.results import ResultsDir
     from kvbench.bench.significance import mark_differences
 
-    return mark_differences(c.joined, ResultsDir.open(dir_a).read_runs(), ResultsDir.open(dir_b).read_runs())
+    return mark_differences(c.joined, ResultsDir.open(dir_a).read_runs(), ResultsDir.open(dir_b).read_runs(),
+                            keys=("strategy", "batch_size", "new_tokens"))
 
 
 @app.command()
@@ -389,8 +421,8 @@ def compare(
                           highlight=False)
     for label, points in (("A", c.only_a), ("B", c.only_b)):
         if points:
-            err_console.print(escape(f"only in {label}, not compared: " + ", ".join(f"{s} at {n}" for s, n in points)),
-                              highlight=False)
+            err_console.print(escape(f"only in {label}, not compared: " + ", ".join(
+                f"{s} at {n}" + (f" x batch {b}" if b != 1 else "") for s, b, n in points)), highlight=False)
     if format is OutputFormat.table:
         console.print(compare_table(joined))
         console.print("* differs beyond noise (Mann-Whitney U on the repeats, p < 0.05)", highlight=False)
@@ -428,16 +460,19 @@ def ablate(
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
-    limits = floor.measure_limits(dev, floor.weight_bytes_per_step(model, batch_size), torch_dtype)
+    step_bytes = floor.weight_bytes_per_step(model, batch_size)
+    limits = floor.measure_limits(dev, step_bytes, torch_dtype, [batch_size])
     console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
-                  f"{limits.best_bandwidth_gbs:.1f} GB/s over {limits.bandwidth_bytes / 1e6:.0f} MB")
+                  f"{limits.best_gbs(step_bytes):.1f} GB/s over {limits.bandwidth[0]['buffer_bytes'] / 1e6:.0f} MB "
+                  f"(best of {len(limits.bandwidth)} probes), matmul at {batch_size} rows "
+                  f"{limits.throughput_gflops(batch_size):.0f} GFLOP/s")
     built = ablation.build_variants(names, model, prompt, new_tokens)
     with progress_bar() as progress:
         task = progress.add_task("repeats", total=repeats)
         rows = ablation.run_ablation(built, new_tokens, repeats, dev, on_repeat=lambda r: progress.advance(task))
-    summary = ablation.summarize_ablation(rows, model, prompt_len, new_tokens, batch_size, limits.best_bandwidth_gbs)
+    summary = ablation.summarize_ablation(rows, model, prompt_len, new_tokens, batch_size, limits)
     table = Table(title=f"decode ms/token over {new_tokens} tokens, median of {repeats}; floor "
-                        f"{summary.attrs['floor_ms']:.2f} ms", box=box.SIMPLE_HEAD)
+                        f"{summary.attrs['floor_ms']:.2f} ms ({summary.attrs['bound']}-bound)", box=box.SIMPLE_HEAD)
     for column in ("variant", "ms/token", "IQR", "×floor", f"×{names[0]}"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in summary.itertuples():

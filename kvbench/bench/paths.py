@@ -1,0 +1,74 @@
+"""Which code path each strategy's decode step runs: attention kernel, Linear kernel and layout, compiled or not.
+
+Recorded in meta.json and shown under the benchmark's table, so that a silent fallback to a slow path (SDPA's
+math backend instead of its fused one, a Linear re-laid for another dtype) shows beside the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvbench.cache import KVCache
+from kvbench.generate import new_cache
+from kvbench.model import Linear
+from kvbench.strategies import get
+
+LINEAR_PATHS = {  # Linear.kernel -> what it computes and how W lies in memory
+    "matmul": "x @ W, W (in, out)",
+    "mv": "torch.mv, W (out, in) (F.linear above one row)",
+    "linear": "F.linear, W (out, in)",
+}
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> str:
+    """The backend scaled_dot_product_attention picks for these inputs (FLASH_ATTENTION, MATH, ...)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, k, mask, 0.0, causal)).name
+    except (AttributeError, ImportError, RuntimeError, TypeError, ValueError):  # private API: may move
+        return "unknown"
+
+
+def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtype: torch.dtype,
+                   device: torch.device) -> str:
+    """A cache that attends over its own storage names its kernel; the default path is SDPA, whose backend
+    is asked with a decode step's shapes (one query row per query head of each K/V group)."""
+    own = getattr(cache, "attention_path", None)
+    if own is not None:
+        return own
+    kv_heads, head_dim = config.n_kv_heads if hasattr(config, "n_kv_heads") else config.n_heads, config.head_dim
+    groups = config.n_heads // kv_heads
+    if cache is None:  # naive: the whole sequence, causal
+        q = torch.zeros(batch, kv_heads, visible, head_dim, dtype=dtype, device=device)  # (B, Hkv, T, hd)
+        return f"SDPA {sdpa_backend(q, q, causal=True)}"
+    q = torch.zeros(batch, kv_heads, groups, head_dim, dtype=dtype, device=device)  # (B, Hkv, g, hd)
+    k = torch.zeros(batch, kv_heads, visible, head_dim, dtype=dtype, device=device)  # (B, Hkv, S, hd)
+    return f"SDPA {sdpa_backend(q, k)}"
+
+
+def linear_path(model: nn.Module) -> str:
+    module = getattr(model, "model", model)  # an encoder-decoder bound to its source wraps the model
+    kernels = sorted({m.kernel for m in module.modules() if isinstance(m, Linear)})
+    return "; ".join(LINEAR_PATHS.get(k, k) for k in kernels)
+
+
+def compile_path(strategy: str, device: torch.device) -> str:
+    if not get(strategy).compiled:
+        return "eager"
+    return "torch.compile (inductor" + (", CUDA graph)" if device.type == "cuda" else ")")
+
+
+def code_paths(model, strategies: list[str], batch: int, visible: int) -> dict[str, dict[str, str]]:
+    """Per strategy: {attention, linear, step} as its decode step runs them on this model and device."""
+    paths = {}
+    for strategy in strategies:
+        cache = new_cache(model, strategy, batch, visible)
+        inner = getattr(cache, "self_cache", cache)  # an encoder-decoder's cache wraps the self-attention one
+        paths[strategy] = {
+            "attention": attention_path(inner, model.config, batch, visible, model.dtype, model.device),
+            "linear": linear_path(model),
+            "step": compile_path(strategy, model.device),
+        }
+    return paths
