@@ -325,12 +325,20 @@ def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) ->
 
 
 class QuantizedCache(KVCache):
-    """K and V stored as int8 with one float32 scale per token and head, dequantized for attention.
+    """K and V stored as int8 with one float32 scale per token and head; attention reads the int8 storage.
 
     Symmetric per-vector quantisation: scale = max|x| / 127 over the head_dim entries of one token's head.
     About 3.8x smaller than float32 K/V at head_dim 64 (64 + 4 bytes instead of 256). Not exact: it is
     checked against thresholds on logit error, KL divergence and top-1 agreement, not tolerance.
+
+    Why attend() is its own: dequantizing the whole cache into a full-precision copy every step (what
+    update() + SDPA would do) reads the int8 cache, writes 4 bytes per element and reads them again, so the
+    cache that exists to read fewer bytes read more. int8_attention() instead folds each key's scale into its
+    score and each value's scale into its softmax weight, converting int8 to float inside one fused loop
+    (torch.compile), so a step reads 1 byte per element plus a scale per vector. docs/perf.md has the numbers.
     """
+
+    attention_path = "kvbench int8 attention (scales fused, torch.compile)"
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -349,7 +357,8 @@ class QuantizedCache(KVCache):
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return (q * scale).to(self.dtype)  # (B, H, T, hd)
 
-    def update(self, layer, start_pos, k, v):
+    def store(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Quantize and store k, v (B, H, T, hd) at start_pos..; returns how many positions are now held."""
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"quantized cache holds {self.max_len} tokens; position {end - 1} does not fit")
@@ -357,13 +366,26 @@ class QuantizedCache(KVCache):
             q, scale = self.quantize(x)
             q_store[layer][:, :, start_pos:end].copy_(q)
             s_store[layer][:, :, start_pos:end].copy_(scale)
-        return self.read(layer, end)
+        return end
+
+    def stored(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int8 K, its scales, the int8 V, its scales of positions 0..end-1: views (B, H, end, hd | 1).
+        The one place storage is read, by attention and by contents() alike."""
+        return (self.kq[layer][:, :, :end], self.ks[layer][:, :, :end], self.vq[layer][:, :, :end],
+                self.vs[layer][:, :, :end])
+
+    def update(self, layer, start_pos, k, v):
+        return self.read(layer, self.store(layer, start_pos, k, v))
+
+    def attend(self, layer, start_pos, q, k, v, mask):
+        end = self.store(layer, start_pos, k, v)
+        kq, ks, vq, vs = self.stored(layer, end)
+        return int8_attention(q, kq, ks, vq, vs, mask)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions 0..end-1, dequantized: what attention sees, and what contents() reports."""
-        k = self.dequantize(self.kq[layer][:, :, :end], self.ks[layer][:, :, :end])  # (B, H, end, hd)
-        v = self.dequantize(self.vq[layer][:, :, :end], self.vs[layer][:, :, :end])
-        return k, v
+        """K and V of positions 0..end-1, dequantized: what contents() reports (attention never builds this)."""
+        kq, ks, vq, vs = self.stored(layer, end)
+        return self.dequantize(kq, ks), self.dequantize(vq, vs)  # (B, H, end, hd) each
 
     def mask(self, start_pos, n_new):
         return columns_mask(start_pos, n_new, self.kq[0].device, self.pads)
@@ -388,6 +410,55 @@ class QuantizedCache(KVCache):
     def expected_bytes(self, tokens):
         B, H, _, hd = self.kq[0].shape
         return 2 * len(self.kq) * H * tokens * B * (hd * 1 + 4)  # int8 values + a float32 scale per vector
+
+
+# --- attention over int8 storage -------------------------------------------------------------------------------
+
+QUERY_BLOCK = 128  # query rows per fused call: a long prefill's scores (B, H, rows, S) stay this many rows tall
+
+
+def _int8_scores_softmax_values(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, vq: torch.Tensor,
+                                vs: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with k = kq * ks and v = vq * vs, never building k or v.
+
+    q (B, H, R, hd) float; kq, vq (B, H, S, hd) int8; ks, vs (B, H, S, 1); visible None or bool (R, S).
+    Compiled, the products below are fused loops that convert int8 to float in registers: the (B, H, R, S, hd)
+    broadcasts are never materialized. Arithmetic in float32 whatever the model's dtype."""
+    hd = q.shape[-1]
+    q32 = q.float()
+    scores = (q32[:, :, :, None, :] * kq[:, :, None, :, :].float()).sum(-1)  # (B, H, R, S): q . kq per key
+    scores = scores * (ks[:, :, None, :, 0] * hd ** -0.5)  # each key's scale, folded into its score
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1) * vs[:, :, None, :, 0]  # (B, H, R, S): each value's scale folded in
+    return (weights[..., None] * vq[:, :, None, :, :].float()).sum(-2)  # (B, H, R, hd)
+
+
+_compiled_int8 = None  # built on first use: compiling costs seconds, and most runs never use this cache
+
+
+def _fused_kernel():
+    global _compiled_int8
+    if _compiled_int8 is None:
+        _compiled_int8 = torch.compile(_int8_scores_softmax_values, dynamic=True, fullgraph=True)
+    return _compiled_int8
+
+
+def int8_attention(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor,
+                   mask: Mask) -> torch.Tensor:
+    """Attention of q (B, H, R, hd) over int8 keys and values (B, H, S, hd) with per-vector scales (B, H, S, 1),
+    under a Mask over (R, S) (R may be groups x new tokens: query heads folded into rows); (B, H, R, hd) in
+    q's dtype. Query rows go in blocks, so that a long prefill's scores never hold every row at once."""
+    R, S = q.shape[2], kq.shape[2]
+    if isinstance(mask, str):  # "causal": square, the new tokens are all the keys
+        mask = torch.ones(R, S, dtype=torch.bool, device=q.device).tril()  # (R, S)
+    kernel = _fused_kernel()
+    blocks = []
+    for r0 in range(0, R, QUERY_BLOCK):
+        visible = None if mask is None else mask[r0:r0 + QUERY_BLOCK]  # (rows, S)
+        blocks.append(kernel(q[:, :, r0:r0 + QUERY_BLOCK], kq, ks, vq, vs, visible))
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # (B, H, R, hd)
+    return out.to(q.dtype)
 
 
 def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int, bytes_per_element: int) -> int:

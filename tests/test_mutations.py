@@ -27,8 +27,8 @@ from kvbench.generate import GREEDY
 
 REAL_STATIC_UPDATE = StaticCache.update
 REAL_QUANTIZE = QuantizedCache.quantize
-REAL_READ = QuantizedCache.read
-REAL_QUANTIZED_UPDATE = QuantizedCache.update
+REAL_STORED = QuantizedCache.stored
+REAL_QUANTIZED_STORE = QuantizedCache.store
 REAL_SLIDING_UPDATE = SlidingWindowCache.update
 REAL_DYNAMIC_UPDATE = DynamicCache.update
 
@@ -45,10 +45,9 @@ def dynamic_reset_keeps_tokens(self):
 
 
 def quantized_length_survives_reset(self, layer, start_pos, k, v):
-    REAL_QUANTIZED_UPDATE(self, layer, start_pos, k, v)
-    self.high_water = max(getattr(self, "high_water", 0), start_pos + k.shape[2])  # never lowered by reset
-    end = self.high_water if k.shape[2] == 1 else start_pos + k.shape[2]
-    return self.read(layer, end)
+    end = REAL_QUANTIZED_STORE(self, layer, start_pos, k, v)
+    self.high_water = max(getattr(self, "high_water", 0), end)  # never lowered by reset
+    return self.high_water if k.shape[2] == 1 else end
 
 
 def scale_per_sequence(x):
@@ -67,17 +66,16 @@ def scale_25_percent_large(x):
 
 
 def v_with_k_scale(self, layer, end):
-    k = self.dequantize(self.kq[layer][:, :, :end], self.ks[layer][:, :, :end])
-    v = self.dequantize(self.vq[layer][:, :, :end], self.ks[layer][:, :, :end])  # K's scale
-    return k, v
+    kq, ks, vq, _ = REAL_STORED(self, layer, end)
+    return kq, ks, vq, ks  # K's scale for V
 
 
 def quantized_drops_first_after_512(self, layer, end):
-    k, v = REAL_READ(self, layer, end)
+    kq, ks, vq, vs = REAL_STORED(self, layer, end)
     if end > 512:
-        k, v = k.clone(), v.clone()
-        k[:, :, 0], v[:, :, 0] = 0, 0
-    return k, v
+        kq, vq = kq.clone(), vq.clone()
+        kq[:, :, 0], vq[:, :, 0] = 0, 0
+    return kq, ks, vq, vs
 
 
 def static_drops_first_after_512(self, layer, start_pos, k, v):
@@ -160,15 +158,15 @@ MUTATIONS = [
     Mutation("sliding reset is a no-op", "sliding", SlidingWindowCache, "reset", sliding_reset_noop),
     Mutation("dynamic reset keeps the last generation's tokens", "dynamic", DynamicCache, "reset",
              dynamic_reset_keeps_tokens),
-    Mutation("quantized stored length survives reset", "quantized", QuantizedCache, "update",
+    Mutation("quantized stored length survives reset", "quantized", QuantizedCache, "store",
              quantized_length_survives_reset),
     Mutation("int8: one scale per sequence, not per vector", "quantized", QuantizedCache, "quantize",
              scale_per_sequence, static=True),
     Mutation("int8 cache holding 4-bit values", "quantized", QuantizedCache, "quantize", four_bit, static=True),
     Mutation("int8 scales stored 25% too large", "quantized", QuantizedCache, "quantize", scale_25_percent_large,
              static=True),
-    Mutation("V dequantized with K's scale", "quantized", QuantizedCache, "read", v_with_k_scale),
-    Mutation("quantized drops position 0 after 512", "quantized", QuantizedCache, "read",
+    Mutation("V dequantized with K's scale", "quantized", QuantizedCache, "stored", v_with_k_scale),
+    Mutation("quantized drops position 0 after 512", "quantized", QuantizedCache, "stored",
              quantized_drops_first_after_512),
     Mutation("static drops position 0 after 512", "static", StaticCache, "update", static_drops_first_after_512),
     Mutation("static writes K/V one slot too far", "static", StaticCache, "update", static_one_slot_too_far),

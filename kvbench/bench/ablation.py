@@ -21,6 +21,7 @@ import torch
 from kvbench.bench import floor
 from kvbench.bench.stats import iqr
 from kvbench.bench.timing import synchronize
+from kvbench.cache import KVCache, QuantizedCache
 from kvbench.errors import KVBenchError
 from kvbench.strategies import COMPILED
 from kvbench.generate import cache_tokens, decoder_for, generation_steps, new_cache
@@ -36,9 +37,18 @@ class Variant:
     teardown: Callable[[], None] = lambda: None
 
 
+class DequantizingCache(QuantizedCache):
+    """The int8 cache as it was before it attended over its own storage: every step dequantizes everything
+    it holds into a full-precision copy (update()) and runs SDPA on that (KVCache's default attend)."""
+
+    attend = KVCache.attend
+
+
 def _ours(name: str, model: Decoder, prompt: torch.Tensor, longest: int, strategy: str = "static",
-          grad_mode=torch.inference_mode, threads: int | None = None) -> Variant:
+          grad_mode=torch.inference_mode, threads: int | None = None, cache_class: type | None = None) -> Variant:
     cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], longest))
+    if cache_class is not None:  # the strategy's cache, re-classed to a variant with the same storage
+        cache.__class__ = cache_class
     decode = decoder_for(strategy, prompt.device)
     # generation_steps runs under inference_mode; __wrapped__ is the bare loop, for the grad-mode variant
     steps = generation_steps.__wrapped__
@@ -86,6 +96,8 @@ VARIANTS = {
     "no-inference-mode": "torch.no_grad instead of torch.inference_mode",
     "1-thread": "torch.set_num_threads(1)",
     "dynamic": "the dynamic cache (torch.cat each step) instead of the static one",
+    "quantized": "the int8 cache, attending over its int8 storage (scales fused, torch.compile)",
+    "quantized-copy": "the int8 cache dequantizing all it holds into a full-precision copy every step, then SDPA",
     "compiled": "static cache, decode step compiled with torch.compile (CUDA graph on CUDA), fixed shapes",
     "naive": "kvbench's naive baseline: the whole sequence recomputed each step",
     "hf-cache": "transformers' GPT-2 generate() with its KV cache, same weights",
@@ -108,6 +120,9 @@ def build_variants(names: list[str], model: Decoder, prompt: torch.Tensor, longe
         "no-inference-mode": lambda: _ours("no-inference-mode", model, prompt, longest, grad_mode=torch.no_grad),
         "1-thread": lambda: _ours("1-thread", model, prompt, longest, threads=1),
         "dynamic": lambda: _ours("dynamic", model, prompt, longest, strategy="dynamic"),
+        "quantized": lambda: _ours("quantized", model, prompt, longest, strategy="quantized"),
+        "quantized-copy": lambda: _ours("quantized-copy", model, prompt, longest, strategy="quantized",
+                                        cache_class=DequantizingCache),
         "compiled": lambda: _ours("compiled", model, prompt, longest, strategy=COMPILED.name),
         "naive": lambda: _ours("naive", model, prompt, longest, strategy="naive"),
         "hf-cache": lambda: _transformers("hf-cache", model, prompt, use_cache=True),

@@ -3,7 +3,7 @@
 Commands live in submodules by concern; importing them registers them on `app`, in the order --help lists.
 """
 
-from kvbench.cli import bench, check, report, sweep, text  # noqa: F401  (registers the commands)
+from kvbench.cli import bench, check, profile, report, sweep, text  # noqa: F401  (registers the commands)
 from kvbench.cli.common import app
 
 

@@ -435,7 +435,8 @@ def compare(
 def ablate(
     config: ConfigOpt = DEFAULT_CONFIG,
     variants: Annotated[str, typer.Option(help="Comma-separated: kvbench, linear, matmul, mv, no-inference-mode, "
-                                               "1-thread, dynamic, naive, hf-cache, hf-naive.")] =
+                                               "1-thread, dynamic, quantized, quantized-copy, compiled, naive, "
+                                               "hf-cache, hf-naive.")] =
         "kvbench,linear,matmul,mv,no-inference-mode,1-thread,dynamic",
     new_tokens: Annotated[int, typer.Option(help="Tokens per timed generation.")] = 200,
     repeats: Annotated[int, typer.Option(help="Timed repeats per variant (interleaved).")] = 5,
