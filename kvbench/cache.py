@@ -335,7 +335,7 @@ class QuantizedCache(KVCache):
     update() + SDPA would do) reads the int8 cache, writes 4 bytes per element and reads them again, so the
     cache that exists to read fewer bytes read more. int8_attention() instead folds each key's scale into its
     score and each value's scale into its softmax weight, converting int8 to float inside one fused loop
-    (torch.compile), so a step reads 1 byte per element plus a scale per vector. docs/perf.md has the numbers.
+    (torch.compile), so a step reads 1 byte per element plus a scale per vector.
     """
 
     attention_path = "kvbench int8 attention (scales fused, torch.compile)"
@@ -418,18 +418,17 @@ QUERY_BLOCK = 128  # query rows per fused call: a long prefill's scores (B, H, r
 
 
 def _int8_scores_softmax_values(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, vq: torch.Tensor,
-                                vs: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+                                vs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v with k = kq * ks and v = vq * vs, never building k or v.
 
-    q (B, H, R, hd) float; kq, vq (B, H, S, hd) int8; ks, vs (B, H, S, 1); visible None or bool (R, S).
+    q (B, H, R, hd) float; kq, vq (B, H, S, hd) int8; ks, vs (B, H, S, 1); visible bool (B, 1, R, S).
     Compiled, the products below are fused loops that convert int8 to float in registers: the (B, H, R, S, hd)
     broadcasts are never materialized. Arithmetic in float32 whatever the model's dtype."""
     hd = q.shape[-1]
     q32 = q.float()
     scores = (q32[:, :, :, None, :] * kq[:, :, None, :, :].float()).sum(-1)  # (B, H, R, S): q . kq per key
     scores = scores * (ks[:, :, None, :, 0] * hd ** -0.5)  # each key's scale, folded into its score
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1) * vs[:, :, None, :, 0]  # (B, H, R, S): each value's scale folded in
     return (weights[..., None] * vq[:, :, None, :, :].float()).sum(-2)  # (B, H, R, hd)
 
@@ -447,16 +446,24 @@ def _fused_kernel():
 def int8_attention(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor,
                    mask: Mask) -> torch.Tensor:
     """Attention of q (B, H, R, hd) over int8 keys and values (B, H, S, hd) with per-vector scales (B, H, S, 1),
-    under a Mask over (R, S) (R may be groups x new tokens: query heads folded into rows); (B, H, R, hd) in
-    q's dtype. Query rows go in blocks, so that a long prefill's scores never hold every row at once."""
-    R, S = q.shape[2], kq.shape[2]
-    if isinstance(mask, str):  # "causal": square, the new tokens are all the keys
+    under a Mask over (R, S) (R may be groups x new tokens: query heads folded into rows; a ragged batch's
+    mask is per row, (B, 1, R, S)); (B, H, R, hd) in q's dtype. Query rows go in blocks, so that a long
+    prefill's scores never hold every row at once."""
+    B, R, S = q.shape[0], q.shape[2], kq.shape[2]
+    if mask is None:
+        mask = torch.ones(R, S, dtype=torch.bool, device=q.device)  # (R, S)
+    elif isinstance(mask, str):  # "causal": square, the new tokens are all the keys
         mask = torch.ones(R, S, dtype=torch.bool, device=q.device).tril()  # (R, S)
-    kernel = _fused_kernel()
-    blocks = []
-    for r0 in range(0, R, QUERY_BLOCK):
-        visible = None if mask is None else mask[r0:r0 + QUERY_BLOCK]  # (rows, S)
-        blocks.append(kernel(q[:, :, r0:r0 + QUERY_BLOCK], kq, ks, vq, vs, visible))
+    mask = mask.expand(B, 1, R, S)  # one rank and layout for every call: fewer compiled variants
+    try:
+        kernel = _fused_kernel()
+        blocks = [kernel(q[:, :, r0:r0 + QUERY_BLOCK], kq, ks, vq, vs, mask[:, :, r0:r0 + QUERY_BLOCK])
+                  for r0 in range(0, R, QUERY_BLOCK)]
+    except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
+        # torch.compile gave up (too many shapes in one process): the same numbers on the plain path, which
+        # builds the full-precision K/V this cache otherwise avoids
+        k, v = (kq * ks).to(q.dtype), (vq * vs).to(q.dtype)  # (B, H, S, hd) each
+        return attend(q, k, v, mask)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # (B, H, R, hd)
     return out.to(q.dtype)
 

@@ -20,10 +20,12 @@ MARKERS = "osD^vPX*hp"
 
 def color_of(strategy: str) -> tuple:
     """A strategy's colour from matplotlib's default cycle, by registration order (plugins included), so that
-    a strategy keeps its colour across plots and runs; names not registered here come after."""
+    a strategy keeps its colour across plots and runs; names not registered here take one from another
+    palette, fixed by the name."""
     known = names()
-    index = known.index(strategy) if strategy in known else len(known) + sum(map(ord, strategy))
-    return plt.get_cmap("tab10")(index % 10)
+    if strategy not in known:  # a name from another run or a plugin not loaded: a palette of its own
+        return plt.get_cmap("tab20b")(sum(map(ord, strategy)) % 20)
+    return plt.get_cmap("tab10")(known.index(strategy) % 10)
 
 
 def _style(strategy: str) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from conftest import random_model
 from kvbench.bench.profile import profile_step
@@ -51,7 +50,7 @@ def test_profile_command_writes_its_csv(runner, tmp_path, tiny_yaml):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--strategy", "paged"], "--strategy: unknown strategy 'paged'"),
+    (["--strategy", "pagd"], "--strategy: unknown strategy 'pagd'"),
     (["--context", "0"], "--context must be a positive integer"),
     (["--context", "5000"], "do not fit max_seq_len"),
 ])

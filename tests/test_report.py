@@ -117,7 +117,7 @@ def test_compare_writes_data_alone_on_stdout(fmt):
     elif fmt == "json":
         table = pd.DataFrame(json.loads(result.stdout))
     else:
-        assert result.stdout.startswith("| strategy | new_tokens |")
+        assert result.stdout.startswith("| strategy | batch_size | new_tokens |")
         return
     assert {"total_ratio", "total_p", "total_significant", "per_token_significant"} <= set(table.columns)
     assert len(table) == len(pd.read_csv(RUN_A / "summary.csv"))

@@ -322,7 +322,7 @@ def benchmark(
     """Time cached against naive generation over sequence lengths; write CSVs and plots."""
     with messages_to_stderr(format):
         path = run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                             threads, dtype, seed, compile, window, src_len, out, resume)
+                             threads, dtype, seed, compile, window, src_len, out, resume, naive_max)
     if format is not OutputFormat.table:
         import pandas as pd
 
@@ -330,7 +330,7 @@ def benchmark(
 
 
 def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size, threads, dtype,
-                  seed, compile, window, src_len, out, resume) -> Path:
+                  seed, compile, window, src_len, out, resume, naive_max) -> Path:
     """benchmark's work; returns the results directory."""
     from kvbench.bench import session as bench
     from kvbench.bench.results import ResultsDir

@@ -38,7 +38,7 @@ def point_settings(point: Point):
     lengths = ",".join(map(str, o["lengths"])) if "lengths" in o else DEFAULT_LENGTHS
     strategies = ",".join(o["strategies"]) if "strategies" in o else None
     settings = new_settings(loaded, o.get("device", "auto"), lengths, strategies, o.get("repeats", 3),
-                            o.get("warmup", 1), o.get("prompt_len", 16), o.get("batch_size", 1), o.get("threads"),
+                            o.get("warmup", 1), o.get("prompt_len", 16), str(o.get("batch_size", 1)), o.get("threads"),
                             o.get("dtype", "float32"), o.get("seed", 0), o.get("compile", False), o.get("window"),
                             o.get("src_len", 16))
     return loaded, settings
@@ -59,8 +59,9 @@ def estimate_seconds(point: Point) -> float:
 
     loaded, s = point_settings(point)
     device = torch.device(s.device)
-    model = for_generation(build_model(loaded, device, DTYPES[s.dtype]), s.batch_size, s.src_len or 0, s.seed)
-    prompt = random_prompt(loaded.model, s.batch_size, s.prompt_len, s.seed).to(device)
+    batch = max(s.batches)  # a point has one batch size (the spec's batch_size is an int)
+    model = for_generation(build_model(loaded, device, DTYPES[s.dtype]), batch, s.src_len or 0, s.seed)
+    prompt = random_prompt(loaded.model, batch, s.prompt_len, s.seed).to(device)
     costs = calibrate(model, prompt, max(s.lengths), device)
     return POINT_OVERHEAD_S + sum(run.estimate_s for run in plan_runs(s, costs, set()))
 
