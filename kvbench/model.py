@@ -453,11 +453,14 @@ def end_pass(cache: KVCache | None) -> None:
 
 def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
                         device: torch.device, pads: torch.Tensor | None = None) -> Mask:
-    """With a cache, the cache decides; without one the sequence attends causally to itself, or within
-    the last `window` positions; a ragged batch's left padding hidden."""
+    """With a cache, the cache decides; without one the sequence attends causally to itself, within the
+    last `window` positions, or as a strategy's visibility rule says (`window` a callable (T,), (S,) -> (T, S));
+    a ragged batch's left padding hidden."""
     if cache is not None:
         return cache.mask(start_pos, n_new)
     positions = torch.arange(n_new, device=device)  # (T,) columns
+    if callable(window):
+        return hide_padding(window(positions, positions), positions, positions, pads)
     mask = "causal" if window is None or window >= n_new else sliding_mask(positions, positions, window)
     return hide_padding(mask, positions, positions, pads)
 

@@ -12,6 +12,7 @@ Built-in strategies register here exactly as a plugin registers its own: `regist
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,12 @@ import torch
 
 from kvbench.cache import DynamicCache, KVCache, PagedCache, QuantizedCache, SlidingWindowCache, StaticCache
 from kvbench.errors import KVBenchError
+from kvbench.precision import QUANTIZED_THRESHOLDS, Thresholds, dtype_name
+
+# Who may attend to whom, for a strategy whose attention is deliberately not full causal attention (attention
+# sinks + a recent window, say): (query positions (T,), key positions (S,), window) -> bool (T, S), True where
+# the query sees the key. kv-evaluate builds naive's baseline with the same rule.
+Visibility = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 DEFAULT_WINDOW = 256
 DEFAULT_BLOCK_SIZE = 16  # tokens per block of the paged cache (vLLM's default)
@@ -57,6 +64,9 @@ class Strategy:
     compiled: bool = False  # decode step compiled at fixed shapes (torch.compile; a CUDA graph on CUDA)
     keeps_cross: bool = True  # encoder-decoder: cross-attention K/V projected once per generation
     families: frozenset[str] = FAMILIES  # model families it applies to
+    visibility: Visibility | None = None  # attention pattern other than causal: naive's baseline follows it
+    thresholds: dict[str, Thresholds] | None = None  # approximate, by dtype name: its own, within kvbench's
+    ragged: bool = True  # serves left-padded batches of different prompt lengths (kv-evaluate checks one)
 
     @property
     def cached(self) -> bool:
@@ -64,6 +74,25 @@ class Strategy:
 
     def new_cache(self, shape: CacheShape) -> KVCache | None:
         return None if self.cache is None else self.cache(shape)
+
+    def baseline(self, window: int) -> int | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """What naive's reference attends like for this strategy: None (full causal), a band of `window`
+        positions (windowed), or the strategy's own visibility rule at that window."""
+        if self.visibility is not None:
+            return functools.partial(self.visibility, window=window)
+        return window if self.windowed else None
+
+    def thresholds_for(self, dtype: torch.dtype) -> Thresholds:
+        """What an approximate strategy is judged by in `dtype`: its own thresholds, never looser than kvbench's."""
+        limit = QUANTIZED_THRESHOLDS[dtype_name(dtype)]
+        own = (self.thresholds or {}).get(dtype_name(dtype))
+        return limit if own is None else tightest(own, limit)
+
+
+def tightest(a: Thresholds, b: Thresholds) -> Thresholds:
+    """The stricter of two thresholds, field by field (a plugin's own are checked against kvbench's per dtype)."""
+    return Thresholds(min(a.max_mean_kl, b.max_mean_kl), max(a.min_top1, b.min_top1),
+                      min(a.max_step_kl, b.max_step_kl), min(a.max_streak, b.max_streak))
 
 
 REGISTRY: dict[str, Strategy] = {}

@@ -19,7 +19,7 @@ from kvbench.errors import KVBenchError
 from kvbench.generate import (GREEDY, Generation, Rollback, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
 from kvbench.model import Decoder, self_attention_mask
-from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, QUANTIZED_THRESHOLDS, Thresholds, dtype_name
+from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
 from kvbench.strategies import Strategy, resolve, window_of
 from kvbench.families import family_of
@@ -483,6 +483,17 @@ def reference_kv(model: Decoder, sequence: torch.Tensor, window: int | None, cac
     return recorder
 
 
+def held_positions(window, length: int) -> torch.Tensor:
+    """The positions a cache must hold after `length` tokens: every one (window None), the last `window`, or
+    those a strategy's visibility rule lets the last query see."""
+    if window is None:
+        return torch.arange(length)
+    if callable(window):
+        keys = torch.arange(length)
+        return keys[window(keys[-1:], keys)[0]]
+    return torch.arange(max(0, length - window), length)
+
+
 def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, window: int | None,
                    tol: Tolerance) -> ContentsCheck:
     """Each layer's stored K/V, by position, against those of a fresh forward over the `sequence` (B, L)
@@ -491,8 +502,7 @@ def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, windo
     keeps only the last `window` positions."""
     recorder = reference_kv(model, sequence, window, cache)
     length = sequence.shape[1]
-    first = 0 if window is None else max(0, length - window)
-    want = torch.arange(first, length)
+    want = held_positions(window, length)
     result = ContentsCheck()
     for layer in sorted(recorder.k):
         try:
@@ -503,12 +513,13 @@ def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, windo
             result.problem = f"layer {layer} holds {_span(positions.cpu())}, not {_span(want)}"
             return result
         for name, stored, fresh in (("K", k, recorder.k[layer]), ("V", v, recorder.v[layer])):
-            _compare_stored(result, cache, f"layer {layer} {name}", stored, fresh[:, :, first:length], first, tol)
+            _compare_stored(result, cache, f"layer {layer} {name}", stored, fresh[:, :, want.to(fresh.device)], want,
+                            tol)
     return result
 
 
 def _compare_stored(result: ContentsCheck, cache: KVCache, what: str, stored: torch.Tensor, fresh: torch.Tensor,
-                    first: int, tol: Tolerance) -> None:
+                    positions: torch.Tensor, tol: Tolerance) -> None:
     if tuple(stored.shape) != tuple(fresh.shape):
         result.problem = result.problem or f"{what} has shape {tuple(stored.shape)}, not {tuple(fresh.shape)}"
         return
@@ -523,7 +534,7 @@ def _compare_stored(result: ContentsCheck, cache: KVCache, what: str, stored: to
     if result.problem is None and bad.any():
         slot = int(bad.any(dim=3).any(dim=1).any(dim=0).nonzero()[0])  # the first position with a bad element
         worst = ratio[:, :, slot].nan_to_num(math.inf).argmax()  # its worst element
-        result.problem = (f"{what} at position {first + slot} is {error[:, :, slot].flatten()[worst]:.2e} from a "
+        result.problem = (f"{what} at position {int(positions[slot])} is {error[:, :, slot].flatten()[worst]:.2e} from a "
                           f"fresh forward's (allowed {allowed[:, :, slot].flatten()[worst]:.2e})")
 
 
@@ -692,9 +703,10 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
                    on_step: Callable[[int], None] | None, prefill_chunk: int | None = None,
                    rollback: Rollback | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
-    win = window_of(model.config, window) if strategy.windowed else None
-    plan = generation_plan(prompt, new_tokens, model.config.vocab_size, window_of(model.config, window),
-                           ragged=model.config.family == "decoder")
+    size = window_of(model.config, window)
+    win = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
+    plan = generation_plan(prompt, new_tokens, model.config.vocab_size, size,
+                           ragged=model.config.family == "decoder" and strategy.ragged)
     if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)
@@ -706,12 +718,12 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
         # source's encoder output would then show
         runner = model if planned.main else with_batch(model, planned.prompt.shape[0], REUSE_SEED + i)
         if planned.fresh_cache or cache is None:
-            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), win,
+            cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), size,
                               rollback.tokens if rollback else 0)
         checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk,
                                   rollback))
     dtype = dtype_name(model.dtype)
-    return StrategyCheck(strategy.name, strategy.exact, QUANTIZED_THRESHOLDS[dtype], checks)
+    return StrategyCheck(strategy.name, strategy.exact, strategy.thresholds_for(model.dtype), checks)
 
 
 def kv_evaluate(model: Decoder, prompt: torch.Tensor | list[torch.Tensor], new_tokens: int,

@@ -26,6 +26,7 @@ from kvbench import verify
 from kvbench.strategies import COMPILED, NAIVE
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    PLUGIN_HELP,
     DEFAULT_CONFIG,
     DEFAULT_SEQ2SEQ_BENCH,
     BatchOpt,
@@ -296,7 +297,7 @@ def benchmark(
     device: DeviceOpt = "auto",
     lengths: Annotated[str, typer.Option(metavar="N,N,...", help="New tokens per point.")] = DEFAULT_LENGTHS,
     strategies: Annotated[str | None, typer.Option(
-        metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}.",
+        metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}. {PLUGIN_HELP}",
         show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = 1,

@@ -16,6 +16,7 @@ from kvbench.precision import NEAR_TIE_KL
 from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    PLUGIN_HELP,
     DEFAULT_CONFIG,
     DEFAULT_SEQ2SEQ_STRATEGIES,
     AtolOpt,
@@ -228,7 +229,7 @@ def kv_evaluate(
     new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}; an encoder-decoder "
-                                 f"takes {', '.join(strategy_names('encoder-decoder'))}.",
+                                 f"takes {', '.join(strategy_names('encoder-decoder'))}. {PLUGIN_HELP}",
         show_default=f"static,dynamic; encoder-decoder: {DEFAULT_SEQ2SEQ_STRATEGIES}")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 import kvbench
-from kvbench import memory, verify
+from kvbench import memory, plugins, verify
 from kvbench import strategies as registry
 from kvbench.config import LoadedConfig, Seq2SeqConfig, shipped_names
 from kvbench.errors import KVBenchError, KVBenchWarning
@@ -71,6 +71,9 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 SrcLenOpt = Annotated[int, typer.Option(help="Source length in tokens (encoder-decoder configs only).")]
+# Said in the --help of every command that takes strategies: a plugin spec runs the plugin's code.
+PLUGIN_HELP = ("A plugin, module.path:ClassName or path/to/file.py:ClassName (a kvbench.KVCache subclass), or an "
+               "installed kvbench.strategies entry point, is imported: that runs its code.")
 DEFAULT_SEQ2SEQ_STRATEGIES = "naive,static,static+self-only,dynamic,dynamic+self-only"
 DEFAULT_SEQ2SEQ_BENCH = "naive,static+self-only,static"  # the three ways: nothing, self-attention, both cached
 WindowOpt = Annotated[int | None, typer.Option(
@@ -192,8 +195,9 @@ def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]
 
 
 def parse_strategies(text: str, family: str = "decoder", option: str = "--strategies") -> list[str]:
-    """Registered strategy names for the family, checked once here; the rest of kvbench asks the registry."""
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    """Registered strategy names for the family, checked once here; the rest of kvbench asks the registry.
+    A plugin spec (module:Class, file.py:Class) is imported and registered here, and stands for its name."""
+    names = plugins.strategy_names(text, option)
     if not names:
         raise KVBenchError(f"{option} is empty; choose from {', '.join(registry.names(family))}")
     for name in names:

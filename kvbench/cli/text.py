@@ -21,6 +21,7 @@ from kvbench import textgen
 from kvbench.bench.machine import command_line as command_line_text
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    PLUGIN_HELP,
     DEFAULT_CONFIG,
     ConfigOpt,
     DeviceOpt,
@@ -131,7 +132,7 @@ def generate_command(
     prompt: PromptOpt = None,
     prompt_ids: PromptIdsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
-    strategy: Annotated[str, typer.Option(metavar="NAME", help=f"One of {', '.join(strategy_names('decoder'))}.")] = \
+    strategy: Annotated[str, typer.Option(metavar="NAME", help=f"One of {', '.join(strategy_names('decoder'))}. {PLUGIN_HELP}")] = \
         "static",
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
@@ -188,7 +189,7 @@ def visualize_command(
     config: ConfigOpt = DEFAULT_CONFIG,
     prompt: PromptOpt = None,
     prompt_ids: PromptIdsOpt = None,
-    strategies: Annotated[str, typer.Option(metavar="NAME,...", help="Caches whose growth to plot.")] = \
+    strategies: Annotated[str, typer.Option(metavar="NAME,...", help=f"Caches whose growth to plot. {PLUGIN_HELP}")] = \
         "static,dynamic,sliding,quantized",
     new_tokens: Annotated[int, typer.Option(help="Decode steps to follow the caches over.")] = 200,
     window: WindowOpt = None,
