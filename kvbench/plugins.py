@@ -215,7 +215,7 @@ def load_installed(name: str, option: str = "--strategies") -> Strategy | None:
     strategy = strategy_of(cls, origin)
     if strategy.name != name:  # the entry point's name is what users type and what results record
         strategy = dataclasses.replace(strategy, name=name)
-    register_loaded(strategy, f"entry point {ep.value}", origin)
+    register_loaded(strategy, name, origin)  # typed by its name again
     return strategy
 
 

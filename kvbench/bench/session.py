@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kvbench import plugins
+from kvbench import strategies as registry
 from kvbench.bench import floor
 from kvbench.bench.machine import check_threads, command_line, device_name, machine_info
 from kvbench.bench.results import ResultsDir
@@ -61,6 +63,7 @@ def start(loaded: LoadedConfig, settings: SweepSettings, results: ResultsDir) ->
         "config": loaded.model.model_dump(),
         "weights_path": str(loaded.weights_path) if loaded.weights_path else None,
         "settings": settings.to_dict(),
+        "plugins": {name: plugins.SOURCES[name] for name in settings.strategies if name in plugins.SOURCES},
         "command_line": command_line(),
         "peak_memory_method": PeakMemory(device).describe(),
         "started_at": now(),
@@ -83,6 +86,7 @@ def resume(results: ResultsDir) -> Session:
     except (KeyError, TypeError) as exc:
         raise KVBenchError(f"{results.meta_json}: cannot resume, meta.json lacks settings ({exc})") from None
     check_threads(settings.threads, resuming=results.meta_json)
+    check_strategies_loaded(settings.strategies, meta, results.meta_json)
     if loaded.model.model_dump() != meta["config"]:
         raise KVBenchError(f"{meta['config_source']} changed since {path} started; resuming would mix two models "
                            "(restore the config or start a new run)")
@@ -91,6 +95,17 @@ def resume(results: ResultsDir) -> Session:
     meta.update(status="running", ended_at=None)
     results.write_meta(meta)
     return Session(loaded, settings, results, meta, frozenset(results.completed()))
+
+
+def check_strategies_loaded(names: list[str], meta: dict, meta_json: Path) -> None:
+    """Every recorded strategy must be registered now. A plugin's is not: kvbench never imports code named in
+    a results directory, so the user types its spec again (meta.json records it, as text, to say which)."""
+    missing = [name for name in names if name not in registry.REGISTRY]
+    if missing:
+        sources = meta.get("plugins", {})
+        specs = ",".join(sources.get(name, name) for name in missing)
+        raise KVBenchError(f"{meta_json}: strategies {', '.join(missing)} are plugins, which kvbench never imports "
+                           f"from a results directory; load them again: --resume {meta_json.parent} --strategies {specs}")
 
 
 def run(session: Session, device: torch.device, reporter: Reporter) -> None:

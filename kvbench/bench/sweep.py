@@ -25,7 +25,7 @@ from kvbench.config import LoadedConfig
 from kvbench.generate import (Decode, cache_tokens, decode_one, decoder_for, for_generation, generation_steps,
                               naive_step, new_cache)
 from kvbench.model import Decoder
-from kvbench.strategies import NAIVE, get
+from kvbench.strategies import NAIVE, REGISTRY, get
 from kvbench.verify import random_prompt
 
 NAIVE_NAME = NAIVE.name
@@ -67,7 +67,9 @@ def skipped_points(settings: SweepSettings, naive_max: int | None) -> list[tuple
     """(strategy, batch, new_tokens) of the uncached points past naive_max: not run, marked in the summary."""
     if naive_max is None:
         return []
-    return [(s, b, n) for s in settings.strategies if not get(s).cached for b in settings.batches
+    # a strategy not registered now (a plugin's, redrawn without importing it) is a cache: never skipped
+    uncached = [s for s in settings.strategies if s in REGISTRY and not REGISTRY[s].cached]
+    return [(s, b, n) for s in uncached for b in settings.batches
             for n in settings.lengths if n > naive_max]
 
 

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from kvbench import verify
+from kvbench import plugins, verify
 from kvbench.strategies import COMPILED, NAIVE
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
@@ -239,12 +239,16 @@ def options_given(ctx: typer.Context, but: str) -> list[str]:
             if name != but and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
 
 
-def open_for_resume(ctx: typer.Context, path: Path):
+def open_for_resume(ctx: typer.Context, path: Path, strategies: str | None):
+    """--resume takes no other option but --strategies naming plugins: kvbench never imports code named in a
+    results directory, so the plugins a run used are loaded again only when typed again."""
     from kvbench.bench.results import ResultsDir
 
-    given = options_given(ctx, but="resume")
+    given = [option for option in options_given(ctx, but="resume") if option != "--strategies"]
     if given:
         raise KVBenchError(f"--resume continues with the recorded settings; drop {', '.join(given)}")
+    if strategies is not None:
+        plugins.strategy_names(strategies)  # registers them; the recorded settings still say what runs
     return ResultsDir.open(path)
 
 
@@ -337,7 +341,7 @@ def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, pro
     from kvbench.bench.results import ResultsDir
 
     if resume is not None:
-        results = open_for_resume(ctx, resume)
+        results = open_for_resume(ctx, resume, strategies)
         with results.lock():
             run = resume_session(results)
             if not run.to_do:
