@@ -163,3 +163,9 @@ for _base in (STATIC, DYNAMIC, SLIDING, QUANTIZED):  # the encoder-decoder's sel
 def window_of(config, window: int | None) -> int:
     """The sliding window: the one asked for, else the config's sliding_window, else DEFAULT_WINDOW."""
     return window or config.sliding_window or DEFAULT_WINDOW
+
+
+# transformers' own cache classes, as strategies beside these (when transformers is installed; see hf_caches.py)
+from kvbench import hf_caches  # noqa: E402  (it builds on this module's Strategy and register)
+
+hf_caches.register_all()
