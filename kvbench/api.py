@@ -17,7 +17,6 @@ import torch
 
 from kvbench import plugins
 from kvbench import strategies as registry
-from kvbench.cache import KVCache
 from kvbench.config import load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import Rollback

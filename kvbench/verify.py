@@ -722,7 +722,6 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
                               rollback.tokens if rollback else 0)
         checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk,
                                   rollback))
-    dtype = dtype_name(model.dtype)
     return StrategyCheck(strategy.name, strategy.exact, strategy.thresholds_for(model.dtype), checks)
 
 

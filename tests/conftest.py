@@ -78,11 +78,14 @@ small_models = st.fixed_dictionaries({
 })
 
 
-@pytest.fixture(autouse=True)
-def fresh_compiler():
-    """Forget compiled code after each test: torch.compile caches one graph per shape on the decode step's
-    code object, up to a limit of 8, and the suite builds far more shapes than one process of kvbench does."""
-    yield
+@pytest.fixture(autouse=True, scope="session")
+def room_for_every_shape():
+    """torch.compile keeps one graph per shape on the decode step's code object, up to a limit of 8; the suite
+    builds more shapes in one process than a run of kvbench does. A higher limit keeps every graph, so a shape
+    seen twice compiles once (resetting the compiler after each test would recompile each time)."""
     import torch
 
-    torch._dynamo.reset()
+    before = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 256
+    yield
+    torch._dynamo.config.recompile_limit = before

@@ -92,3 +92,24 @@ def test_sliding_prefill_into_a_ring_that_already_holds_tokens():
             held_nothing.reset()
             wrong = model(ids[:, 5:12], held_nothing, start_pos=5)
         torch.testing.assert_close(wrong, naive[:, 5:12], atol=1e-5, rtol=1e-5)
+
+
+def test_int8_attention_kernels_agree_with_sdpa_over_the_dequantized_cache(monkeypatch):
+    """Both kernels (the compiled fused one, forced here on a small cache, and the eager chunked one) give
+    SDPA's answer over the dequantized K/V, for decode, grouped query rows under a mask, and a causal prefill."""
+    import kvbench.cache as cache_module
+    from kvbench.cache import QuantizedCache, attend
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(cache_module, "KEY_CHUNK", 7)  # several chunks, a ragged last one
+    for threshold in (0, 2**40):  # compiled for everything, then eager for everything
+        monkeypatch.setattr(cache_module, "COMPILED_MIN_ELEMENTS", threshold)
+        cache = QuantizedCache(1, 2, 3, 40, 8, torch.float32, "cpu")
+        k, v, q = (torch.randn(2, 3, 20, 8) for _ in range(3))
+        out = cache.attend(0, 0, q, k, v, "causal")
+        torch.testing.assert_close(out, attend(q, *cache.read(0, 20), "causal"), atol=1e-5, rtol=1e-5)
+        k1, q3 = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 3, 8)  # 3 query rows (a group of 3) over 21 keys
+        seen = torch.rand(3, 21) > 0.3
+        seen[:, 0] = True
+        out = cache.attend(0, 20, q3, k1, k1, seen)
+        torch.testing.assert_close(out, attend(q3, *cache.read(0, 21), seen), atol=1e-5, rtol=1e-5)
