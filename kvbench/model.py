@@ -22,16 +22,19 @@ INIT_STD = 0.02  # GPT-2's initialiser range
 Position = Union[int, torch.Tensor]  # an int, or a 0-d tensor in the compiled decode step (no recompiles)
 
 
-KERNELS = ("matmul", "mv", "linear")
+KERNELS = ("matmul", "mv", "linear", "onednn")
+PACKED_ROWS = 16  # oneDNN packs W for this many rows of x; any count runs, this one (a batched step) fastest
 
 
 class Linear(nn.Module):
-    """y = x @ W + b, computed by one of three kernels, each with the weight layout it streams fastest.
+    """y = x @ W + b, computed by one of four kernels, each with the weight layout it streams fastest.
 
     Why: decoding multiplies a single row by every weight, a matrix-vector product whose speed depends on
     the kernel and on how W lies in memory. Measured on CPU (docs/perf.md): float32 is fastest as
     x @ W with W (in, out) contiguous ("matmul", GPT-2's Conv1D layout and kvbench's file format);
-    bfloat16 as torch.mv with W (out, in) ("mv"); "linear" is F.linear on W (out, in), as nn.Linear does.
+    bfloat16 as torch.mv with W (out, in) ("mv"); "linear" is F.linear on W (out, in), as nn.Linear does;
+    "onednn" is oneDNN's matmul on a copy of W packed once in its blocked layout (CPU): MKL's sgemm re-packs W
+    on every call and, on these AMD CPUs, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160.
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
@@ -39,6 +42,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_in, d_out))  # (in, out) for "matmul"
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.kernel = "matmul"
+        self._packed = None  # "onednn": W packed for oneDNN, built on first use (not a parameter: never saved)
 
     def use_kernel(self, kernel: str) -> None:
         if kernel not in KERNELS:
@@ -46,6 +50,21 @@ class Linear(nn.Module):
         if (kernel == "matmul") != (self.kernel == "matmul"):  # switching between (in, out) and (out, in)
             self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
         self.kernel = kernel
+        self._packed = None  # packed again on first use, from the weight as it is now
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) drop oneDNN's packed weight, an opaque tensor that cannot be copied; the
+        # copy packs its own on first use
+        return {**self.__dict__, "_packed": None}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None  # .to(device or dtype) makes a new weight: the packed copy would be stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def packed(self) -> torch.Tensor:
+        if getattr(self, "_packed", None) is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKED_ROWS)
+        return self._packed
 
     def rows_by_output(self) -> torch.Tensor:
         """W as (out, in): one row per output feature (for a tied embedding, one row per token)."""
@@ -55,6 +74,8 @@ class Linear(nn.Module):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         if self.kernel == "matmul":
             y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
+        elif self.kernel == "onednn" and not torch.compiler.is_compiling():  # inductor cannot lower it: F.linear
+            y = torch.ops.mkldnn._linear_pointwise(x2d, self.packed(), self.bias, "none", [], "")  # (N, out)
         elif self.kernel == "mv" and x2d.shape[0] == 1:  # F.linear does not pick the vector kernel itself
             y = torch.mv(self.weight, x2d[0])[None]  # (1, out)
             y = y if self.bias is None else y + self.bias

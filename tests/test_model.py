@@ -91,7 +91,7 @@ def test_sinusoidal_positions_run_past_max_seq_len():
     np.testing.assert_allclose(logits, numpy_logits(model, ids), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["mv", "linear", "matmul"])
+@pytest.mark.parametrize("kernel", ["mv", "linear", "matmul", "onednn"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_linear_kernel_gives_the_same_logits(kernel, tie):
     model = random_model(6, tie_embeddings=tie)
@@ -103,3 +103,19 @@ def test_every_linear_kernel_gives_the_same_logits(kernel, tie):
         torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(ids[:1, :1]), single_row, atol=1e-5, rtol=1e-5)  # the mv path
     assert model.lm_head.kernel == kernel
+
+
+def test_onednn_packed_weights_follow_copies_and_dtype_changes():
+    """The packed copy of W is not a parameter: a deep copy packs its own, and .to(dtype) packs again (a stale
+    pack would keep computing with the old weights)."""
+    import copy
+
+    model = random_model(7).use_kernel("onednn")
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.inference_mode():
+        expected = model(ids)
+        torch.testing.assert_close(copy.deepcopy(model)(ids), expected, atol=0, rtol=0)
+        as_bf16 = model.to(torch.bfloat16)(ids)
+        plain = random_model(7).use_kernel("linear").to(torch.bfloat16)(ids)
+    assert as_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(as_bf16.float(), plain.float(), atol=2e-2, rtol=2e-2)
