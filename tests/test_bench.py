@@ -643,3 +643,14 @@ def test_default_naive_max_comes_from_the_estimate():
     assert costs.naive_max(settings, budget_s=60) == 100
     assert {(s, b, n) for s, b, n in sweep_module.skipped_points(settings, 100)} == {("naive", 1, 1000),
                                                                                     ("naive", 4, 1000)}
+
+
+def test_without_out_a_new_directory_is_named_by_time_config_and_device(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run in the same second gets its own directory, never the first's
+        result = runner.invoke(app, ["benchmark", "--config", TINY, "--lengths", "3", "--strategies", "static",
+                                     "--repeats", "1", "--warmup", "0", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    made = sorted((tmp_path / "results").iterdir())
+    assert len(made) == 2 and all(d.name.endswith(("-cpu", "-cpu-2")) for d in made), made
+    assert all((d / "results.csv").is_file() and (d / "meta.json").is_file() for d in made)

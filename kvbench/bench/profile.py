@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kvbench.bench.paths import attention_path
-from kvbench.bench.timing import synchronize
+from kvbench.bench.timing import synchronize, wall_times
 from kvbench.cache import KVCache
 from kvbench.generate import decode_one, naive_step, new_cache, prefill
 from kvbench.model import RMSNorm, Linear
@@ -195,13 +195,7 @@ def profile_step(model, strategy: str, batch: int, context: int, steps: int = 20
     for _ in range(3):
         step()  # one-off costs (a compiled kernel's first call, allocator warm-up) stay out
     restart()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = wall_times(step, device, steps)
     recorder = Recorder(model, cache, device)
     restart()  # the hooked pass sees the same positions as the timed one
     try:

@@ -119,14 +119,7 @@ class ResultsDir:
             while out.exists():
                 suffix += 1
                 out = base / f"{name}-{suffix}"
-        elif out.exists() and not out.is_dir():
-            raise KVBenchError(f"--out {out} is a file; give a directory for the results (it is created)")
-        elif (out / "results.csv").exists() or (out / "meta.json").exists():
-            raise KVBenchError(f"--out {out} already holds results; choose another directory or --resume {out}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KVBenchError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+        make_out_dir(out, "results", ("results.csv", "meta.json"))
         return cls(out)
 
     @classmethod
@@ -216,3 +209,16 @@ class ResultsDir:
 
     def write_summary(self, summary: pd.DataFrame) -> None:
         summary.to_csv(self.summary_csv, index=False)
+
+
+def make_out_dir(out: Path, what: str, markers: tuple[str, ...]) -> None:
+    """Create --out for new `what` (results, a sweep), refusing a file and a directory that already holds
+    one of the `markers` (the user resumes that one, or names another)."""
+    if out.exists() and not out.is_dir():
+        raise KVBenchError(f"--out {out} is a file; give a directory for {what} (it is created)")
+    if any((out / marker).exists() for marker in markers):
+        raise KVBenchError(f"--out {out} already holds {what}; choose another directory or --resume {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KVBenchError(f"--out {out}: cannot create the directory ({exc.strerror})") from None

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from kvbench.bench.results import ResultsDir
+from kvbench.bench.results import ResultsDir, make_out_dir
 from kvbench.bench.runners import Outcome, point_state
 from kvbench.bench.spec import Point, expand, validate_spec
 from kvbench.errors import KVBenchError
@@ -40,14 +40,7 @@ class SweepDir:
         if out is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             out = Path("results") / f"sweep-{stamp}-{spec_path.stem}"
-        if out.exists() and not out.is_dir():
-            raise KVBenchError(f"--out {out} is a file; give a directory for the sweep (it is created)")
-        if (out / SWEEP_JSON).exists():
-            raise KVBenchError(f"--out {out} already holds a sweep; choose another directory or --resume {out}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KVBenchError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+        make_out_dir(out, "a sweep", (SWEEP_JSON,))
         return cls(out)
 
     @classmethod

@@ -43,8 +43,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() over repeats, the device synchronised around each call."""
+def wall_times(fn, device: torch.device, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of fn(), the device synchronised around each call."""
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -52,7 +52,11 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    return statistics.median(wall_times(fn, device, repeats))
 
 
 class PeakMemory:
