@@ -63,6 +63,11 @@ class SweepSettings:
         return asdict(self)
 
 
+# What `kvbench benchmark` and a sweep point run when not told otherwise: declared once
+DEFAULTS = SweepSettings(lengths=[10, 50, 100, 500, 1000], strategies=["naive", "static"])
+DEFAULT_SRC_LEN = 16  # encoder-decoder source tokens per sequence
+
+
 def skipped_points(settings: SweepSettings, naive_max: int | None) -> list[tuple[str, int, int]]:
     """(strategy, batch, new_tokens) of the uncached points past naive_max: not run, marked in the summary."""
     if naive_max is None:

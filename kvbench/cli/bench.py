@@ -54,7 +54,7 @@ from kvbench.cli.common import (
     strategies_for,
 )
 from kvbench.bench.machine import check_threads
-from kvbench.bench.sweep import NAIVE_RUN_BUDGET_S
+from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS, NAIVE_RUN_BUDGET_S
 from kvbench.config import LoadedConfig, check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
@@ -92,8 +92,8 @@ def print_frame(frame, fmt: OutputFormat) -> None:
 
 # --- benchmark ------------------------------------------------------------------------------------------------
 
-DEFAULT_LENGTHS = "10,50,100,500,1000"
-DEFAULT_BENCH_STRATEGIES = "naive,static"
+DEFAULT_LENGTHS = ",".join(map(str, DEFAULTS.lengths))
+DEFAULT_BENCH_STRATEGIES = ",".join(DEFAULTS.strategies)
 LONG_RUN_S = 20.0  # announce runs estimated to take longer than this
 
 
@@ -303,9 +303,9 @@ def benchmark(
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}. {PLUGIN_HELP}",
         show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = 1,
-    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = DEFAULTS.repeats,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = DEFAULTS.warmup,
+    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = DEFAULTS.prompt_len,
     batch_size: Annotated[str, typer.Option(metavar="B,B,...", help="Sequences per batch: a second sweep axis, "
                                             "e.g. 1,4,16.")] = "1",
     naive_max: Annotated[int | None, typer.Option(
@@ -317,7 +317,7 @@ def benchmark(
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
     compile: CompileOpt = False,
     window: WindowOpt = None,
-    src_len: Annotated[int, typer.Option(help="Source length (encoder-decoder configs).")] = 16,
+    src_len: Annotated[int, typer.Option(help="Source length (encoder-decoder configs).")] = DEFAULT_SRC_LEN,
     out: Annotated[Path | None, typer.Option(help="Results directory (created).",
                                              show_default="results/<date-time>-<config>-<device>")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run in this directory, with its "

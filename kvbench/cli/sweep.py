@@ -15,6 +15,7 @@ from rich.table import Table
 from kvbench.bench.runners import Outcome, RayRunner, run_local, write_tree
 from kvbench.bench.spec import Point, expand, load_spec
 from kvbench.bench.sweep_dir import SweepDir, merge, new_record, now, plot_points, record_outcome
+from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS
 from kvbench.cli.bench import DEFAULT_LENGTHS, duration, new_settings
 from kvbench.cli.common import app, console, err_console, fail_cleanly
 from kvbench.config import _read_yaml, load_config
@@ -37,10 +38,12 @@ def point_settings(point: Point):
     loaded = load_config(point.config)
     lengths = ",".join(map(str, o["lengths"])) if "lengths" in o else DEFAULT_LENGTHS
     strategies = ",".join(o["strategies"]) if "strategies" in o else None
-    settings = new_settings(loaded, o.get("device", "auto"), lengths, strategies, o.get("repeats", 3),
-                            o.get("warmup", 1), o.get("prompt_len", 16), str(o.get("batch_size", 1)), o.get("threads"),
-                            o.get("dtype", "float32"), o.get("seed", 0), o.get("compile", False), o.get("window"),
-                            o.get("src_len", 16))
+    d = DEFAULTS
+    settings = new_settings(loaded, o.get("device", "auto"), lengths, strategies, o.get("repeats", d.repeats),
+                            o.get("warmup", d.warmup), o.get("prompt_len", d.prompt_len),
+                            str(o.get("batch_size", d.batch_size[0])), o.get("threads"),
+                            o.get("dtype", d.dtype), o.get("seed", d.seed), o.get("compile", False), o.get("window"),
+                            o.get("src_len", DEFAULT_SRC_LEN))
     return loaded, settings
 
 
