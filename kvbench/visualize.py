@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from kvbench.cache import KVCache  # noqa: E402
 from kvbench.generate import generation_steps, new_cache  # noqa: E402
 from kvbench.model import Decoder  # noqa: E402
-from kvbench.plots import color_of  # noqa: E402
+from kvbench.bench.plots import color_of  # noqa: E402
 
 MAX_LABELS = 48  # more tick labels than this are unreadable: label every n-th token instead
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kvbench import plots, visualize
+from kvbench import visualize
+from kvbench.bench import plots
 from kvbench.bench.stats import summarize
 
 STRATEGIES = ["naive", "static", "dynamic", "sliding", "quantized", "static+compile"]

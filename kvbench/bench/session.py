@@ -26,7 +26,7 @@ from kvbench.bench.timing import PeakMemory
 from kvbench.config import LoadedConfig, load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import for_generation
-from kvbench.plots import draw_all
+from kvbench.bench.plots import draw_all
 from kvbench.precision import DTYPES
 from kvbench.weights import build_model
 

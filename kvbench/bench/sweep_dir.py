@@ -145,7 +145,7 @@ def plot_points(summary: pd.DataFrame, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvbench.plots import color_of
+    from kvbench.bench.plots import color_of
 
     longest = summary[summary["new_tokens"] == summary.groupby("point")["new_tokens"].transform("max")]
     written = []

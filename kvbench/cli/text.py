@@ -53,7 +53,7 @@ from kvbench.config import check_seed, load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
-from kvbench.plots import save
+from kvbench.bench.plots import save
 from kvbench.sampling import SamplingSettings
 from kvbench.tokenizer import parse_ids, tokenizer_for
 from kvbench.weights import build_model, new_model, save_weights
