@@ -210,7 +210,7 @@ def test_results_directory_never_imports_a_plugin(runner, tmp_path):
 
 # --- the conformance suite -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["static", "dynamic", "sliding", "paged", "hf-dynamic", "hf-static", SinkCache])
+@pytest.mark.parametrize("strategy", ["static", "dynamic", "sliding", "quantized", "paged", "hf-dynamic", "hf-static", SinkCache])
 def test_conformance_suite_passes_every_cache(strategy):
     testing.check_all(strategy)
 
