@@ -16,7 +16,7 @@ from kvbench import checkpoints, memory
 from kvbench.checkpoints import to_kvbench
 from kvbench.families import family_of
 from kvbench.errors import KVBenchError, KVBenchWarning
-from kvbench.model import Decoder, init_weights
+from kvbench.model import Decoder, Linear, init_weights
 from kvbench.seq2seq import Seq2Seq
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -103,9 +103,14 @@ def shapes_only(config: AnyConfig) -> Decoder | Seq2Seq:
         return _construct(config)
 
 
-def model_bytes(config: AnyConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the config's weights held in dtype."""
-    return memory.element_count(shapes_only(config)) * dtype.itemsize
+def model_bytes(config: AnyConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> int:
+    """Bytes of the config's weights held in dtype on device, with oneDNN's packed copy of every Linear's
+    weight where the decode kernel packs them (the plain weight stays: embeddings and saving read it)."""
+    model = shapes_only(config)
+    held = memory.element_count(model) * dtype.itemsize
+    if decode_kernel(torch.device(device), dtype) == "onednn":
+        held += sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear)) * dtype.itemsize
+    return held
 
 
 def require_model_fits(config: AnyConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:

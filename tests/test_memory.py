@@ -11,7 +11,8 @@ from kvbench import memory
 from kvbench.cli import app
 from kvbench.cli.common import fail_cleanly
 from kvbench.config import ModelConfig
-from kvbench.weights import model_bytes, new_model
+from kvbench.model import Linear
+from kvbench.weights import decode_kernel, model_bytes, new_model
 from test_bad_input import assert_refused
 
 TINY = str(CONFIGS / "tiny.yaml")
@@ -37,8 +38,13 @@ def test_a_config_too_large_for_memory_names_its_key(runner, tmp_path, key):
 
 def test_model_bytes_are_the_real_models():
     config = ModelConfig(**{**dict(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=97, max_seq_len=128)})
-    real = sum(t.numel() * t.element_size() for t in new_model(config).state_dict().values())
-    assert model_bytes(config) == real and model_bytes(config, torch.bfloat16) == real // 2
+    model = new_model(config)
+    real = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert model_bytes(config, device="meta") == real and model_bytes(config, torch.bfloat16) == real // 2
+    # float32 on CPU packs a second copy of every Linear weight for oneDNN: counted too
+    packed = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+    expected = real + (packed if decode_kernel(torch.device("cpu"), torch.float32) == "onednn" else 0)
+    assert model_bytes(config, torch.float32, "cpu") == expected
 
 
 def test_cache_bytes_follow_the_formula():

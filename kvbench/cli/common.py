@@ -281,7 +281,7 @@ def check_memory(loaded: LoadedConfig, device: torch.device | str, dtype: torch.
     from kvbench.weights import model_bytes, require_model_fits
 
     require_model_fits(loaded.model, device, dtype)  # first: too large a model is the config's fault alone
-    weights = model_bytes(loaded.model, dtype)
+    weights = model_bytes(loaded.model, dtype, device)
     for name in strategies:
         windowed = registry.get(name).windowed
         held = f"window {window}" if windowed else f"{tokens} tokens"
