@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from kvbench.errors import KVBenchError
 
@@ -170,6 +170,34 @@ SCHEMAS = {"decoder": ModelConfig, "encoder-decoder": Seq2SeqConfig}  # family -
 AnyConfig = Union[ModelConfig, Seq2SeqConfig]
 
 
+class TransformersConfig(BaseModel):
+    """A checkpoint directory run by transformers' own modeling code (`--engine transformers`, hf_engine.py):
+    the sizes kvbench reads from its config for cache shapes, memory estimates and the floor. The model and
+    its caches are transformers' own; `hf_config` (not dumped) is the config transformers loaded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: Literal["transformers"] = "transformers"
+    model_type: str  # transformers' name for the architecture: llama, mistral, gpt2, ...
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # K/V heads a cache stores (grouped-query attention: fewer than n_heads)
+    head_dim: int
+    d_model: int
+    vocab_size: int
+    max_seq_len: int  # max_position_embeddings
+    sliding_window: int | None = None  # the window of the model's sliding-attention layers, if it has any
+    _hf_config: Any = PrivateAttr(default=None)
+
+    @property
+    def hf_config(self) -> Any:
+        return self._hf_config
+
+    @property
+    def unbounded_positions(self) -> bool:
+        return False  # positions past max_position_embeddings are the model's business: never run there
+
+
 class LoadedConfig(BaseModel):
     """A ModelConfig plus where it came from: a name for result files and the weight file, resolved."""
 
@@ -177,9 +205,14 @@ class LoadedConfig(BaseModel):
 
     name: str
     source: Path
-    model: AnyConfig
+    model: Union[ModelConfig, Seq2SeqConfig, TransformersConfig]
     weights_path: Path | None = None
     layout: str | None = None  # the checkpoint layout of a save_pretrained directory (kvbench.checkpoints)
+
+    @property
+    def engine(self) -> str:
+        """Whose modeling code runs it: load_config's `engine`, which the config's family records."""
+        return "transformers" if self.model.family == "transformers" else "kvbench"
 
 
 def _divisors(n: int) -> list[int]:
@@ -304,10 +337,20 @@ def find_config(text: Path | str) -> Path:
     return path
 
 
-def load_config(path: Path | str) -> LoadedConfig:
+ENGINES = ("kvbench", "transformers")  # whose modeling code runs the model: kvbench's own, or transformers'
+
+
+def load_config(path: Path | str, engine: str = "kvbench") -> LoadedConfig:
     """Load a YAML config file, a transformers checkpoint directory (GPT-2, Llama, Qwen2, Mistral), or a
-    shipped config by name."""
+    shipped config by name. With engine "transformers": a checkpoint directory of any causal LM that
+    transformers loads offline, run by transformers' own code (hf_engine.py)."""
     from kvbench.checkpoints import load_checkpoint_dir  # it builds on this module
 
+    if engine not in ENGINES:
+        raise KVBenchError(f"--engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine == "transformers":
+        from kvbench import hf_engine
+
+        return hf_engine.load(path)
     path = find_config(path)
     return load_checkpoint_dir(path) if path.is_dir() else load_yaml_config(path)

@@ -11,6 +11,10 @@ part (no copy), where transformers' models mask the rest.
 Not wrapped: transformers' sliding-window layers hold W - 1 positions and cannot roll back past the window
 (kvbench's contents and rollback checks assume W); the quantized layers need optimum-quanto or hqq, not
 installed here; Fp8QuantizedLayer freezes one scale per tensor at the first update.
+
+On transformers' own models (`--engine transformers`, hf_engine.py) the same names, and hf-sliding,
+hf-offloaded and hf-quantized, are transformers' whole Cache classes, built from the model's config as
+generate() builds them, and updated by transformers' model itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable
 import torch
 
 from kvbench.cache import KVCache, columns_mask, kv_bytes_formula
+from kvbench.errors import KVBenchError
 from kvbench.strategies import CacheShape
 
 
@@ -79,26 +84,85 @@ def available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-def dynamic(shape: CacheShape) -> TransformersCache:
-    from transformers.cache_utils import DynamicLayer  # imported on first use: transformers loads slowly
+def dynamic(shape: CacheShape) -> KVCache:
+    from transformers.cache_utils import DynamicCache, DynamicLayer  # imported on first use: it loads slowly
 
+    if shape.transformers_config is not None:  # transformers' model: every position kept, in every layer
+        return _engine(shape, DynamicCache)
     return TransformersCache(shape, DynamicLayer, whole_buffer=False)
 
 
-def static(shape: CacheShape) -> TransformersCache:
-    from transformers.cache_utils import StaticLayer
+def static(shape: CacheShape) -> KVCache:
+    from transformers.cache_utils import StaticCache, StaticLayer
 
+    if shape.transformers_config is not None:  # as generate(cache_implementation="static") builds it
+        return _engine(shape, lambda: StaticCache(config=shape.transformers_config, max_cache_len=shape.max_len))
     return TransformersCache(shape, lambda: StaticLayer(max_cache_len=shape.max_len), whole_buffer=True)
 
 
+def sliding(shape: CacheShape) -> KVCache:
+    """DynamicCache built from the model's config: its sliding layers keep only their window (W - 1 past
+    positions), as generate() builds the cache of a model with a window."""
+    from transformers.cache_utils import DynamicCache
+
+    config = shape.transformers_config
+    if not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
+        raise KVBenchError(f"hf-sliding: this {config.model_type} model has no sliding window (config.json "
+                           "sliding_window / layer_types); use hf-dynamic or hf-static")
+
+    def make():
+        cache = DynamicCache(config=config)
+        if shape.rollback:  # sliding layers keep what a rollback may need until it is cropped (transformers' way)
+            cache.activate_past_recording()
+        return cache
+
+    return _engine(shape, make)
+
+
+def offloaded(shape: CacheShape) -> KVCache:
+    """DynamicCache(offloading=True): each layer's K/V goes to CPU memory after its forward and is prefetched
+    back to the GPU, on CUDA streams, before the next."""
+    from transformers.cache_utils import DynamicCache
+
+    if shape.device.type == "cpu":
+        raise KVBenchError("hf-offloaded moves each layer's K/V from GPU to CPU memory between forwards (on CUDA "
+                           "streams); on --device cpu the cache is in CPU memory already: run it with --device cuda")
+    return _engine(shape, lambda: DynamicCache(offloading=True))
+
+
+def quantized(shape: CacheShape) -> KVCache:
+    """QuantizedCache with transformers' defaults (4 bits, a full-precision residual of the last 128
+    tokens), on the first backend installed (transformers' own checks say which)."""
+    from transformers.cache_utils import QuantizedCache
+    from transformers.utils import is_hqq_available, is_optimum_quanto_available
+
+    backend = "quanto" if is_optimum_quanto_available() else "hqq" if is_hqq_available() else None
+    if backend is None:
+        raise KVBenchError("hf-quantized needs a quantization backend for transformers' QuantizedCache: "
+                           "pip install optimum-quanto (or hqq)")
+    return _engine(shape, lambda: QuantizedCache(backend, shape.transformers_config))
+
+
+def _engine(shape: CacheShape, make: Callable[[], object]) -> KVCache:
+    from kvbench.hf_engine import EngineCache
+
+    return EngineCache(shape, make)
+
+
 def register_all() -> None:
-    """Register hf-dynamic and hf-static when transformers is installed (without importing it now)."""
-    from kvbench.strategies import Strategy, register
+    """Register the hf-* strategies when transformers is installed (without importing it now)."""
+    from kvbench.strategies import TRANSFORMERS, Strategy, register
 
     if not available():
         return
-    decoder = frozenset({"decoder"})
-    register(Strategy("hf-dynamic", "transformers' DynamicLayer per layer: K/V grow by concatenation", dynamic,
-                      families=decoder))
-    register(Strategy("hf-static", "transformers' StaticLayer per layer: preallocated, written with index_copy_",
-                      static, families=decoder))
+    both, engine = frozenset({"decoder", TRANSFORMERS}), frozenset({TRANSFORMERS})
+    register(Strategy("hf-dynamic", "transformers' DynamicLayer per layer (on transformers' models: "
+                      "DynamicCache): K/V grow by concatenation", dynamic, families=both))
+    register(Strategy("hf-static", "transformers' StaticLayer per layer (on transformers' models: StaticCache "
+                      "from the model's config): preallocated, written with index_copy_", static, families=both))
+    register(Strategy("hf-sliding", "transformers' DynamicCache from the model's config: sliding layers keep "
+                      "their window only (models with a sliding window)", sliding, families=engine))
+    register(Strategy("hf-offloaded", "transformers' DynamicCache(offloading=True): K/V in CPU memory between "
+                      "forwards (CUDA only)", offloaded, families=engine))
+    register(Strategy("hf-quantized", "transformers' QuantizedCache (4 bits, quanto or hqq backend; the last 128 "
+                      "tokens in full precision)", quantized, exact=False, families=engine))

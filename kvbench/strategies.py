@@ -29,7 +29,10 @@ Visibility = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 DEFAULT_WINDOW = 256
 DEFAULT_BLOCK_SIZE = 16  # tokens per block of the paged cache (vLLM's default)
-FAMILIES = frozenset({"decoder", "encoder-decoder"})
+FAMILIES = frozenset({"decoder", "encoder-decoder"})  # kvbench's own models (a plugin's default)
+TRANSFORMERS = "transformers"  # the family of a checkpoint run by transformers' own code (--engine transformers)
+FAMILY_WORDS = {"decoder": "kvbench's decoder models", "encoder-decoder": "kvbench's encoder-decoder models",
+                TRANSFORMERS: "transformers' models (--engine transformers)"}
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,16 @@ class CacheShape:
     device: torch.device
     window: int = DEFAULT_WINDOW  # read by windowed strategies only
     rollback: int = 0  # tokens a generation may roll back at once (a bounded cache keeps that many more)
+    # transformers' own config when transformers' model runs (--engine transformers): its Cache classes are
+    # built from it (which layers slide, and by how much); None on kvbench's models
+    transformers_config: object | None = None
 
     @classmethod
     def of(cls, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
            window: int | None = None, rollback: int = 0) -> CacheShape:
         """The cache shape of a model config: its n_kv_heads K/V heads (grouped-query attention stores only those)."""
         return cls(config.n_layers, batch, config.n_kv_heads, config.head_dim, max_len, dtype, device,
-                   window_of(config, window), rollback)
+                   window_of(config, window), rollback, getattr(config, "hf_config", None))
 
 
 @dataclass(frozen=True)
@@ -117,9 +123,14 @@ def names(family: str | None = None) -> tuple[str, ...]:
 
 def get(name: str, family: str | None = None, option: str = "--strategies") -> Strategy:
     """The strategy of a name, for a family; an unknown name is a one-line error naming `option`."""
-    if name not in REGISTRY or (family is not None and family not in REGISTRY[name].families):
-        where = f" for {family} models" if family else ""
-        raise KVBenchError(f"{option}: unknown strategy {name!r}{where}; choose from {', '.join(names(family))}")
+    words = lambda f: FAMILY_WORDS.get(f, f"{f} models")  # noqa: E731
+    choices = f"choose from {', '.join(names(family))}"
+    if name in REGISTRY and family is not None and family not in REGISTRY[name].families:
+        only = " and ".join(words(f) for f in sorted(REGISTRY[name].families))
+        raise KVBenchError(f"{option}: strategy {name!r} runs on {only}, not on {words(family)}; {choices}")
+    if name not in REGISTRY:
+        where = f" for {words(family)}" if family else ""
+        raise KVBenchError(f"{option}: unknown strategy {name!r}{where}; {choices}")
     return REGISTRY[name]
 
 
@@ -133,7 +144,8 @@ def _full_length(cls) -> Callable[[CacheShape], KVCache]:
 
 
 NAIVE = register(Strategy(
-    "naive", "no cache: every step re-runs the whole sequence through the same model code and kernels"))
+    "naive", "no cache: every step re-runs the whole sequence through the same model code and kernels",
+    families=FAMILIES | {TRANSFORMERS}))
 STATIC = register(Strategy(
     "static", "K and V buffers preallocated for the whole generation, written in place", _full_length(StaticCache)))
 DYNAMIC = register(Strategy(

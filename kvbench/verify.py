@@ -706,7 +706,7 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
     size = window_of(model.config, window)
     win = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, size,
-                           ragged=model.config.family == "decoder" and strategy.ragged)
+                           ragged=model.config.family != "encoder-decoder" and strategy.ragged)
     if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)

@@ -151,6 +151,9 @@ def load_cpu_model(loaded: LoadedConfig, tensors: dict[str, torch.Tensor] | None
 def build_model(loaded: LoadedConfig, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Decoder | Seq2Seq:
     """A ready-to-run model in eval mode on device, in dtype, its weights laid out for fast decoding."""
+    family = family_of(loaded.model)
+    if family.load is not None:  # a family that loads its own weights (transformers' models)
+        return family.load(loaded, device, dtype)
     model = load_cpu_model(loaded).to(device=device, dtype=dtype)
     return model.use_kernel(decode_kernel(torch.device(device), dtype))
 

@@ -186,4 +186,4 @@ def test_cli_kv_evaluate_and_benchmark_run_the_three_ways(runner, tmp_path):
 
 def test_compile_is_refused_for_encoder_decoder(runner):
     result = runner.invoke(app, ["kv-evaluate", "--config", "configs/seq2seq.yaml", "--compile"])
-    assert result.exit_code == 2 and "--compile supports decoder-only configs" in result.output, result.output
+    assert result.exit_code == 2 and "--compile supports kvbench's decoder-only models" in result.output, result.output

@@ -52,6 +52,8 @@ def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtyp
 def linear_path(model: nn.Module) -> str:
     module = getattr(model, "model", model)  # an encoder-decoder bound to its source wraps the model
     kernels = sorted({m.kernel for m in module.modules() if isinstance(m, Linear)})
+    if not kernels:  # a model of its own code (transformers' under --engine transformers)
+        return "the model's own (nn.Linear)"
     return "; ".join(LINEAR_PATHS.get(k, k) for k in kernels)
 
 

@@ -82,7 +82,7 @@ def resume(results: ResultsDir) -> Session:
     meta = results.read_meta()
     try:
         settings = SweepSettings(**meta["settings"])
-        loaded = load_config(Path(meta["config_source"]))
+        loaded = load_config(Path(meta["config_source"]), settings.engine)
     except (KeyError, TypeError) as exc:
         raise KVBenchError(f"{results.meta_json}: cannot resume, meta.json lacks settings ({exc})") from None
     check_threads(settings.threads, resuming=results.meta_json)
@@ -218,7 +218,8 @@ def redraw(results: ResultsDir) -> tuple[pd.DataFrame, list[Path]]:
     return summary, draw_all(runs, summary, results.read_steps(), meta, path)
 
 
-COMPARED_SETTINGS = ("dtype", "batch_size", "prompt_len", "device", "threads", "src_len")
+SETTING_DEFAULTS = {"engine": "kvbench"}
+COMPARED_SETTINGS = ("engine", "dtype", "batch_size", "prompt_len", "device", "threads", "src_len")
 
 
 @dataclass
@@ -240,6 +241,7 @@ def differences(meta_a: dict, meta_b: dict) -> list[str]:
     if meta_a.get("device_name") != meta_b.get("device_name"):
         found.append(f"device: {meta_a.get('device_name')} vs {meta_b.get('device_name')}")
     a, b = meta_a.get("settings", {}), meta_b.get("settings", {})
+    a, b = ({**SETTING_DEFAULTS, **settings} for settings in (a, b))  # runs recorded before a setting existed
     found += [f"{key}: {a.get(key)} vs {b.get(key)}" for key in COMPARED_SETTINGS if a.get(key) != b.get(key)]
     return found
 

@@ -25,7 +25,7 @@ from kvbench.config import LoadedConfig
 from kvbench.generate import (Decode, cache_tokens, decode_one, decoder_for, for_generation, generation_steps,
                               naive_step, new_cache)
 from kvbench.model import Decoder
-from kvbench.strategies import NAIVE, REGISTRY, get
+from kvbench.strategies import NAIVE, REGISTRY, get, names
 from kvbench.verify import random_prompt
 
 NAIVE_NAME = NAIVE.name
@@ -50,6 +50,7 @@ class SweepSettings:
     window: int | None = None  # the sliding strategy's window
     src_len: int | None = None  # encoder-decoder: source tokens per sequence
     naive_max: int | None = None  # naive points past this many new tokens are skipped; None: from the estimate
+    engine: str = "kvbench"  # whose modeling code runs the model: kvbench's or transformers' (--engine)
 
     def __post_init__(self):
         if isinstance(self.batch_size, int):  # results directories written before batch became an axis
@@ -147,7 +148,9 @@ class CostModel:
 
 
 def _cached_step_s(model: Decoder, prompt: torch.Tensor, device: torch.device) -> float:
-    cache = new_cache(model, "static", prompt.shape[0], prompt.shape[1] + 8)
+    # the first cached strategy of the model's family: static on kvbench's models, hf-dynamic on transformers'
+    strategy = next(name for name in names(model.config.family) if get(name).cached)
+    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + 8)
     steps = generation_steps(model, prompt, 8, cache)
     next(steps)
     next(steps)  # first decode step: one-off costs

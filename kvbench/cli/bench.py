@@ -34,6 +34,8 @@ from kvbench.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    ENGINE_STRATEGIES,
+    EngineOpt,
     PromptLenOpt,
     SeedOpt,
     WindowOpt,
@@ -219,7 +221,9 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
     check_seed("--seed", seed)
     settings = SweepSettings(
         lengths=parse_lengths(lengths),
-        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH),
+        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH,
+                                  engine_default=f"naive,{ENGINE_STRATEGIES}"),
+        engine=loaded.engine,
         repeats=repeats, warmup=warmup, prompt_len=prompt_len,
         batch_size=parse_lengths(batch_size, "--batch-size", "1,4,16"),
         device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
@@ -302,7 +306,8 @@ def benchmark(
     lengths: Annotated[str, typer.Option(metavar="N,N,...", help="New tokens per point.")] = DEFAULT_LENGTHS,
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}. {PLUGIN_HELP}",
-        show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}")] = None,
+        show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}; --engine "
+                     f"transformers: naive,{ENGINE_STRATEGIES}")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = DEFAULTS.repeats,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = DEFAULTS.warmup,
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = DEFAULTS.prompt_len,
@@ -315,6 +320,7 @@ def benchmark(
                                                 show_default="torch's own choice")] = None,
     dtype: DtypeOpt = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    engine: EngineOpt = "kvbench",
     compile: CompileOpt = False,
     window: WindowOpt = None,
     src_len: Annotated[int, typer.Option(help="Source length (encoder-decoder configs).")] = DEFAULT_SRC_LEN,
@@ -327,7 +333,7 @@ def benchmark(
     """Time cached against naive generation over sequence lengths; write CSVs and plots."""
     with messages_to_stderr(format):
         path = run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                             threads, dtype, seed, compile, window, src_len, out, resume, naive_max)
+                             threads, dtype, seed, compile, window, src_len, out, resume, naive_max, engine)
     if format is not OutputFormat.table:
         import pandas as pd
 
@@ -335,7 +341,7 @@ def benchmark(
 
 
 def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size, threads, dtype,
-                  seed, compile, window, src_len, out, resume, naive_max) -> Path:
+                  seed, compile, window, src_len, out, resume, naive_max, engine="kvbench") -> Path:
     """benchmark's work; returns the results directory."""
     from kvbench.bench import session as bench
     from kvbench.bench.results import ResultsDir
@@ -348,7 +354,7 @@ def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, pro
                 console.print("nothing to do: every run is recorded; writing the summary and plots")
             run_and_finish(run)
         return results.path
-    loaded = load_config(config)
+    loaded = load_config(config, engine)
     settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
                             threads, dtype, seed, compile, window, src_len, naive_max)
     results = ResultsDir.create(out, Path("results"), loaded.name, settings.device, settings.dtype)

@@ -25,6 +25,8 @@ from kvbench.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    ENGINE_STRATEGIES,
+    EngineOpt,
     PromptLenOpt,
     RtolOpt,
     SeedOpt,
@@ -230,7 +232,8 @@ def kv_evaluate(
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}; an encoder-decoder "
                                  f"takes {', '.join(strategy_names('encoder-decoder'))}. {PLUGIN_HELP}",
-        show_default=f"static,dynamic; encoder-decoder: {DEFAULT_SEQ2SEQ_STRATEGIES}")] = None,
+        show_default=f"static,dynamic; encoder-decoder: {DEFAULT_SEQ2SEQ_STRATEGIES}; --engine transformers: "
+                     f"{ENGINE_STRATEGIES}")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
     src_len: SrcLenOpt = 16,
@@ -239,6 +242,7 @@ def kv_evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random prompt and of sampling.")] = 0,
+    engine: EngineOpt = "kvbench",
     compile: CompileOpt = False,
     window: WindowOpt = None,
     temperature: TemperatureOpt = 0.0,
@@ -255,7 +259,7 @@ def kv_evaluate(
              "prompts); default: the whole prompt at once.")] = None,
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
-    loaded = load_config(config)
+    loaded = load_config(config, engine)
     names = strategies_for(loaded, strategies, "static,dynamic", compile)
     lengths = parse_prompt_lens(prompt_lens, loaded) if prompt_lens is not None else None
     if lengths:

@@ -67,6 +67,12 @@ ConfigOpt = Annotated[str, typer.Option(
     help=f"A shipped config's name ({', '.join(shipped_names())}), a YAML file, or a GPT-2 checkpoint directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
+EngineOpt = Annotated[str, typer.Option(
+    metavar="kvbench|transformers",
+    help="Whose modeling code runs the model: kvbench's own, or transformers' (--config a checkpoint directory of "
+         "any causal LM transformers loads offline; strategies naive, hf-dynamic, hf-static, hf-sliding, "
+         "hf-offloaded, hf-quantized: transformers' Cache classes; needs pip install 'kvbench[hf]').")]
+ENGINE_STRATEGIES = "hf-dynamic,hf-static"  # the default under --engine transformers (benchmark adds naive)
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
@@ -230,12 +236,14 @@ def is_seq2seq(loaded: LoadedConfig) -> bool:
 
 
 def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
-                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES, option: str = "--strategies") -> list[str]:
+                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES, option: str = "--strategies",
+                   engine_default: str = ENGINE_STRATEGIES) -> list[str]:
     """The strategies asked for (or the family's default), checked against what the config's family supports."""
     family = loaded.model.family
     if compile and family not in COMPILED.families:
-        raise KVBenchError(f"--compile supports decoder-only configs; {loaded.source} is an encoder-decoder")
-    chosen = text or (seq2seq_default if is_seq2seq(loaded) else default)
+        raise KVBenchError(f"--compile supports kvbench's decoder-only models, not {registry.FAMILY_WORDS[family]}")
+    defaults = {"encoder-decoder": seq2seq_default, registry.TRANSFORMERS: engine_default}
+    chosen = text or defaults.get(family, default)
     return with_compiled(parse_strategies(chosen, family, option), compile)
 
 
@@ -310,6 +318,9 @@ def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: 
 def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
     if window is not None:
         require_positive("--window", window)
+        if loaded.model.family == registry.TRANSFORMERS:  # its caches are built from the model's own config
+            raise KVBenchError("--window: transformers' models attend with their own window (config.json "
+                               "sliding_window); drop --window under --engine transformers")
     return window_of(loaded.model, window)
 
 
