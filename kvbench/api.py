@@ -21,7 +21,7 @@ from kvbench.config import load_config
 from kvbench.errors import KVBenchError
 from kvbench.generate import Rollback
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES, dtype_name
-from kvbench.strategies import Strategy, window_of
+from kvbench.strategies import FAMILY_WORDS, Strategy, window_of
 from kvbench.verify import StrategyCheck, Tolerance, random_prompt
 from kvbench.verify import kv_evaluate as _kv_evaluate
 from kvbench.weights import build_model
@@ -31,13 +31,15 @@ from kvbench.weights import build_model
 StrategyLike = Union[str, type, Strategy]
 
 
-def load_model(config: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str = "float32"):
+def load_model(config: str | Path = "tiny", device: str | torch.device = "cpu", dtype: str = "float32",
+               engine: str = "kvbench"):
     """A ready-to-run model in eval mode: `config` a shipped config's name (default, tiny, llama, ...), a
     YAML file, or a transformers checkpoint directory (GPT-2, Llama, Qwen2, Mistral); `dtype` float32,
-    bfloat16 or float16. Its `.config` is the validated model config."""
+    bfloat16 or float16. Its `.config` is the validated model config. `engine="transformers"`: a checkpoint
+    directory of any causal LM, run by transformers' own code (strategies naive and hf-*)."""
     if dtype not in DTYPES:
         raise KVBenchError(f"dtype {dtype!r} is not supported; choose from {', '.join(DTYPES)}")
-    return build_model(load_config(config), torch.device(device), DTYPES[dtype])
+    return build_model(load_config(config, engine), torch.device(device), DTYPES[dtype])
 
 
 def register_strategy(cache_class: type) -> Strategy:
@@ -73,6 +75,9 @@ def kv_evaluate(model, strategies: Iterable[StrategyLike], new_tokens: int = 64,
     ragged batch), exactly as `kvbench kv-evaluate` does. Returns one StrategyCheck per strategy: `.passed`,
     `.failures` (in words), `.max_abs`, `.worst_ratio`, `.pooled.mean_kl`, ... Tolerances default by dtype."""
     chosen = [strategy(s) for s in strategies]
+    for s in chosen:  # transformers' caches need transformers' model, kvbench's caches kvbench's
+        if model.config.family not in s.families:
+            raise KVBenchError(f"strategy {s.name!r} does not run on {FAMILY_WORDS.get(model.config.family)}")
     default_atol, default_rtol = DEFAULT_TOLERANCE[dtype_name(model.dtype)]
     tol = Tolerance(default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
     prompt = random_prompt(model.config, batch_size, prompt_len, seed).to(model.device)
@@ -103,19 +108,20 @@ class _Silent:
 def benchmark(config: str | Path, strategies: Iterable[StrategyLike] = ("naive", "static"),
               lengths: Iterable[int] = (10, 50), repeats: int = 3, warmup: int = 1, prompt_len: int = 16,
               batch_size: int = 1, device: str = "cpu", dtype: str = "float32", window: int | None = None,
-              seed: int = 0, out: str | Path | None = None) -> BenchmarkResult:
+              seed: int = 0, out: str | Path | None = None, engine: str = "kvbench") -> BenchmarkResult:
     """Time each strategy's generation over `lengths` new tokens against naive and the machine's floor,
     exactly as `kvbench benchmark` does (the same runs, CSVs, meta.json and plots). With `out`, the results
-    directory is kept there; without, it is written to a temporary directory and only the tables returned."""
+    directory is kept there; without, it is written to a temporary directory and only the tables returned.
+    `engine="transformers"`: `config` a checkpoint directory run by transformers' own code."""
     from kvbench.bench import session as bench
     from kvbench.bench.results import ResultsDir
     from kvbench.bench.sweep import SweepSettings
 
-    loaded = load_config(config)
+    loaded = load_config(config, engine)
     names = [strategy(s).name for s in strategies]
     settings = SweepSettings(lengths=sorted(set(lengths)), strategies=names, repeats=repeats, warmup=warmup,
                              prompt_len=prompt_len, batch_size=[batch_size], device=device, dtype=dtype, seed=seed,
-                             window=window_of(loaded.model, window))
+                             window=window_of(loaded.model, window), engine=loaded.engine)
     with tempfile.TemporaryDirectory(prefix="kvbench-") as scratch:
         results = ResultsDir.create(Path(out) if out else Path(scratch) / "results", Path(scratch), loaded.name,
                                     device, dtype)

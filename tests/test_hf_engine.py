@@ -163,3 +163,21 @@ def test_engine_without_transformers_installed(runner, llama, monkeypatch):
     result = runner.invoke(app, ["benchmark", "--engine", "transformers", "--config", str(llama)])
     assert result.exit_code == 2, result.output
     assert "--engine transformers needs the transformers package; install it: pip install 'kvbench[hf]'" in result.output
+
+
+def test_python_api_takes_the_engine(llama):
+    import kvbench
+
+    model = kvbench.load_model(llama, engine="transformers")
+    checks = kvbench.kv_evaluate(model, ["hf-dynamic", "hf-static"], new_tokens=8)
+    assert [(c.strategy, c.passed) for c in checks] == [("hf-dynamic", True), ("hf-static", True)]
+
+
+def test_python_api_refuses_a_strategy_of_the_other_engine(llama):
+    import kvbench
+    from kvbench.errors import KVBenchError
+
+    with pytest.raises(KVBenchError, match="strategy 'static' does not run on transformers' models"):
+        kvbench.kv_evaluate(kvbench.load_model(llama, engine="transformers"), ["static"], new_tokens=4)
+    with pytest.raises(KVBenchError, match="strategy 'hf-sliding' does not run on kvbench's decoder models"):
+        kvbench.kv_evaluate(kvbench.load_model("tiny"), ["hf-sliding"], new_tokens=4)
