@@ -20,7 +20,7 @@ from kvbench.bench.machine import check_threads, command_line, device_name, mach
 from kvbench.bench.results import ResultsDir
 from kvbench.bench.paths import code_paths
 from kvbench.bench.stats import POINT, summarize
-from kvbench.bench.sweep import (NAIVE_RUN_BUDGET_S, Reporter, Sweep, SweepSettings, calibrate, plan_runs,
+from kvbench.bench.sweep import (DEFAULTS, NAIVE_RUN_BUDGET_S, Reporter, Sweep, SweepSettings, calibrate, plan_runs,
                                  skipped_points, timed_runs)
 from kvbench.bench.timing import PeakMemory
 from kvbench.config import LoadedConfig, load_config
@@ -218,7 +218,7 @@ def redraw(results: ResultsDir) -> tuple[pd.DataFrame, list[Path]]:
     return summary, draw_all(runs, summary, results.read_steps(), meta, path)
 
 
-SETTING_DEFAULTS = {"engine": "kvbench"}
+SETTING_DEFAULTS = {"engine": DEFAULTS.engine}  # runs recorded before engine was a setting ran kvbench's
 COMPARED_SETTINGS = ("engine", "dtype", "batch_size", "prompt_len", "device", "threads", "src_len")
 
 
