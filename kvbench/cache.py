@@ -9,6 +9,7 @@ check it against the K/V a fresh forward computes. "naive" is not a cache: it me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -60,6 +61,20 @@ def columns_mask(start_pos: int, n_new: int, device: torch.device, pads: torch.T
         return mask
     query_pos = torch.arange(start_pos, start_pos + n_new, device=device)  # (T,)
     return hide_padding(mask, query_pos, torch.arange(start_pos + n_new, device=device), pads)
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    """What a cache allocated for a generation against what its tokens need: a preallocated or padded cache
+    wastes the difference, a paged one only the unfilled end of each sequence's last block."""
+
+    allocated: int  # bytes the cache set aside for the generation's sequences
+    live: int  # bytes holding the sequences' own tokens (padding and unused slots excluded)
+
+    @property
+    def waste(self) -> float:
+        """(allocated - live) / allocated: the share of the allocation holding nothing of use."""
+        return (self.allocated - self.live) / self.allocated if self.allocated else 0.0
 
 
 class KVCache(ABC):
@@ -126,6 +141,23 @@ class KVCache(ABC):
         cache; a lossy one (quantized) states its own bound, which kv-evaluate holds it to."""
         return torch.zeros_like(exact)
 
+    def release(self, row: int) -> None:
+        """The sequence of `row` finished (its own stop, or an EOS) while others go on: a cache that can
+        give its storage back does so here. The default keeps it: rows stored side by side in one buffer
+        cannot shrink one row alone, so the finished row's slots stay allocated until reset()."""
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token of one sequence takes, K and V of every layer. Optional for a plugin: without it
+        the benchmark leaves the memory columns empty."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what a token takes")
+
+    def memory_use(self, row_tokens: list[int]) -> CacheMemory:
+        """Allocated and live bytes when row b's sequence holds row_tokens[b] tokens at its largest (its
+        prompt, without padding, plus every new token fed back). The default: everything the cache holds
+        is allocated, and each live token takes token_bytes."""
+        return CacheMemory(self.nbytes, self.token_bytes * sum(row_tokens))
+
 
 class StaticCache(KVCache):
     """Preallocated K and V buffers, written in place: no allocation while decoding (as gpt-fast does).
@@ -181,6 +213,10 @@ class StaticCache(KVCache):
         B, H, _, hd = self.k[0].shape
         return kv_bytes_formula(len(self.k), H, hd, tokens, B, self.k[0].element_size())
 
+    @property
+    def token_bytes(self):
+        return self.expected_bytes(1) // self.k[0].shape[0]  # of one row: each row's slots are all allocated
+
 
 class DynamicCache(KVCache):
     """Grows by concatenation every step, as transformers' default cache does: simple, but reallocates."""
@@ -226,6 +262,11 @@ class DynamicCache(KVCache):
             return 0
         B, H, _, hd = self.k[0].shape
         return kv_bytes_formula(self.n_layers, H, hd, tokens, B, self.k[0].element_size())
+
+    @property
+    def token_bytes(self):
+        # every row grows to the batch's widest: padding columns and a finished row's later columns are held
+        return self.expected_bytes(1) // self.k[0].shape[0] if self.k[0] is not None else 0
 
 
 class SlidingWindowCache(KVCache):
@@ -316,6 +357,15 @@ class SlidingWindowCache(KVCache):
     def expected_bytes(self, tokens):
         B, H, _, hd = self.k[0].shape
         return kv_bytes_formula(len(self.k), H, hd, min(tokens, self.slots), B, self.k[0].element_size())
+
+    @property
+    def token_bytes(self):
+        B, H, _, hd = self.k[0].shape
+        return kv_bytes_formula(len(self.k), H, hd, 1, 1, self.k[0].element_size())
+
+    def memory_use(self, row_tokens):
+        # the ring keeps a row's last `window` positions live; spare slots and a short row's padding are waste
+        return CacheMemory(self.nbytes, self.token_bytes * sum(min(t, self.window) for t in row_tokens))
 
 
 def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -410,6 +460,10 @@ class QuantizedCache(KVCache):
     def expected_bytes(self, tokens):
         B, H, _, hd = self.kq[0].shape
         return 2 * len(self.kq) * H * tokens * B * (hd * 1 + 4)  # int8 values + a float32 scale per vector
+
+    @property
+    def token_bytes(self):
+        return self.expected_bytes(1) // self.kq[0].shape[0]
 
 
 # --- attention over int8 storage -------------------------------------------------------------------------------
@@ -518,6 +572,7 @@ class PagedCache(KVCache):
         self.free = list(range(shape[0]))  # block ids nobody holds
         self.tables: list[list[int]] = [[] for _ in range(batch)]  # per sequence: its blocks, in position order
         self.finished: set[int] = set()  # rows whose sequence ended: they take no block until reset()
+        self.most_blocks = [0] * batch  # per sequence: the most blocks it has held since reset()
 
     # --- blocks ---------------------------------------------------------------------------------------------
 
@@ -554,6 +609,7 @@ class PagedCache(KVCache):
         for row, pad in enumerate(offsets):
             while row not in self.finished and len(self.tables[row]) * self.block_size < start_pos + n_new - pad:
                 self.tables[row].append(self._take_block())
+            self.most_blocks[row] = max(self.most_blocks[row], len(self.tables[row]))
         device = self.k[0].device
         columns = start_pos + torch.arange(n_new, device=device)  # (T,)
         positions = columns[None, :] - torch.tensor(offsets, device=device)[:, None]  # (B, T): < 0 is padding
@@ -561,7 +617,9 @@ class PagedCache(KVCache):
         table = self._table_tensor()  # (B, blocks)
         live = torch.tensor([row not in self.finished for row in range(self.batch)], device=device)  # (B,)
         stored = (positions >= 0) & live[:, None]
-        slot = table.gather(1, (positions.clamp_min(0) // self.block_size)) * self.block_size + positions % self.block_size
+        # a finished row's positions run past its (empty) table: clamped, and never stored
+        block = (positions.clamp_min(0) // self.block_size).clamp_max(table.shape[1] - 1)  # (B, T)
+        slot = table.gather(1, block) * self.block_size + positions % self.block_size  # (B, T)
         self.write_rows, self.write_cols = stored.nonzero(as_tuple=True)  # which (row, new token) are stored
         self.write_slots = slot[stored]  # (N,) flat slot of each, in (blocks x block_size)
 
@@ -596,6 +654,7 @@ class PagedCache(KVCache):
         for row in range(self.batch):
             self.release(row)
         self.finished.clear()
+        self.most_blocks = [0] * self.batch
 
     def crop(self, length):
         offsets = [0] * self.batch if self.pads is None else self.pads.tolist()
@@ -620,3 +679,13 @@ class PagedCache(KVCache):
     def expected_bytes(self, tokens):
         blocks = self.batch * -(-tokens // self.block_size)  # whole blocks per sequence
         return blocks * self.block_bytes
+
+    @property
+    def token_bytes(self):
+        return self.block_bytes // self.block_size
+
+    def memory_use(self, row_tokens):
+        # each sequence's blocks at its largest (a finished one's counted as it released them): whole blocks,
+        # so the waste is the unfilled end of each sequence's last block. The pool itself (nbytes) may be
+        # larger, holding free blocks for the next sequences.
+        return CacheMemory(sum(self.most_blocks) * self.block_bytes, self.token_bytes * sum(row_tokens))

@@ -122,6 +122,53 @@ class Rollback:
             yield torch.randint(0, vocab, (batch, self.tokens), generator=generator).to(device)  # (B, K)
 
 
+@dataclass(frozen=True)
+class RowStops:
+    """Rows of a batch that stop at different steps: row b after its own new_tokens[b] tokens, or after it
+    emits eos_id, whichever comes first. A finished row stops growing its cache (cache.release(row): the
+    paged cache returns its blocks to the pool); the batch goes on until its last row finishes, the finished
+    rows' later tokens computed with the batch (one column per step) and ignored."""
+
+    new_tokens: tuple[int, ...] | None = None  # per row; None: every row the run's new_tokens
+    eos_id: int | None = None
+
+    def limits(self, batch: int, new_tokens: int) -> list[int]:
+        if self.new_tokens is None:
+            return [new_tokens] * batch
+        if len(self.new_tokens) != batch:
+            raise ValueError(f"{len(self.new_tokens)} per-row token counts for a batch of {batch} rows")
+        return [min(n, new_tokens) for n in self.new_tokens]
+
+    def lengths(self, tokens: torch.Tensor) -> list[int]:
+        """Each row's new tokens up to its stop, from the tokens (B, N) a generation chose."""
+        limits = self.limits(tokens.shape[0], tokens.shape[1])
+        if self.eos_id is not None:
+            for row, ids in enumerate(tokens.tolist()):
+                if self.eos_id in ids[:limits[row]]:
+                    limits[row] = ids.index(self.eos_id) + 1  # the EOS is the row's last token
+        return limits
+
+
+class Finishing:
+    """Which rows have stopped so far, during a generation; releases each one's cache as it stops."""
+
+    def __init__(self, stops: RowStops | None, batch: int, new_tokens: int, cache: KVCache | None):
+        self.stops, self.cache = stops, cache
+        self.limits = stops.limits(batch, new_tokens) if stops else [new_tokens] * batch
+        self.open = set(range(batch))
+
+    def after(self, index: int, token: torch.Tensor) -> bool:
+        """Step `index` chose `token` (B,): release the rows that stop here; True once every row has stopped."""
+        eos = self.stops.eos_id if self.stops else None
+        hit = (token == eos).tolist() if eos is not None else None  # one host sync per step, only with an EOS
+        stopping = [row for row in sorted(self.open) if index + 1 >= self.limits[row] or (hit and hit[row])]
+        self.open.difference_update(stopping)
+        if self.open and self.cache is not None:  # the rows stopping with the last are kept: the cache is
+            for row in stopping:  # the generation's result until reset() (contents are checked, memory read)
+                self.cache.release(row)
+        return not self.open
+
+
 @dataclass
 class Step:
     index: int  # 0 is the prefill
@@ -133,13 +180,23 @@ class Step:
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
                      choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None,
                      pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
-                     rollback: Rollback | None = None) -> Iterator[Step]:
+                     rollback: Rollback | None = None, stops: RowStops | None = None) -> Iterator[Step]:
     """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
     The cache is reset first. `pads`: a left-padded ragged batch (see left_pad); `prefill_chunk`: the
-    prompt enters the cache that many tokens at a time; `rollback`: rejected drafts written and rolled back."""
-    if cache is None:
-        yield from _naive_steps(model, prompt, new_tokens, choose, window, pads)
-        return
+    prompt enters the cache that many tokens at a time; `rollback`: rejected drafts written and rolled back;
+    `stops`: rows that stop at different steps (the generation ends when the last one does)."""
+    finishing = Finishing(stops, prompt.shape[0], new_tokens, cache)
+    steps = (_naive_steps(model, prompt, new_tokens, choose, window, pads) if cache is None else
+             _cached_steps(model, prompt, new_tokens, cache, choose, decode, pads, prefill_chunk, rollback))
+    for step in steps:
+        yield step
+        if finishing.after(step.index, step.token):
+            return
+
+
+def _cached_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache, choose: Chooser,
+                  decode: Decode, pads: torch.Tensor | None, prefill_chunk: int | None,
+                  rollback: Rollback | None) -> Iterator[Step]:
     cache.reset()
     n_prompt = prompt.shape[1]
     last_column = n_prompt + new_tokens - 2  # the last token fed back: drafts never reach past it
@@ -174,6 +231,7 @@ class Generation:
     tokens: torch.Tensor  # (B, N) new tokens
     logits: torch.Tensor | None  # (B, N, V) the logits that chose them, when kept
     draws: torch.Tensor | None = None  # (B, N) the sampler's uniform draws (None when greedy)
+    lengths: list[int] | None = None  # rows that stopped at different steps: each row's tokens up to its stop
 
 
 def cache_tokens(prompt_len: int, new_tokens: int) -> int:
@@ -200,14 +258,15 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: St
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
              window: int | None = None, cache: KVCache | None = None,
              pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
-             rollback: Rollback | None = None) -> Generation:
+             rollback: Rollback | None = None, stops: RowStops | None = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
     `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
     by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad. `prefill_chunk`:
     the prompt enters the cache that many tokens per forward. `rollback`: speculative drafts written into
-    the cache and rolled back every few steps (see Rollback); the cache must be made with that rollback."""
+    the cache and rolled back every few steps (see Rollback); the cache must be made with that rollback.
+    `stops`: rows that stop at different steps; Generation.lengths says where each did."""
     if cache is None:
         cache = new_cache(model, strategy, prompt.shape[0], cache_tokens(prompt.shape[1], new_tokens), window,
                           rollback.tokens if rollback else 0)
@@ -215,14 +274,16 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: St
     sampler = Sampler(sampling)
     tokens, logits = [], []
     for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads, prefill_chunk,
-                                 rollback):
+                                 rollback, stops):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())
         if on_step is not None:
             on_step(step)
     draws = torch.stack(sampler.draws, dim=1) if sampler.draws else None
-    return Generation(torch.stack(tokens, dim=1), torch.stack(logits, dim=1) if keep_logits else None, draws)
+    tokens = torch.stack(tokens, dim=1)  # (B, N): N the steps run, up to the last row's stop
+    return Generation(tokens, torch.stack(logits, dim=1) if keep_logits else None, draws,
+                      stops.lengths(tokens) if stops else None)
 
 
 def for_generation(model, batch: int, src_len: int, seed: int):

@@ -79,6 +79,10 @@ class TransformersCache(KVCache):
         s = self.shape
         return kv_bytes_formula(s.n_layers, s.n_heads, s.head_dim, tokens, s.batch, s.dtype.itemsize)
 
+    @property
+    def token_bytes(self):
+        return self.expected_bytes(1) // self.shape.batch
+
 
 def available() -> bool:
     return importlib.util.find_spec("transformers") is not None

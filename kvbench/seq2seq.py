@@ -168,6 +168,12 @@ class Seq2SeqCache(KVCache):
     def storage_bound(self, exact):
         return self.self_cache.storage_bound(exact)
 
+    def release(self, row):
+        self.self_cache.release(row)
+
+    def memory_use(self, row_tokens):
+        return self.self_cache.memory_use(row_tokens)  # self-attention's: the source's K/V are in nbytes
+
     @property
     def nbytes(self):
         kept = sum(k.nbytes + v.nbytes for k, v in self.cross_kv) if self.keep_cross and self.cross_kv else 0
