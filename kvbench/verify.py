@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kvbench.cache import KVCache
 from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
-from kvbench.generate import (GREEDY, Generation, Rollback, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
+from kvbench.generate import (GREEDY, Generation, Rollback, RowStops, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
 from kvbench.model import Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, Thresholds, dtype_name
@@ -635,16 +635,23 @@ class PlannedGeneration:
     main: bool = False
     rows: list[torch.Tensor] | None = None  # a ragged batch: each row's own prompt (prompt is them left-padded)
     pads: torch.Tensor | None = None  # (B,) the padding of each row
+    stops: RowStops | None = None  # rows that stop at different steps: each checked alone up to its stop
+
+    @property
+    def row_prompts(self) -> list[torch.Tensor] | None:
+        """The prompts of rows checked one by one (a ragged batch, or rows with their own stops); else None."""
+        return self.rows if self.rows is not None or self.stops is None else list(self.prompt)
 
 
 def generation_plan(prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, vocab: int, window: int,
-                    ragged: bool = True) -> list[PlannedGeneration]:
+                    ragged: bool = True, stops: RowStops | None = None) -> list[PlannedGeneration]:
     """The generations each cache strategy goes through, in order, one cache object reused across the first
     three: short then long (the run asked for) then short again with a prompt longer than the sliding window
     where it fits (the long-prompt prefill), then a batch of one more row, different prompts per row (a row
     broadcast hides at batch 1), then (decoders) a ragged batch: rows of different prompt lengths, left-padded,
     each row checked against naive generation of that row alone. Every one fits the run asked for: no longer
-    prompt + tokens than it. A list of prompts (rows of different lengths) makes the run asked for ragged."""
+    prompt + tokens than it. A list of prompts (rows of different lengths) makes the run asked for ragged;
+    `stops` makes its rows stop at different steps, each checked alone up to its own stop."""
     rows, pads = (prompt, None) if isinstance(prompt, list) else (None, None)
     if rows is not None:
         prompt, pads = left_pad(rows)
@@ -654,8 +661,9 @@ def generation_plan(prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, 
     ids = lambda rows, length, i: random_ids(vocab, rows, length, REUSE_SEED + i).to(prompt.device)  # noqa: E731
     plan = [
         PlannedGeneration(f"fresh cache, {short} tokens", ids(batch, max(1, n_prompt // 2), 0), short, True),
-        PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused" + (", each row against itself alone"
-                          if rows else ""), prompt, new_tokens, False, True, rows=rows, pads=pads),
+        PlannedGeneration(f"{new_tokens} tokens as asked, the cache reused" + stops_text(stops) + (
+                          ", each row against itself alone" if rows or stops else ""), prompt, new_tokens, False,
+                          True, rows=rows, pads=pads, stops=stops),
         PlannedGeneration(f"cache reused after the long run, {long_prompt}-token prompt", ids(batch, long_prompt, 1),
                           short, False),
         PlannedGeneration(f"{batch + 1} rows, different prompts", ids(batch + 1, n_prompt, 2), short, True),
@@ -670,6 +678,14 @@ def generation_plan(prompt: torch.Tensor | list[torch.Tensor], new_tokens: int, 
     return plan
 
 
+def stops_text(stops: RowStops | None) -> str:
+    if stops is None:
+        return ""
+    own = f"rows stopping after {'/'.join(map(str, stops.new_tokens))} tokens" if stops.new_tokens else ""
+    eos = f"rows stopping at EOS id {stops.eos_id}" if stops.eos_id is not None else ""
+    return ", " + (f"{own} or at EOS id {stops.eos_id}" if own and eos else own or eos)
+
+
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
                 sampling: SamplingSettings, window: int | None,
                 on_step: Callable[[Step], None] | None, prefill_chunk: int | None = None,
@@ -678,22 +694,25 @@ def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KV
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
                               sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads,
-                              prefill_chunk=prefill_chunk, rollback=rollback)
+                              prefill_chunk=prefill_chunk, rollback=rollback, stops=planned.stops)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (a broken cache, a plugin's bug: report it as the failure it is)
         return [GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")]
-    if planned.rows is None:
+    rows = planned.row_prompts
+    if rows is None:
         return [check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
                                  planned.label, planned.main)]
     return [check_generation(model, row[None], row_of(generation, r), tol, sampling, window, None,
-                             f"{planned.label}: row {r} ({len(row)}-token prompt)", planned.main)
-            for r, row in enumerate(planned.rows)]
+                             f"{planned.label}: row {r} ({len(row)}-token prompt"
+                             + (f", {generation.lengths[r]} tokens)" if generation.lengths else ")"), planned.main)
+            for r, row in enumerate(rows)]
 
 
 def row_of(generation: Generation, row: int) -> Generation:
-    """One row of a batch's generation, as if it had been generated alone (B = 1)."""
-    pick = lambda t: None if t is None else t[row:row + 1]  # noqa: E731
+    """One row of a batch's generation, as if it had been generated alone (B = 1), up to its own stop."""
+    end = generation.lengths[row] if generation.lengths else generation.tokens.shape[1]
+    pick = lambda t: None if t is None else t[row:row + 1, :end]  # noqa: E731
     return Generation(pick(generation.tokens), pick(generation.logits), pick(generation.draws))
 
 
@@ -701,12 +720,12 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
                    tol: Tolerance,
                    sampling: SamplingSettings, window: int | None,
                    on_step: Callable[[int], None] | None, prefill_chunk: int | None = None,
-                   rollback: Rollback | None = None) -> StrategyCheck:
+                   rollback: Rollback | None = None, stops: RowStops | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
     size = window_of(model.config, window)
     win = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, size,
-                           ragged=model.config.family != "encoder-decoder" and strategy.ragged)
+                           ragged=model.config.family != "encoder-decoder" and strategy.ragged, stops=stops)
     if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)
@@ -730,15 +749,17 @@ def kv_evaluate(model: Decoder, prompt: torch.Tensor | list[torch.Tensor], new_t
                 tol: Tolerance,
                 sampling: SamplingSettings = GREEDY, window: int | None = None,
                 on_step: Callable[[str, int], None] | None = None,
-                prefill_chunk: int | None = None, rollback: Rollback | None = None) -> list[StrategyCheck]:
+                prefill_chunk: int | None = None, rollback: Rollback | None = None,
+                stops: RowStops | None = None) -> list[StrategyCheck]:
     """Generate with each strategy and check logits, tokens and cache contents against naive recomputation,
     over several generations per cache object (see generation_plan). on_step(strategy, total) after each
     step, with the total number of steps that strategy will run. `prefill_chunk`: every prompt enters the
     cache that many tokens at a time. `prompt` as a list of 1-D prompts of different lengths: the run asked
-    for is a ragged batch, each row checked against that row generated alone."""
+    for is a ragged batch, each row checked against that row generated alone. `stops`: the rows of the run
+    asked for stop at different steps, each checked alone up to its own stop."""
     checks = []
     for strategy in map(resolve, strategies):
         callback = (lambda total, s=strategy.name: on_step(s, total)) if on_step else None
         checks.append(check_strategy(model, prompt, new_tokens, strategy, tol, sampling, window, callback,
-                                     prefill_chunk, rollback))
+                                     prefill_chunk, rollback, stops))
     return checks

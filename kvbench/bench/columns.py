@@ -12,17 +12,29 @@ RUNS = {  # results.csv: one row per timed run
     "device_name": "CPU model or GPU name",
     "dtype": "float32, bfloat16 or float16",
     "threads": "torch's CPU threads during the run",
-    "batch_size": "sequences generated at once (--batch-size: a sweep axis)",
-    "prompt_len": "prompt tokens per sequence (random ids, seeded)",
-    "new_tokens": "tokens generated per sequence: the sweep point's length",
+    "batch_size": "sequences generated at once (--batch-size: a sweep axis; or the number of --prompt-lens / "
+                  "--new-tokens-per-row)",
+    "prompt_len": "prompt tokens per sequence (random ids, seeded); with --prompt-lens the longest row's (each "
+                  "row's length is in meta.json's settings)",
+    "new_tokens": "tokens generated per sequence: the sweep point's length; with --new-tokens-per-row the "
+                  "largest (the run ends when its last row stops)",
     "repeat": "0-based repeat index of this point (repeats are interleaved across strategies)",
     "total_s": "seconds for the whole generation: prefill_s + decode_s",
     "prefill_s": "seconds of the prompt's forward pass, which yields the first new token",
     "decode_s": "seconds of the new_tokens - 1 decode steps together",
     "per_token_ms": "1000 x decode_s / (new_tokens - 1): milliseconds per decode step (empty for 1 token)",
-    "tokens_per_s": "batch_size x new_tokens / total_s",
+    "tokens_per_s": "tokens generated (every row's own, up to its stop) / total_s",
     "kv_cache_bytes": "bytes the cache had allocated at the end of the run (0 for naive)",
     "kv_cache_formula_bytes": "bytes the README's formula gives for the tokens held at the end",
+    "kv_allocated_bytes": "bytes the cache set aside for the batch's sequences, as the cache reports it: static "
+                          "and quantized preallocate batch x the longest row; dynamic grows every row to the "
+                          "widest (left padding included); sliding its ring per row; paged the whole 16-token "
+                          "blocks each sequence held at its largest (the pool, kv_cache_bytes, may hold free "
+                          "blocks besides). 0 for naive; empty for a plugin that does not say",
+    "kv_live_bytes": "bytes holding the sequences' own tokens: per row, its prompt (no padding) plus the new "
+                     "tokens fed back up to its own stop (sliding: at most its window) x the bytes a token takes",
+    "kv_waste": "(kv_allocated_bytes - kv_live_bytes) / kv_allocated_bytes: the share of the cache's allocation "
+                "holding nothing of use (empty for naive)",
     "peak_mem_bytes": "CPU: the process's peak resident set size during the run (weights, cache, activations, "
                       "interpreter); CUDA: torch.cuda.max_memory_allocated during the run",
     "mem_growth_bytes": "peak_mem_bytes minus the same measure at the run's start: what the run itself added "
@@ -62,6 +74,9 @@ SUMMARY = {  # summary.csv: one row per strategy, batch and length, over the rep
     "tokens_per_s_median": "median of tokens_per_s",
     "kv_cache_bytes": "largest kv_cache_bytes over the repeats",
     "kv_cache_formula_bytes": "largest kv_cache_formula_bytes over the repeats",
+    "kv_allocated_bytes": "largest kv_allocated_bytes over the repeats (the same in each)",
+    "kv_live_bytes": "largest kv_live_bytes over the repeats (the same in each)",
+    "kv_waste": "(kv_allocated_bytes - kv_live_bytes) / kv_allocated_bytes of this table's columns",
     "peak_mem_bytes_median": "median of peak_mem_bytes",
     "mem_growth_bytes_median": "median of mem_growth_bytes",
     "weight_bytes": "median of weight_bytes",

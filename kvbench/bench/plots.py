@@ -57,8 +57,11 @@ def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
     s = meta["settings"]
     batches = _batches(meta)
     batch = f"batch {batches[0]}" if len(batches) == 1 else "batches " + ", ".join(map(str, batches))
+    prompt = f"prompts {'/'.join(map(str, s['prompt_lens']))}" if s.get("prompt_lens") else f"prompt {s['prompt_len']}"
+    if s.get("new_tokens_per_row"):
+        prompt += f" · rows stop after {'/'.join(map(str, s['new_tokens_per_row']))} tokens"
     return wrap_at_dots(f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · {batch}"
-                        f" · prompt {s['prompt_len']} · " + what.format(repeats=s["repeats"]))
+                        f" · {prompt} · " + what.format(repeats=s["repeats"]))
 
 
 BATCH_LINES = ["-", "--", ":", "-."]  # one line style per batch size, in increasing order
@@ -191,10 +194,37 @@ def _memory_measure(summary: pd.DataFrame, meta: dict) -> tuple[pd.Series, str]:
     return summary["peak_mem_bytes_median"], f"Peak memory during the run ({where}; growth not recorded)"
 
 
+def has_allocation(summary: pd.DataFrame) -> bool:
+    """Whether the summary holds allocated / live bytes (directories before them do not; naive alone holds none)."""
+    return "kv_allocated_bytes" in summary and bool((summary["kv_allocated_bytes"].fillna(0) > 0).any())
+
+
+def waste_panel(ax, summary: pd.DataFrame) -> None:
+    """At the largest batch and length: each cache's allocation (light bar) against its live bytes (solid),
+    labelled with the waste. Where a static cache's preallocation against a paged cache's blocks shows."""
+    point = summary[(summary["batch_size"] == summary["batch_size"].max())]
+    point = point[(point["new_tokens"] == point["new_tokens"].max()) & (point["kv_allocated_bytes"] > 0)]
+    for i, row in enumerate(point.itertuples()):
+        color = color_of(row.strategy)
+        ax.bar(i, row.kv_allocated_bytes / 2**20, color=color, alpha=0.3)
+        ax.bar(i, row.kv_live_bytes / 2**20, color=color)
+        ax.annotate(f"{100 * row.kv_waste:.0f}% waste", (i, row.kv_allocated_bytes / 2**20), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(range(len(point)), point["strategy"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.margins(y=0.15)  # room for the labels above the tallest bar
+    ax.set_title(f"Allocated (light) vs live (solid) at batch {point['batch_size'].max()} x "
+                 f"{point['new_tokens'].max()} tokens", fontsize=9)
+
+
 def memory_figure(summary: pd.DataFrame, meta: dict):
-    fig, (left, right) = _figure(11, 5.0, ncols=2)
-    measure, what = _memory_measure(summary, meta)
     summary = summary[summary["repeats"] > 0]  # points skipped past --naive-max hold no numbers
+    waste = has_allocation(summary)
+    fig, axes = _figure(16 if waste else 11, 5.0, ncols=3 if waste else 2)
+    left, right = axes[:2]
+    if waste:
+        waste_panel(axes[2], summary)
+    measure, what = _memory_measure(summary, meta)
     for style, points in _series(summary, meta):
         if points["strategy"].iloc[0] != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
             left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ms=7, **{**style, "ls": "none"})

@@ -25,11 +25,12 @@ from kvbench.errors import KVBenchError
 RUN_COLUMNS = [
     "config", "strategy", "device", "device_name", "dtype", "threads", "batch_size", "prompt_len", "new_tokens",
     "repeat", "total_s", "prefill_s", "decode_s", "per_token_ms", "tokens_per_s", "kv_cache_bytes",
-    "kv_cache_formula_bytes", "peak_mem_bytes", "mem_growth_bytes", "weight_bytes", "kv_bytes", "floor_ms", "bound",
+    "kv_cache_formula_bytes", "kv_allocated_bytes", "kv_live_bytes", "kv_waste", "peak_mem_bytes", "mem_growth_bytes", "weight_bytes", "kv_bytes", "floor_ms", "bound",
     "bandwidth_gbs", "gflops_per_token", "achieved_gflops", "finished_at",
 ]
 # absent from directories written before they existed: read as NaN (or empty)
-ADDED_RUN_COLUMNS = {"mem_growth_bytes", "weight_bytes", "kv_bytes", "bound"}
+ADDED_RUN_COLUMNS = {"mem_growth_bytes", "weight_bytes", "kv_bytes", "bound", "kv_allocated_bytes", "kv_live_bytes",
+                     "kv_waste"}
 TEXT_RUN_COLUMNS = {"config", "strategy", "device", "device_name", "dtype", "bound", "finished_at"}
 KEY_COLUMNS = ["strategy", "batch_size", "new_tokens", "repeat"]  # a run's identity: never empty
 STEP_COLUMNS = ["strategy", "batch_size", "new_tokens", "repeat", "step", "position", "step_ms"]

@@ -26,7 +26,7 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None,
     naive where naive was measured at the same point. `skipped` points (strategy, batch, new_tokens) were
     not run: each gets a row with `skipped` saying why and no numbers, so that nothing vanishes silently."""
     runs = with_batch(runs)
-    for column in ("weight_bytes", "kv_bytes"):  # directories written before these columns existed
+    for column in ("weight_bytes", "kv_bytes", "kv_allocated_bytes", "kv_live_bytes"):  # written before these existed
         if column not in runs:
             runs[column] = float("nan")
     if "bound" not in runs:
@@ -43,6 +43,8 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None,
         tokens_per_s_median=("tokens_per_s", "median"),
         kv_cache_bytes=("kv_cache_bytes", "max"),
         kv_cache_formula_bytes=("kv_cache_formula_bytes", "max"),
+        kv_allocated_bytes=("kv_allocated_bytes", "max"),
+        kv_live_bytes=("kv_live_bytes", "max"),
         peak_mem_bytes_median=("peak_mem_bytes", "median"),
         mem_growth_bytes_median=("mem_growth_bytes", "median"),
         weight_bytes=("weight_bytes", "median"),
@@ -53,6 +55,8 @@ def summarize(runs: pd.DataFrame, strategy_order: list[str] | None = None,
         gflops_per_token=("gflops_per_token", "median"),
         achieved_gflops_median=("achieved_gflops", "median"),
     ).reset_index()
+    summary["kv_waste"] = 1 - summary["kv_live_bytes"] / summary["kv_allocated_bytes"].where(
+        summary["kv_allocated_bytes"] > 0)  # naive allocates nothing: no waste to speak of (NaN)
     summary["per_token_over_floor"] = summary["per_token_ms_median"] / summary["floor_ms"]
     summary["kv_over_weights"] = summary["kv_bytes"] / summary["weight_bytes"]
     naive = summary[summary["strategy"] == NAIVE.name].set_index(SIZE)["total_s_median"]

@@ -22,8 +22,8 @@ from kvbench.bench.results import ResultsDir, RunKey
 from kvbench.bench.timing import PeakMemory, StepClock, median_seconds
 from kvbench.cache import KVCache
 from kvbench.config import LoadedConfig
-from kvbench.generate import (Decode, cache_tokens, decode_one, decoder_for, for_generation, generation_steps,
-                              naive_step, new_cache)
+from kvbench.generate import (Decode, RowStops, cache_tokens, decode_one, decoder_for, for_generation,
+                              generation_steps, left_pad, naive_step, new_cache)
 from kvbench.model import Decoder
 from kvbench.strategies import NAIVE, REGISTRY, get, names
 from kvbench.verify import random_prompt
@@ -51,6 +51,8 @@ class SweepSettings:
     src_len: int | None = None  # encoder-decoder: source tokens per sequence
     naive_max: int | None = None  # naive points past this many new tokens are skipped; None: from the estimate
     engine: str = "kvbench"  # whose modeling code runs the model: kvbench's or transformers' (--engine)
+    prompt_lens: list[int] | None = None  # a ragged batch: one prompt length per row (prompt_len is the longest)
+    new_tokens_per_row: list[int] | None = None  # rows that stop at different steps (lengths is their largest)
 
     def __post_init__(self):
         if isinstance(self.batch_size, int):  # results directories written before batch became an axis
@@ -62,6 +64,19 @@ class SweepSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def stops(self) -> RowStops | None:
+        return RowStops(tuple(self.new_tokens_per_row)) if self.new_tokens_per_row else None
+
+    def row_new_tokens(self, batch: int, new_tokens: int) -> list[int]:
+        """New tokens each row generates at a point of new_tokens (its own stop, if it stops earlier)."""
+        return (self.stops or RowStops()).limits(batch, new_tokens)
+
+    def row_tokens(self, batch: int, new_tokens: int) -> list[int]:
+        """Tokens each row's cache holds at its largest: its own prompt and every new token fed back."""
+        prompts = self.prompt_lens or [self.prompt_len] * batch
+        return [cache_tokens(p, n) for p, n in zip(prompts, self.row_new_tokens(batch, new_tokens), strict=True)]
 
 
 # What `kvbench benchmark` and a sweep point run when not told otherwise: declared once
@@ -236,6 +251,18 @@ def step_limits(model, limits: floor.MachineLimits, run: Run, prompt_len: int, s
                 achieved_gflops=flops / step_s / 1e9)
 
 
+def memory_columns(cache: KVCache | None, row_tokens: list[int]) -> dict:
+    """kv_allocated_bytes, kv_live_bytes and kv_waste, as the cache reports them (naive holds nothing; a
+    plugin that does not say what a token takes leaves them empty)."""
+    if cache is None:
+        return dict(kv_allocated_bytes=0, kv_live_bytes=0, kv_waste=math.nan)
+    try:
+        use = cache.memory_use(row_tokens)
+    except NotImplementedError:
+        return dict(kv_allocated_bytes=math.nan, kv_live_bytes=math.nan, kv_waste=math.nan)
+    return dict(kv_allocated_bytes=use.allocated, kv_live_bytes=use.live, kv_waste=use.waste)
+
+
 # --- one timed run ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -249,11 +276,13 @@ class Timing:
 
 
 def time_generation(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                    device: torch.device, decode: Decode = decode_one) -> Timing:
-    """Generate new_tokens, marking the clock before the prefill and after every step."""
+                    device: torch.device, decode: Decode = decode_one, pads: torch.Tensor | None = None,
+                    stops: RowStops | None = None) -> Timing:
+    """Generate new_tokens, marking the clock before the prefill and after every step. `pads`: a left-padded
+    ragged batch; `stops`: rows that stop at different steps."""
     clock = StepClock(device)
     clock.mark()
-    for _ in generation_steps(model, prompt, new_tokens, cache, decode=decode):
+    for _ in generation_steps(model, prompt, new_tokens, cache, decode=decode, pads=pads, stops=stops):
         clock.mark()
     durations = clock.durations()
     return Timing(durations[0], durations[1:])
@@ -277,8 +306,17 @@ class Sweep:
             s = self.settings
             model = for_generation(self.base_model, batch, s.src_len or 0, s.seed)
             prompt = random_prompt(self.loaded.model, batch, s.prompt_len, s.seed).to(self.device)
-            self.inputs = {batch: (model, prompt)}  # one batch at a time: a large batch's source is not kept
-        return self.inputs[batch]
+            pads = None
+            if s.prompt_lens:  # each row its own prompt, drawn as kv-evaluate draws a ragged batch's
+                prompt, pads = left_pad([random_prompt(self.loaded.model, 1, n, s.seed + row)[0].to(self.device)
+                                         for row, n in enumerate(s.prompt_lens)])
+            self.inputs = {batch: (model, prompt, pads)}  # one batch at a time: a large batch's source is not kept
+        return self.inputs[batch][:2]
+
+    def pads(self, batch: int) -> torch.Tensor | None:
+        """A ragged batch's left padding per row (B,); None when every prompt has the same length."""
+        self.model_and_prompt(batch)
+        return self.inputs[batch][2]
 
     def cache_for(self, strategy: str, batch: int, new_tokens: int) -> KVCache | None:
         """Allocated before any timing, reset (not reallocated) per run: one per strategy, batch and length,
@@ -304,14 +342,15 @@ class Sweep:
         start = time.perf_counter()
         for strategy in compiled:
             cache = self.cache_for(strategy, batch, max(self.settings.lengths))
-            time_generation(model, prompt, 3, cache, self.device, decoder_for(strategy, self.device))
+            time_generation(model, prompt, 3, cache, self.device, decoder_for(strategy, self.device), self.pads(batch))
         return time.perf_counter() - start
 
     def execute(self, run: Run) -> dict | None:
         model, prompt = self.model_and_prompt(run.batch)
         cache = self.cache_for(run.strategy, run.batch, run.new_tokens)
         self.memory.start()
-        timing = time_generation(model, prompt, run.tokens, cache, self.device, decoder_for(run.strategy, self.device))
+        timing = time_generation(model, prompt, run.tokens, cache, self.device, decoder_for(run.strategy, self.device),
+                                 self.pads(run.batch), self.settings.stops)
         if run.is_warmup:
             return None
         row = self.row(run, timing, cache, self.memory.peak_bytes())
@@ -323,14 +362,16 @@ class Sweep:
         n_decode = run.new_tokens - 1
         decode_s = sum(timing.decode_s)
         held = cache_tokens(s.prompt_len, run.new_tokens)  # tokens the cache has seen by the end
+        generated = sum(s.row_new_tokens(run.batch, run.new_tokens))  # rows that stop early generate fewer
         return dict(
             config=self.loaded.name, strategy=run.strategy, device=self.device.type, device_name=self.device_name,
             dtype=s.dtype, threads=torch.get_num_threads(), batch_size=run.batch, prompt_len=s.prompt_len,
             new_tokens=run.new_tokens, repeat=run.repeat, total_s=timing.total_s, prefill_s=timing.prefill_s,
             decode_s=decode_s, per_token_ms=1000 * decode_s / n_decode if n_decode else math.nan,
-            tokens_per_s=run.batch * run.new_tokens / timing.total_s,
+            tokens_per_s=generated / timing.total_s,
             kv_cache_bytes=cache.nbytes if cache is not None else 0,
             kv_cache_formula_bytes=cache.expected_bytes(held) if cache is not None else 0,
+            **memory_columns(cache, s.row_tokens(run.batch, run.new_tokens)),
             peak_mem_bytes=peak, mem_growth_bytes=self.memory.growth_bytes(peak),
             **step_limits(self.model_and_prompt(run.batch)[0], self.limits, run, s.prompt_len,
                           decode_s / n_decode if n_decode else math.nan),

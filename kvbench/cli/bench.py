@@ -37,6 +37,8 @@ from kvbench.cli.common import (
     ENGINE_STRATEGIES,
     EngineOpt,
     PromptLenOpt,
+    PromptLensOpt,
+    Rows,
     SeedOpt,
     WindowOpt,
     app,
@@ -53,6 +55,7 @@ from kvbench.cli.common import (
     resolve_device,
     resolve_dtype,
     resolve_window,
+    rows_asked,
     strategies_for,
 )
 from kvbench.bench.machine import check_threads
@@ -158,7 +161,7 @@ def summary_table(summary) -> Table:
     run (naive past --naive-max) is a row that says so, never a missing row."""
     table = Table(title="medians over repeats; B: batch; prefill: ms of the prompt's forward; ms/tok: decode time "
                         "per token (IQR: its interquartile range); floor: ms a decode step needs at least (m: "
-                        "memory-bound, c: compute-bound); tok/s: batch x tokens / total s; speedup over naive at "
+                        "memory-bound, c: compute-bound); tok/s: tokens generated / total s; speedup over naive at "
                         "the same point", box=box.SIMPLE_HEAD, padding=(0, 0))
     for column in ("strategy", "B", "tokens", "total s", "prefill", "ms/tok", "IQR", "floor", "×floor", "tok/s",
                    "speedup"):
@@ -177,6 +180,23 @@ def summary_table(summary) -> Table:
     return table
 
 
+def memory_table(summary) -> Table | None:
+    """Each cache's allocation against the bytes its sequences' tokens need (None for a directory written before
+    these columns, or with no cache in it)."""
+    if "kv_allocated_bytes" not in summary or not (summary["kv_allocated_bytes"].fillna(0) > 0).any():
+        return None
+    table = Table(title="KV cache memory at the end of each point: allocated for the batch's sequences, live: "
+                        "holding their own tokens; waste = (allocated - live) / allocated", box=box.SIMPLE_HEAD,
+                  padding=(0, 1))
+    for column in ("strategy", "B", "tokens", "allocated MiB", "live MiB", "waste"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    for row in summary[summary["kv_allocated_bytes"].fillna(0) > 0].itertuples():
+        table.add_row(row.strategy, str(row.batch_size), str(row.new_tokens),
+                      _number(row.kv_allocated_bytes / 2**20, ".2f"), _number(row.kv_live_bytes / 2**20, ".2f"),
+                      _number(100 * row.kv_waste, ".1f") + "%")
+    return table
+
+
 def paths_table(paths: dict) -> Table:
     """Which code path each strategy ran (meta.json's code_paths)."""
     table = Table(title="code paths", box=box.SIMPLE_HEAD, padding=(0, 1))
@@ -190,6 +210,9 @@ def paths_table(paths: dict) -> Table:
 def report_finish(summary, plots: list[Path], results_path: Path, paths: dict | None = None) -> None:
     if not summary.empty:
         console.print(summary_table(summary))
+        memory = memory_table(summary)
+        if memory is not None:
+            console.print(memory)
         skipped = summary[summary["skipped"].fillna("") != ""] if "skipped" in summary else summary.iloc[:0]
         for note in skipped["skipped"].unique():
             points = skipped[skipped["skipped"] == note]
@@ -206,9 +229,16 @@ def report_finish(summary, plots: list[Path], results_path: Path, paths: dict | 
 
 def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: str | None, repeats: int,
                  warmup: int, prompt_len: int, batch_size: str, threads: int | None, dtype: str, seed: int,
-                 compile: bool, window: int | None, src_len: int, naive_max: int | None = None):
-    """Sweep settings from the options, every value checked."""
+                 compile: bool, window: int | None, src_len: int, naive_max: int | None = None,
+                 rows: Rows = Rows()):
+    """Sweep settings from the options, every value checked. `rows`: --prompt-lens / --new-tokens-per-row,
+    which set the batch (one point: the largest per-row count, when given)."""
     from kvbench.bench.sweep import SweepSettings
+
+    if rows.batch is not None:
+        batch_size = str(rows.batch)
+        prompt_len = max(rows.prompt_lens) if rows.prompt_lens else prompt_len
+        lengths = str(max(rows.new_tokens)) if rows.new_tokens else lengths
 
     for option, value in (("--repeats", repeats), ("--prompt-len", prompt_len), ("--src-len", src_len),
                           ("--threads", threads), ("--naive-max", naive_max)):
@@ -227,7 +257,8 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
         repeats=repeats, warmup=warmup, prompt_len=prompt_len,
         batch_size=parse_lengths(batch_size, "--batch-size", "1,4,16"),
         device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
-        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None, naive_max=naive_max)
+        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None, naive_max=naive_max,
+        prompt_lens=rows.prompt_lens, new_tokens_per_row=rows.new_tokens)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
     if settings.src_len:
@@ -313,6 +344,11 @@ def benchmark(
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = DEFAULTS.prompt_len,
     batch_size: Annotated[str, typer.Option(metavar="B,B,...", help="Sequences per batch: a second sweep axis, "
                                             "e.g. 1,4,16.")] = "1",
+    prompt_lens: PromptLensOpt = None,
+    new_tokens_per_row: Annotated[str | None, typer.Option(
+        metavar="N,N,...", help="Rows that stop at different steps: new tokens per row (sets the batch size; "
+                                "replaces --lengths with their largest); a finished row stops growing its cache.")
+    ] = None,
     naive_max: Annotated[int | None, typer.Option(
         metavar="N", help="Skip naive (marked so in the table and summary.csv) at lengths above N new tokens.",
         show_default=f"the longest length whose naive run is estimated at most {NAIVE_RUN_BUDGET_S:.0f} s")] = None,
@@ -333,7 +369,8 @@ def benchmark(
     """Time cached against naive generation over sequence lengths; write CSVs and plots."""
     with messages_to_stderr(format):
         path = run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                             threads, dtype, seed, compile, window, src_len, out, resume, naive_max, engine)
+                             threads, dtype, seed, compile, window, src_len, out, resume, naive_max, engine,
+                             prompt_lens, new_tokens_per_row)
     if format is not OutputFormat.table:
         import pandas as pd
 
@@ -341,7 +378,8 @@ def benchmark(
 
 
 def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, prompt_len, batch_size, threads, dtype,
-                  seed, compile, window, src_len, out, resume, naive_max, engine="kvbench") -> Path:
+                  seed, compile, window, src_len, out, resume, naive_max, engine="kvbench", prompt_lens=None,
+                  new_tokens_per_row=None) -> Path:
     """benchmark's work; returns the results directory."""
     from kvbench.bench import session as bench
     from kvbench.bench.results import ResultsDir
@@ -356,7 +394,8 @@ def run_benchmark(ctx, config, device, lengths, strategies, repeats, warmup, pro
         return results.path
     loaded = load_config(config, engine)
     settings = new_settings(loaded, device, lengths, strategies, repeats, warmup, prompt_len, batch_size,
-                            threads, dtype, seed, compile, window, src_len, naive_max)
+                            threads, dtype, seed, compile, window, src_len, naive_max,
+                            rows_asked(ctx, loaded, prompt_lens, new_tokens_per_row))
     results = ResultsDir.create(out, Path("results"), loaded.name, settings.device, settings.dtype)
     with results.lock():
         run = bench.start(loaded, settings, results)

@@ -16,6 +16,10 @@ from kvbench.precision import NEAR_TIE_KL
 from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    PerRowOpt,
+    PromptLensOpt,
+    Rows,
+    rows_asked,
     PLUGIN_HELP,
     DEFAULT_CONFIG,
     DEFAULT_SEQ2SEQ_STRATEGIES,
@@ -53,7 +57,7 @@ from kvbench.cli.common import (
     tolerance,
 )
 from kvbench.config import check_seed, load_config
-from kvbench.generate import Rollback, cache_tokens, for_generation
+from kvbench.generate import Rollback, RowStops, cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
 
@@ -214,19 +218,19 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
                           highlight=False)
 
 
-def parse_prompt_lens(text: str, loaded) -> list[int]:
-    """--prompt-lens: positive integers, one per row, in row order."""
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise KVBenchError(f"--prompt-lens: {text!r} must be positive integers, one per row; e.g. --prompt-lens 5,17,40")
-    if is_seq2seq(loaded):
-        raise KVBenchError("--prompt-lens: ragged batches are for decoder models; this config is an encoder-decoder")
-    return [int(p) for p in parts]
+def row_stops(loaded, rows: Rows, eos_id: int | None) -> RowStops | None:
+    """Where the rows stop: --new-tokens-per-row and --eos-id, checked; None when neither is given."""
+    if eos_id is not None and not 0 <= eos_id < loaded.model.vocab_size:
+        raise KVBenchError(f"--eos-id {eos_id} is not a token id of {loaded.name}; give one in 0..{loaded.model.vocab_size - 1}")
+    if rows.new_tokens is None and eos_id is None:
+        return None
+    return RowStops(tuple(rows.new_tokens) if rows.new_tokens else None, eos_id)
 
 
 @app.command("kv-evaluate")
 @fail_cleanly
 def kv_evaluate(
+    ctx: typer.Context,
     config: ConfigOpt = DEFAULT_CONFIG,
     new_tokens: Annotated[int, typer.Option(help="Tokens to generate per strategy.")] = 1000,
     strategies: Annotated[str | None, typer.Option(
@@ -248,9 +252,10 @@ def kv_evaluate(
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
-    prompt_lens: Annotated[str | None, typer.Option(
-        metavar="N,N,...", help="A ragged batch: one prompt length per row (replaces --batch-size and "
-                                "--prompt-len); each row is checked against itself generated alone.")] = None,
+    prompt_lens: PromptLensOpt = None,
+    new_tokens_per_row: PerRowOpt = None,
+    eos_id: Annotated[int | None, typer.Option(
+        metavar="ID", help="A row stops after it emits this token id (rows then stop at different steps).")] = None,
     rollback: Annotated[int | None, typer.Option(
         metavar="K", help="Every 5 steps, write K random draft tokens into the cache and roll them back (crop), "
                           "as speculative decoding does with rejected drafts; the result must still be naive's.")] = None,
@@ -261,9 +266,12 @@ def kv_evaluate(
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = load_config(config, engine)
     names = strategies_for(loaded, strategies, "static,dynamic", compile)
-    lengths = parse_prompt_lens(prompt_lens, loaded) if prompt_lens is not None else None
-    if lengths:
-        batch_size, prompt_len = len(lengths), max(lengths)
+    rows = rows_asked(ctx, loaded, prompt_lens, new_tokens_per_row)
+    lengths = rows.prompt_lens
+    batch_size = rows.batch or batch_size
+    prompt_len = max(lengths) if lengths else prompt_len
+    new_tokens = max(rows.new_tokens) if rows.new_tokens else new_tokens
+    stops = row_stops(loaded, rows, eos_id)
     for option, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size), ("--prompt-len", prompt_len),
                           ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk),
                           ("--rollback", 1 if rollback is None else rollback)):
@@ -284,6 +292,7 @@ def kv_evaluate(
     source = f", source {src_len}" if is_seq2seq(loaded) else ""
     chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
     chunked += f", {rollback} draft tokens rolled back every {Rollback(1).every} steps" if rollback else ""
+    chunked += verify.stops_text(stops)
     console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
                   f"tokens on {dev} ({dtype}), {sampling.describe()}")
     if is_seq2seq(loaded):
@@ -293,7 +302,8 @@ def kv_evaluate(
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
                                     on_step=lambda s, total: progress.update(tasks[s], total=total, advance=1),
-                                    prefill_chunk=prefill_chunk, rollback=Rollback(rollback) if rollback else None)
+                                    prefill_chunk=prefill_chunk, rollback=Rollback(rollback) if rollback else None,
+                                    stops=stops)
     report_checks(checks, tol, win)
     if not all(c.passed for c in checks):
         err_console.print("[bold red]kv-evaluate failed:[/] a strategy does not match naive recomputation",

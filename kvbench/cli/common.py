@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -327,3 +328,64 @@ def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+
+
+# --- a batch given row by row: --prompt-lens, --new-tokens-per-row ----------------------------------------------
+
+PromptLensOpt = Annotated[str | None, typer.Option(
+    metavar="N,N,...", help="A ragged batch: one prompt length per row (sets the batch size, and the prompt "
+                            "length to the longest); rows are left-padded.")]
+PerRowOpt = Annotated[str | None, typer.Option(
+    metavar="N,N,...", help="Rows that stop at different steps: new tokens per row (sets the batch size; the "
+                            "generation runs to the largest); a finished row stops growing its cache.")]
+
+
+def parse_rows(text: str, option: str, example: str) -> list[int]:
+    """One positive integer per row, comma-separated, in row order (repeats allowed: rows may be alike)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise KVBenchError(f"{option}: {text!r} must be positive integers, one per row; e.g. {option} {example}")
+    return [int(p) for p in parts]
+
+
+def typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` (its parameter name) was typed on the command line, not left at its default."""
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A batch given row by row: prompt lengths and/or new tokens per row (None where not given)."""
+
+    prompt_lens: list[int] | None = None
+    new_tokens: list[int] | None = None
+
+    @property
+    def batch(self) -> int | None:
+        given = self.prompt_lens or self.new_tokens
+        return len(given) if given else None
+
+
+def rows_asked(ctx: typer.Context, loaded: LoadedConfig, prompt_lens: str | None,
+               per_row: str | None = None) -> Rows:
+    """--prompt-lens and --new-tokens-per-row, parsed here for every command. Each sets the batch size, and
+    replaces an option of its own (--prompt-len; --new-tokens, --lengths or --max-new-tokens), which may not
+    be typed beside it; given together they must count the same rows."""
+    rows = Rows(parse_rows(prompt_lens, "--prompt-lens", "5,17,40") if prompt_lens is not None else None,
+                parse_rows(per_row, "--new-tokens-per-row", "30,12,50") if per_row is not None else None)
+    for option, values, replaced in (("--prompt-lens", rows.prompt_lens, ("batch_size", "prompt_len")),
+                                     ("--new-tokens-per-row", rows.new_tokens,
+                                      ("batch_size", "new_tokens", "lengths", "max_new_tokens"))):
+        if values is None:
+            continue
+        if is_seq2seq(loaded):
+            raise KVBenchError(f"{option}: batches given row by row are for decoder models; this config is an "
+                               "encoder-decoder")
+        for name in (n for n in replaced if n in ctx.params and typed(ctx, n)):
+            flag = "--" + name.replace("_", "-")
+            raise KVBenchError(f"{flag} and {option} both set the batch; drop {flag} ({option} gives one value "
+                               "per row)")
+    if rows.prompt_lens and rows.new_tokens and len(rows.prompt_lens) != len(rows.new_tokens):
+        raise KVBenchError(f"--new-tokens-per-row: {len(rows.new_tokens)} values for the {len(rows.prompt_lens)} rows "
+                           "of --prompt-lens; give one per row")
+    return rows
