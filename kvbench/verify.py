@@ -178,6 +178,22 @@ def evaluate(model: Decoder | Seq2Seq, cpu_weights: dict[str, torch.Tensor], inp
     return EvaluateResult(inputs, comparisons), reference
 
 
+def evaluate_rows(model: Decoder, cpu_weights: dict[str, torch.Tensor], rows: list[torch.Tensor],
+                  tol: Tolerance) -> EvaluateResult:
+    """A ragged batch: the prompts left-padded into one forward, and each row's logits at its own positions
+    compared with the NumPy reference run on that row alone (so padding may change no logit of any row)."""
+    ids, pads = left_pad(rows)
+    with torch.inference_mode():
+        logits = model(ids.to(model.device), pads=None if pads is None else pads.to(model.device)).float().cpu()
+    start = [0] * len(rows) if pads is None else pads.tolist()
+    comparisons = []
+    for r, row in enumerate(rows):
+        reference = numpy_reference(cpu_weights, model.config, EvalInputs(row[None].cpu()))  # (1, n, V)
+        comparisons.append(compare_logits(f"row {r} ({len(row)} tokens) vs NumPy",
+                                          logits[r:r + 1, start[r]:], reference, tol))
+    return EvaluateResult(EvalInputs(ids), comparisons)
+
+
 # --- kv-evaluate ------------------------------------------------------------------------------------------------
 
 def _worst(a: float, b: float) -> float:

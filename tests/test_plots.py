@@ -124,3 +124,19 @@ def test_a_strategys_markers_and_lines_share_one_colour():
         assert len(set(colours[::2])) == 5  # and every strategy its own
     finally:
         plt.close("all")
+
+
+def test_memory_figure_shows_allocated_against_live_with_the_waste():
+    r = runs()
+    cached = r["strategy"] != "naive"
+    r["kv_allocated_bytes"] = r["kv_cache_bytes"]
+    r["kv_live_bytes"] = (r["kv_cache_bytes"] * 0.75).where(cached, 0)  # 25% waste for every cache
+    fig = plots.memory_figure(summarize(r, STRATEGIES), META)
+    try:
+        assert_readable(fig)
+        panel = fig.axes[2]
+        labels = [t.get_text() for t in panel.texts]
+        assert labels == ["25% waste"] * 5, labels  # every cache at the largest point; naive has no bar
+        assert [t.get_text() for t in panel.get_xticklabels()] == STRATEGIES[1:]
+    finally:
+        plt.close("all")

@@ -84,6 +84,7 @@ def comparison_table(comparisons: list[verify.Comparison], tol: verify.Tolerance
 @app.command()
 @fail_cleanly
 def evaluate(
+    ctx: typer.Context,
     config: ConfigOpt = DEFAULT_CONFIG,
     expected: Annotated[Path | None, typer.Option(help="Expected-logits .safetensors (input_ids, logits).")] = None,
     write_expected: Annotated[Path | None, typer.Option(help="Write the NumPy reference's logits here (an expected "
@@ -97,9 +98,14 @@ def evaluate(
     prompt_len: PromptLenOpt = 16,
     src_len: SrcLenOpt = 16,
     seed: SeedOpt = 0,
+    prompt_lens: PromptLensOpt = None,
 ) -> None:
     """Check the model's logits after a prompt against the NumPy float64 reference and expected values."""
     loaded = load_config(config)
+    rows = rows_asked(ctx, loaded, prompt_lens)
+    if rows.prompt_lens:
+        evaluate_ragged(loaded, rows.prompt_lens, expected, write_expected, atol, rtol, device, dtype, seed)
+        return
     for option, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--src-len", src_len)):
         require_positive(option, value)
     check_seed("--seed", seed)
@@ -129,6 +135,28 @@ def evaluate(
     if write_expected is not None:
         verify.write_expected(write_expected, inputs, reference)
         console.print(f"wrote expected logits of the NumPy reference to {escape(str(write_expected))}")
+    if not result.passed:
+        err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
+        raise typer.Exit(1)
+
+
+def evaluate_ragged(loaded, lengths: list[int], expected: Path | None, write_expected: Path | None,
+                    atol: float | None, rtol: float | None, device: str, dtype: str, seed: int) -> None:
+    """evaluate --prompt-lens: one left-padded forward, each row against the reference run on it alone."""
+    for option, value in (("--expected", expected), ("--write-expected", write_expected)):
+        if value is not None:
+            raise KVBenchError(f"{option} and --prompt-lens: an expected file holds one rectangular batch; drop one")
+    check_seed("--seed", seed)
+    check_fits(loaded, max(lengths), "the longest --prompt-lens")
+    dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
+    cpu_model = load_cpu_model(loaded, read_weights(loaded) if loaded.weights_path is not None else None)
+    cpu_weights = {n: t.clone() for n, t in cpu_model.state_dict().items()}
+    model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
+    prompts = [verify.random_prompt(loaded.model, 1, n, seed + row)[0] for row, n in enumerate(lengths)]
+    result = verify.evaluate_rows(model, cpu_weights, prompts, tol)
+    console.print(f"{escape(loaded.name)}: a ragged batch of prompts {'/'.join(map(str, lengths))}, left-padded, on "
+                  f"{dev} ({dtype}); each row against the reference alone")
+    console.print(comparison_table(result.comparisons, tol))
     if not result.passed:
         err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
         raise typer.Exit(1)
