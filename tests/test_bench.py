@@ -497,7 +497,7 @@ def write_results(directory, scale=1.0, drop=None, **settings):
     runs[["total_s", "per_token_ms"]] *= scale
     runs = runs[runs["strategy"] != drop]
     runs.assign(config="x", device="cpu", device_name="cpu", dtype="float32", threads=1, batch_size=1,
-                prompt_len=1, finished_at="")[RUN_COLUMNS].to_csv(results.runs_csv, index=False)
+                prompt_len=1, finished_at="").reindex(columns=RUN_COLUMNS).to_csv(results.runs_csv, index=False)
     results.write_meta({"config_name": "x", "config": {"d_model": 8}, "device_name": "cpu",
                         "settings": {"dtype": "float32", "batch_size": 1, **settings}})
     return results
