@@ -74,6 +74,9 @@ def _import_file(where: str, spec: str, option: str):
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses and pickling look a class's module up by name
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # as `python file.py` does: the plugin may import the modules beside it
+        sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001  (the plugin's own code failed: say so in one line)

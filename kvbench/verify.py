@@ -423,6 +423,24 @@ class StrategyCheck:
         return not self.failures
 
 
+class ContentsError(Exception):
+    """A cache's contents() returned something other than (positions, K, V) tensors."""
+
+
+def read_contents(cache: KVCache, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cache.contents(layer, length), checked to be three tensors: a plugin's of another shape is a
+    ContentsError saying what it must return (kv-evaluate's failure line), never a traceback."""
+    must = (f"{type(cache).__name__}.contents() must return (positions (S,), K (B, H, S, hd), "
+            "V (B, H, S, hd))")
+    try:
+        positions, k, v = cache.contents(layer, length)
+    except (TypeError, ValueError) as exc:
+        raise ContentsError(f"{must}; unpacking it raised {type(exc).__name__}: {exc}") from None
+    if not all(isinstance(t, torch.Tensor) for t in (positions, k, v)):
+        raise ContentsError(f"{must}, as tensors")
+    return positions, k, v
+
+
 class KVRecorder(KVCache):
     """Not a cache: it keeps each layer's K/V of one plain forward over a whole sequence, the reference a
     cache's contents are checked against. Attention is causal, or banded to `window` as naive's is.
@@ -445,8 +463,8 @@ class KVRecorder(KVCache):
         if self.under_test is None:
             return k, v
         try:
-            positions, held_k, held_v = self.under_test.contents(layer, k.shape[2])
-        except NotImplementedError:
+            positions, held_k, held_v = read_contents(self.under_test, layer, k.shape[2])
+        except (NotImplementedError, ContentsError):  # nothing to read: check_contents reports which
             return k, v
         if torch.equal(positions.cpu(), torch.arange(k.shape[2])) and held_k.shape == k.shape == held_v.shape:
             return held_k.to(k.dtype), held_v.to(v.dtype)
@@ -522,9 +540,12 @@ def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, windo
     result = ContentsCheck()
     for layer in sorted(recorder.k):
         try:
-            positions, k, v = cache.contents(layer, length)
+            positions, k, v = read_contents(cache, layer, length)
         except NotImplementedError:
             return ContentsCheck(provided=False)
+        except ContentsError as exc:
+            result.problem = str(exc)
+            return result
         if not torch.equal(positions.cpu(), want):
             result.problem = f"layer {layer} holds {_span(positions.cpu())}, not {_span(want)}"
             return result
