@@ -559,8 +559,8 @@ class PagedCache(KVCache):
 
     Tokens are stored by their position in their own sequence: a ragged batch's left padding takes no room.
     The pool grows by doubling when no block is free (a reallocation, amortised; a server would size it
-    once). Attention gathers each sequence's blocks into one contiguous (B, H, S, hd) tensor per layer: a
-    copy of the K/V attended, every step (kvbench's own kernel does not read blocks in place).
+    once). Attention gathers each sequence's blocks into one (B, H, S, hd) tensor per layer, in a reused
+    workspace: a copy of the K/V attended, every step (kvbench's own kernel does not read blocks in place).
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, dtype: torch.dtype,
@@ -573,6 +573,7 @@ class PagedCache(KVCache):
         self.tables: list[list[int]] = [[] for _ in range(batch)]  # per sequence: its blocks, in position order
         self.finished: set[int] = set()  # rows whose sequence ended: they take no block until reset()
         self.most_blocks = [0] * batch  # per sequence: the most blocks it has held since reset()
+        self.gathered: list[torch.Tensor | None] = [None, None]  # K and V gather buffers (see gather)
 
     # --- blocks ---------------------------------------------------------------------------------------------
 
@@ -635,14 +636,36 @@ class PagedCache(KVCache):
             flat.index_copy_(0, self.write_slots, rows)
         return self.gather(layer)
 
-    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's K/V by position, its blocks laid end to end: (B, H, S, hd), S = blocks x block_size."""
+    def gather(self, layer: int, reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's K/V by position, its blocks laid end to end: (B, H, S, hd), S = blocks x block_size.
+
+        With `reuse`, views of two workspace buffers that every layer and step reuse (the next gather
+        overwrites them): copying into memory already touched runs ~6x faster here than into a fresh
+        allocation, whose pages the kernel faults in on first write (50 MB per gather at batch 16 x 1000)."""
         table = self._table_tensor()  # (B, blocks)
+        flat = table.flatten()  # (B * blocks,): row by row
         out = []
-        for pool in (self.k[layer], self.v[layer]):
-            blocks = pool[table]  # (B, blocks, bs, H, hd): a copy
-            out.append(blocks.flatten(1, 2).transpose(1, 2))  # (B, H, S, hd)
+        for i, pool in enumerate((self.k[layer], self.v[layer])):
+            into = self._workspace(i, len(flat)) if reuse else None
+            blocks = torch.index_select(pool, 0, flat, out=into)  # (B*blocks, bs, H, hd)
+            rows = blocks.view(self.batch, -1, *pool.shape[2:])  # (B, S, H, hd)
+            out.append(rows.transpose(1, 2))  # (B, H, S, hd)
         return out[0], out[1]
+
+    def _workspace(self, i: int, n_blocks: int) -> torch.Tensor:
+        """The first n_blocks blocks of gather buffer i (0: K, 1: V), grown by doubling when too small."""
+        held, pool = self.gathered[i], self.k[0]
+        stale = held is not None and held.is_inference() and not torch.is_inference_mode_enabled()  # read-only now
+        if held is None or held.shape[0] < n_blocks or stale:
+            size = max(n_blocks, 2 * held.shape[0]) if held is not None else n_blocks
+            held = torch.empty(size, *pool.shape[1:], dtype=pool.dtype, device=pool.device)  # (size, bs, H, hd)
+            self.gathered[i] = held
+        return held[:n_blocks]
+
+    @property
+    def workspace_bytes(self) -> int:
+        """The gather buffers: at most twice one layer's K and V of the widest batch (not K/V storage)."""
+        return sum(t.nbytes for t in self.gathered if t is not None)
 
     def mask(self, start_pos, n_new):
         S = max(1, max(len(t) for t in self.tables)) * self.block_size
@@ -664,7 +687,7 @@ class PagedCache(KVCache):
             self.tables[row] = self.tables[row][:keep]
 
     def contents(self, layer, length):
-        k, v = self.gather(layer)
+        k, v = self.gather(layer, reuse=False)  # its own copy: the workspace is overwritten by the next gather
         return torch.arange(length, device=k.device), k[:, :, :length], v[:, :, :length]
 
     @property

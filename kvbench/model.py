@@ -23,6 +23,7 @@ Position = Union[int, torch.Tensor]  # an int, or a 0-d tensor in the compiled d
 
 
 KERNELS = ("matmul", "mv", "linear", "onednn")
+IN_OUT = frozenset({"matmul", "onednn"})  # kernels that keep W as (in, out); the others as (out, in)
 PACKED_ROWS = 16  # oneDNN packs W for this many rows of x; any count runs, this one (a batched step) fastest
 
 
@@ -34,12 +35,13 @@ class Linear(nn.Module):
     x @ W with W (in, out) contiguous ("matmul", GPT-2's Conv1D layout and kvbench's file format);
     bfloat16 as torch.mv with W (out, in) ("mv"); "linear" is F.linear on W (out, in), as nn.Linear does;
     "onednn" is oneDNN's matmul on a copy of W packed once in its blocked layout (CPU): MKL's sgemm re-packs W
-    on every call and, on these AMD CPUs, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160.
+    on every call and, on these AMD CPUs, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160. W
+    itself stays (in, out): a compiled step, which cannot call the packed kernel, runs x @ W on it.
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # (in, out) for "matmul"
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # (in, out) for "matmul" and "onednn"
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.kernel = "matmul"
         self._packed = None  # "onednn": W packed for oneDNN, built on first use (not a parameter: never saved)
@@ -47,7 +49,7 @@ class Linear(nn.Module):
     def use_kernel(self, kernel: str) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; choose from {KERNELS}")
-        if (kernel == "matmul") != (self.kernel == "matmul"):  # switching between (in, out) and (out, in)
+        if (kernel in IN_OUT) != (self.kernel in IN_OUT):  # switching between (in, out) and (out, in)
             self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
         self.kernel = kernel
         self._packed = None  # packed again on first use, from the weight as it is now
@@ -63,19 +65,20 @@ class Linear(nn.Module):
 
     def packed(self) -> torch.Tensor:
         if getattr(self, "_packed", None) is None:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKED_ROWS)
+            out_in = self.weight.detach().t().contiguous()  # (out, in), as oneDNN takes it
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(out_in, PACKED_ROWS)
         return self._packed
 
     def rows_by_output(self) -> torch.Tensor:
         """W as (out, in): one row per output feature (for a tied embedding, one row per token)."""
-        return self.weight.t() if self.kernel == "matmul" else self.weight
+        return self.weight.t() if self.kernel in IN_OUT else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        if self.kernel == "matmul":
-            y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
-        elif self.kernel == "onednn" and not torch.compiler.is_compiling():  # inductor cannot lower it: F.linear
+        if self.kernel == "onednn" and not torch.compiler.is_compiling():  # inductor cannot lower it: x @ W
             y = torch.ops.mkldnn._linear_pointwise(x2d, self.packed(), self.bias, "none", [], "")  # (N, out)
+        elif self.kernel in IN_OUT:
+            y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
         elif self.kernel == "mv" and x2d.shape[0] == 1:  # F.linear does not pick the vector kernel itself
             y = torch.mv(self.weight, x2d[0])[None]  # (1, out)
             y = y if self.bias is None else y + self.bias

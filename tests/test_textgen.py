@@ -50,6 +50,34 @@ def test_generate_without_a_tokenizer_takes_and_gives_ids(runner, tmp_path):
     assert len(ids) == 3 + 5 and all(0 <= int(i) < 97 for i in ids)
 
 
+@pytest.mark.parametrize("strategy", ["static", "paged", "naive"])
+def test_generate_rows_is_each_row_as_if_alone(runner, tmp_path, strategy):
+    """--prompt-ids rows separated by ';' run as one left-padded batch; each row's greedy continuation is the
+    one that row gets alone, whatever the other rows' lengths."""
+    config = str(write_yaml(tmp_path))  # vocabulary 97: ids in and out
+    rows = ["1,2,3", "4,5,6,7,8,9,10", "11"]
+
+    def continuation(prompt_ids: str) -> dict[str, list[str]]:
+        result = runner.invoke(app, ["generate", "--config", config, "--prompt-ids", prompt_ids, "--strategy",
+                                     strategy, "--max-new-tokens", "6", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        return {line.split(":")[0]: line.split("->")[1].split() for line in result.output.splitlines()
+                if line.startswith("row ")}
+
+    batch = continuation(";".join(rows))
+    assert list(batch) == ["row 0 (3 prompt tokens)", "row 1 (7 prompt tokens)", "row 2 (1 prompt tokens)"]
+    for row, ids in enumerate(rows):
+        alone = continuation(f"{ids};{ids}")  # a batch of the row twice: no padding at all
+        assert list(batch.values())[row] == list(alone.values())[0], (row, batch, alone)
+        assert len(list(batch.values())[row]) == 6
+
+
+def test_generate_rows_refuse_interactive(runner, tmp_path):
+    result = runner.invoke(app, ["generate", "--config", str(write_yaml(tmp_path)), "--prompt-ids", "1,2;3",
+                                 "--interactive"])
+    assert result.exit_code == 2 and "--interactive takes one prompt at a time" in result.output, result.output
+
+
 def test_generate_uses_a_checkpoints_tokenizer_json(runner, tmp_path):
     transformers = __import__("pytest").importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -18,7 +18,7 @@ LINEAR_PATHS = {  # Linear.kernel -> what it computes and how W lies in memory
     "matmul": "x @ W, W (in, out)",
     "mv": "torch.mv, W (out, in) (F.linear above one row)",
     "linear": "F.linear, W (out, in)",
-    "onednn": "oneDNN matmul, W packed once (F.linear when compiled)",
+    "onednn": "oneDNN matmul, W packed once (x @ W, W (in, out) when compiled)",
 }
 
 

@@ -26,7 +26,7 @@ from kvbench.bench.paths import attention_path
 from kvbench.bench.timing import synchronize, wall_times
 from kvbench.cache import KVCache
 from kvbench.generate import decode_one, naive_step, new_cache, prefill
-from kvbench.model import RMSNorm, Linear
+from kvbench.model import IN_OUT, RMSNorm, Linear
 from kvbench.strategies import get
 
 ELEMENTWISE_FLOPS = 8  # per element, for norms and activations: an estimate, they are never the bound
@@ -109,7 +109,7 @@ class Recorder:
         op.calls += 1
         x = args[0]
         if kind == "linear":
-            d_in, d_out = module.weight.shape if module.kernel == "matmul" else module.weight.shape[::-1]
+            d_in, d_out = module.weight.shape if module.kernel in IN_OUT else module.weight.shape[::-1]
             rows = x.numel() // d_in
             op.flops += 2 * rows * d_in * d_out
             op.bytes += sum(p.numel() * p.element_size() for p in module.parameters())

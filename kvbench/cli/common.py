@@ -90,7 +90,8 @@ TopKOpt = Annotated[int | None, typer.Option(help="Sample among the k most likel
 TopPOpt = Annotated[float | None, typer.Option(help="Sample among the most likely tokens holding probability p.",
                                                show_default="every token")]
 PromptOpt = Annotated[str | None, typer.Option(help="Prompt text (needs a tokenizer: bytes or tokenizer.json).")]
-PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids.")]
+PromptIdsOpt = Annotated[str | None, typer.Option(help="Prompt as comma-separated token ids (generate: several "
+                                                  "prompts as one ragged batch, separated by ';').")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help=f"Add {COMPILED.name}: the static cache with its decode step "
                                           "compiled (torch.compile; a CUDA graph on CUDA).")]

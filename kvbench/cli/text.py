@@ -92,6 +92,16 @@ def stream_one(stream: textgen.TextStream, token_times: bool, echo: str | None) 
         err_console.print(f"[dim]{escape(stream.summary.describe())}[/]", highlight=False)
 
 
+def show_rows(prompts: list[list[int]], result: textgen.RowsResult, tokenizer) -> None:
+    """Each row's prompt and continuation (as text with a tokenizer, else ids), then the batch's summary."""
+    for row, (prompt, new) in enumerate(zip(prompts, result.new_tokens)):
+        console.print(f"row {row} ({len(prompt)} prompt tokens): {prompt_text(tokenizer, None, prompt)}"
+                      f"-> {prompt_text(tokenizer, None, new)}", highlight=False, markup=False)
+    if result.stopped:
+        err_console.print("stopped (Ctrl-C): the rows as far as they got", highlight=False)
+    err_console.print(f"[dim]{escape(result.summary.describe())}[/]", highlight=False)
+
+
 def prompt_text(tokenizer, text: str | None, ids: list[int]) -> str:
     """The prompt as the answer continues it: text through the tokenizer, ids as the ids are printed."""
     return tokenizer.decode(ids) if tokenizer else "".join(f"{token} " for token in ids)
@@ -167,6 +177,16 @@ def generate_command(
     cache = new_cache(model, name, 1, room, win)
     err_console.print(f"[dim]{escape(loaded.name)} on {dev} ({dtype}), {name} cache, {sampling.describe()}, "
                       f"tokenizer: {tokenizer.name if tokenizer else 'none (ids)'}[/]", highlight=False)
+
+    if prompt_ids is not None and ";" in prompt_ids:  # rows: one left-padded batch, printed when done
+        if interactive:
+            raise KVBenchError("--interactive takes one prompt at a time; give rows (1,2;3,4) without it")
+        rows = [parse_ids(row, loaded.model.vocab_size) for row in prompt_ids.split(";")]
+        check_length(loaded, max(map(len, rows)) + max_new_tokens - 1, [name], "longest row + --max-new-tokens - 1")
+        batch_cache = new_cache(model, name, len(rows), room, win)
+        show_rows(rows, textgen.generate_rows(model, rows, max_new_tokens, name, batch_cache, sampling, win),
+                  tokenizer)
+        return
 
     def run(text: str | None, ids: str | None, echo: bool = True) -> None:
         tokens = prompt_tokens(tokenizer, text, ids, loaded.model.vocab_size, loaded.source)
