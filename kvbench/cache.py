@@ -552,6 +552,9 @@ def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, ba
     return 2 * n_layers * n_heads * head_dim * tokens * batch * bytes_per_element
 
 
+WORKSPACE_SPARE = 4  # blocks per row the paged cache's gather workspace keeps spare when it grows
+
+
 class PagedCache(KVCache):
     """K and V in a pool of fixed-size blocks shared by the batch, a block table per sequence (as vLLM's
     PagedAttention): a sequence takes a block when it needs one and gives its blocks back when it finishes,
@@ -653,18 +656,21 @@ class PagedCache(KVCache):
         return out[0], out[1]
 
     def _workspace(self, i: int, n_blocks: int) -> torch.Tensor:
-        """The first n_blocks blocks of gather buffer i (0: K, 1: V), grown by doubling when too small."""
+        """The first n_blocks blocks of gather buffer i (0: K, 1: V), regrown when too small with room for
+        WORKSPACE_SPARE more blocks per row (a reallocation every 64 steps, not every block)."""
         held, pool = self.gathered[i], self.k[0]
         stale = held is not None and held.is_inference() and not torch.is_inference_mode_enabled()  # read-only now
         if held is None or held.shape[0] < n_blocks or stale:
-            size = max(n_blocks, 2 * held.shape[0]) if held is not None else n_blocks
+            self.gathered[i] = None  # freed before the new one is taken: never two at once
+            size = n_blocks + WORKSPACE_SPARE * self.batch
             held = torch.empty(size, *pool.shape[1:], dtype=pool.dtype, device=pool.device)  # (size, bs, H, hd)
             self.gathered[i] = held
         return held[:n_blocks]
 
     @property
     def workspace_bytes(self) -> int:
-        """The gather buffers: at most twice one layer's K and V of the widest batch (not K/V storage)."""
+        """The gather buffers: one layer's K and V of the batch's widest table, plus WORKSPACE_SPARE blocks per
+        row (not K/V storage: 1 / n_layers of a static cache of the same length, at most)."""
         return sum(t.nbytes for t in self.gathered if t is not None)
 
     def mask(self, start_pos, n_new):
