@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from kvbench.cache import KVCache
-from kvbench.model import Decoder, random_ids  # noqa: F401  (random_ids: part of generate's surface)
+from kvbench.model import AttentionRule, Decoder, random_ids  # noqa: F401  (random_ids: part of generate's surface)
 from kvbench.sampling import SamplingSettings, Sampler, greedy
 from kvbench.strategies import CacheShape, Strategy, resolve
 
@@ -54,12 +54,13 @@ def decode_one(model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
     return model(token[:, None], cache, start_pos=pos, last_only=True, pads=pads)[:, -1]
 
 
-def naive_step(model: Decoder, ids: torch.Tensor, window: int | None = None,
+def naive_step(model: Decoder, ids: torch.Tensor, visibility: AttentionRule = None,
                pads: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline: recompute the whole sequence (B, t), same kernels, logits of the last position only.
-    With a window, attention is banded as in the sliding cache (the whole sequence is still recomputed:
-    with several layers, a token depends on more than `window` positions back)."""
-    return model(ids, None, start_pos=0, last_only=True, window=window, pads=pads)[:, -1]
+    `visibility` is the attention a strategy is checked against (Strategy.baseline): banded for sliding,
+    and the whole sequence is still recomputed (with several layers, a token depends on more than the
+    band's positions back)."""
+    return model(ids, None, start_pos=0, last_only=True, visibility=visibility, pads=pads)[:, -1]
 
 
 # (model, token, cache, column, pads) -> logits
@@ -178,15 +179,15 @@ class Step:
 
 @torch.inference_mode()
 def generation_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
-                     choose: Chooser = greedy, decode: Decode = decode_one, window: int | None = None,
+                     choose: Chooser = greedy, decode: Decode = decode_one, visibility: AttentionRule = None,
                      pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
                      rollback: Rollback | None = None, stops: RowStops | None = None) -> Iterator[Step]:
-    """Yield each new token; cache None means naive recomputation (windowed attention if `window`).
+    """Yield each new token; cache None means naive recomputation, attending as `visibility` says.
     The cache is reset first. `pads`: a left-padded ragged batch (see left_pad); `prefill_chunk`: the
     prompt enters the cache that many tokens at a time; `rollback`: rejected drafts written and rolled back;
     `stops`: rows that stop at different steps (the generation ends when the last one does)."""
     finishing = Finishing(stops, prompt.shape[0], new_tokens, cache)
-    steps = (_naive_steps(model, prompt, new_tokens, choose, window, pads) if cache is None else
+    steps = (_naive_steps(model, prompt, new_tokens, choose, visibility, pads) if cache is None else
              _cached_steps(model, prompt, new_tokens, cache, choose, decode, pads, prefill_chunk, rollback))
     for step in steps:
         yield step
@@ -215,12 +216,12 @@ def _cached_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: 
 
 
 def _naive_steps(model: Decoder, prompt: torch.Tensor, new_tokens: int, choose: Chooser,
-                 window: int | None, pads: torch.Tensor | None) -> Iterator[Step]:
+                 visibility: AttentionRule, pads: torch.Tensor | None) -> Iterator[Step]:
     batch, n_prompt = prompt.shape
     ids = torch.empty(batch, n_prompt + new_tokens, dtype=prompt.dtype, device=prompt.device)  # no per-step cat
     ids[:, :n_prompt] = prompt
     for i in range(new_tokens):
-        logits = naive_step(model, ids[:, : n_prompt + i], window, pads)
+        logits = naive_step(model, ids[:, : n_prompt + i], visibility, pads)
         token = choose(logits)
         ids[:, n_prompt + i] = token
         yield Step(i, logits, token)
@@ -258,10 +259,12 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: St
              sampling: SamplingSettings = GREEDY, on_step: Callable[[Step], None] | None = None,
              window: int | None = None, cache: KVCache | None = None,
              pads: torch.Tensor | None = None, prefill_chunk: int | None = None,
-             rollback: Rollback | None = None, stops: RowStops | None = None) -> Generation:
+             rollback: Rollback | None = None, stops: RowStops | None = None,
+             visibility: AttentionRule = None) -> Generation:
     """Generate new_tokens after prompt (B, P) with a strategy (an object or a name of kvbench.strategies).
 
-    `window` sizes the sliding cache; with strategy naive it bands naive attention the same way. `cache`
+    `window` sizes a windowed strategy's cache; `visibility` is how naive attends (the baseline another
+    strategy is checked against: Strategy.baseline gives it, e.g. banded to the window for sliding). `cache`
     reuses a cache object of the strategy (reset first, as generate --interactive and benchmark reuse one);
     by default a new one is allocated. `pads` (B,): a ragged batch left-padded by left_pad. `prefill_chunk`:
     the prompt enters the cache that many tokens per forward. `rollback`: speculative drafts written into
@@ -273,8 +276,8 @@ def generate(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategy: St
     decode = decoder_for(strategy, prompt.device)
     sampler = Sampler(sampling)
     tokens, logits = [], []
-    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, window, pads, prefill_chunk,
-                                 rollback, stops):
+    for step in generation_steps(model, prompt, new_tokens, cache, sampler, decode, visibility, pads,
+                                 prefill_chunk, rollback, stops):
         tokens.append(step.token)
         if keep_logits:
             logits.append(step.logits.float())

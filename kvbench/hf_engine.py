@@ -154,10 +154,10 @@ class TransformersModel:
         return cache
 
     def __call__(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
-                 window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+                 visibility=None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) of ids (B, T) at columns start_pos.., or (B, 1, V) of the last when last_only."""
-        if window is not None:  # transformers' model windows attention itself, where its config says so
-            raise ValueError("transformers' model takes no window of kvbench's; it attends as its config says")
+        if visibility is not None:  # transformers' model windows attention itself, where its config says so
+            raise ValueError("transformers' model takes no attention rule of kvbench's; it attends as its config says")
         if cache is not None and not isinstance(cache, EngineCache):
             return self._recorded(ids, cache, start_pos, pads)
         if cache is not None and start_pos != cache.length:  # transformers' caches append where they are
@@ -191,11 +191,11 @@ class TransformersModel:
             recorder.update(layer, 0, held.keys, held.values)
         return logits
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, window: int | None = None,
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, visibility=None,
                pads: torch.Tensor | None = None) -> torch.Tensor:
         """What verify reads every position's output from (B, T, V): the logits themselves, as transformers'
         head may do more than a matrix product (soft-capping, scaling); lm_head is then the identity."""
-        return self(ids, cache, start_pos, window=window, pads=pads)
+        return self(ids, cache, start_pos, visibility=visibility, pads=pads)
 
     def lm_head(self, logits: torch.Tensor) -> torch.Tensor:
         return logits

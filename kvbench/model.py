@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,10 @@ from kvbench.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initialiser range
 Position = Union[int, torch.Tensor]  # an int, or a 0-d tensor in the compiled decode step (no recompiles)
+# How an uncached forward attends (naive's baseline, which a strategy chooses: Strategy.baseline): None,
+# causally; an int W, each query within the last W positions (the sliding strategy's band); or a rule
+# (query positions (T,), key positions (S,)) -> bool (T, S) (a plugin's own visibility)
+AttentionRule = Union[None, int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 KERNELS = ("matmul", "mv", "linear", "onednn")
@@ -400,24 +404,24 @@ class Decoder(LanguageModel):
         return self.positions.add(F.embedding(ids, table), start_pos, self.pos_emb, pads)  # (B, T, D)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
-               window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+               visibility: AttentionRule = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) for ids (B, T) at columns start_pos.., after the final norm.
 
-        Without a cache the sequence attends causally to itself, or within the last `window` positions.
+        Without a cache the sequence attends to itself as `visibility` says (causally by default).
         `pads` (B,): a ragged batch, left-padded: row b's tokens start at column pads[b] (its position 0).
         """
         check_positions(self.config, start_pos, ids.shape[1])
         x = self.embed(ids, start_pos, pads)
-        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device, pads)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], visibility, ids.device, pads)
         for block in self.blocks:
             x = block(x, step)
         end_pass(cache)
         return self.ln_f(x)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start_pos: Position = 0,
-                last_only: bool = False, window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, visibility: AttentionRule = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only when last_only."""
-        h = self.hidden(ids, cache, start_pos, window, pads)
+        h = self.hidden(ids, cache, start_pos, visibility, pads)
         if last_only:
             h = h[:, -1:]  # (B, 1, D): the LM head is the costliest matmul; skip it where nobody reads it
         return self.lm_head(h)
@@ -460,12 +464,12 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
 
 
 def begin_pass(config, positions: Positions, cache: KVCache | None, start_pos: Position, n_new: int,
-               window: int | None, device: torch.device, pads: torch.Tensor | None = None) -> Pass:
+               visibility: AttentionRule, device: torch.device, pads: torch.Tensor | None = None) -> Pass:
     """Tell the cache a forward pass starts; what every layer of the pass uses: the visibility (with a row
     per query head of each K/V group; per sequence in a ragged batch) and the rotation of its positions."""
     if cache is not None:
         cache.begin(start_pos, n_new, pads)
-    mask = self_attention_mask(cache, start_pos, n_new, window, device, pads)
+    mask = self_attention_mask(cache, start_pos, n_new, visibility, device, pads)
     mask = group_rows(mask, config.groups, n_new, device)
     return Pass(cache, start_pos, mask, positions.rotation(start_pos, n_new, device, pads))
 
@@ -475,17 +479,17 @@ def end_pass(cache: KVCache | None) -> None:
         cache.end()
 
 
-def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, window: int | None,
+def self_attention_mask(cache: KVCache | None, start_pos: Position, n_new: int, visibility: AttentionRule,
                         device: torch.device, pads: torch.Tensor | None = None) -> Mask:
-    """With a cache, the cache decides; without one the sequence attends causally to itself, within the
-    last `window` positions, or as a strategy's visibility rule says (`window` a callable (T,), (S,) -> (T, S));
-    a ragged batch's left padding hidden."""
+    """With a cache, the cache decides; without one the sequence attends to itself by `visibility` (see
+    AttentionRule); a ragged batch's left padding hidden."""
     if cache is not None:
         return cache.mask(start_pos, n_new)
     positions = torch.arange(n_new, device=device)  # (T,) columns
-    if callable(window):
-        return hide_padding(window(positions, positions), positions, positions, pads)
-    mask = "causal" if window is None or window >= n_new else sliding_mask(positions, positions, window)
+    if callable(visibility):
+        return hide_padding(visibility(positions, positions), positions, positions, pads)
+    band = visibility
+    mask = "causal" if band is None or band >= n_new else sliding_mask(positions, positions, band)
     return hide_padding(mask, positions, positions, pads)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from kvbench.cache import KVCache
 from kvbench.config import Seq2SeqConfig
-from kvbench.model import (MLPS, Attention, Block, LanguageModel, Linear, Pass, Position, begin_pass, check_positions,
+from kvbench.model import (MLPS, Attention, AttentionRule, Block, LanguageModel, Linear, Pass, Position, begin_pass, check_positions,
                            end_pass, layer_norm, matrix_elements, parameter_bytes, positions_for, random_ids, row_bytes,
                            use_kernel)
 
@@ -101,12 +101,12 @@ class Seq2Seq(LanguageModel):
         return [block.cross.project_memory(memory) for block in self.decoder]
 
     def decode_hidden(self, ids: torch.Tensor, cross_kv: CrossKV, cache: KVCache | None, start_pos: Position,
-                      window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+                      visibility: AttentionRule = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         """Final decoder hidden states (B, T, D) for target ids (B, T) at positions start_pos..."""
         check_positions(self.config, start_pos, ids.shape[1])
         table = self.lm_head.rows_by_output() if self.tgt_emb is None else self.tgt_emb  # (V, D)
         x = self.positions.add(F.embedding(ids, table), start_pos, self.tgt_pos_emb, pads)  # (B, T, D)
-        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], window, ids.device, pads)
+        step = begin_pass(self.config, self.positions, cache, start_pos, ids.shape[1], visibility, ids.device, pads)
         for block, kv in zip(self.decoder, cross_kv, strict=True):
             x = block(x, step, kv)
         end_pass(cache)
@@ -210,16 +210,16 @@ class SourceBound(LanguageModel):
         self.config, self.lm_head = model.config, model.lm_head
 
     def hidden(self, ids: torch.Tensor, cache: Seq2SeqCache | None = None, start_pos: Position = 0,
-               window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+               visibility: AttentionRule = None, pads: torch.Tensor | None = None) -> torch.Tensor:
         if cache is None:
             cross_kv = self.model.project_memory(self.model.encode(self.src))
         else:
             cross_kv = cache.cross_for(self.model, self.src)
-        return self.model.decode_hidden(ids, cross_kv, cache, start_pos, window, pads)
+        return self.model.decode_hidden(ids, cross_kv, cache, start_pos, visibility, pads)
 
     def forward(self, ids: torch.Tensor, cache: Seq2SeqCache | None = None, start_pos: Position = 0,
-                last_only: bool = False, window: int | None = None, pads: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden(ids, cache, start_pos, window, pads)
+                last_only: bool = False, visibility: AttentionRule = None, pads: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(ids, cache, start_pos, visibility, pads)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def with_rows(self, batch: int, seed: int) -> SourceBound:

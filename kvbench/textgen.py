@@ -60,9 +60,9 @@ class TextStream:
     """Iterate to generate; `summary` is complete once the iteration ends."""
 
     def __init__(self, model, prompt: list[int], max_new_tokens: int, strategy: str, cache: KVCache | None,
-                 sampling: SamplingSettings, tokenizer: Tokenizer | None, window: int | None = None):
+                 sampling: SamplingSettings, tokenizer: Tokenizer | None):
         self.model, self.prompt, self.max_new_tokens = model, prompt, max_new_tokens
-        self.strategy, self.cache, self.sampling, self.tokenizer, self.window = strategy, cache, sampling, tokenizer, window
+        self.strategy, self.cache, self.sampling, self.tokenizer = strategy, cache, sampling, tokenizer
         self.summary = StreamSummary(len(prompt), strategy, cache is not None)
 
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -70,7 +70,7 @@ class TextStream:
         ids = torch.tensor([self.prompt], device=device)  # (1, P)
         feed = self.tokenizer.decoder() if self.tokenizer else (lambda token: f"{token} ")
         steps = generation_steps(self.model, ids, self.max_new_tokens, self.cache, Sampler(self.sampling),
-                                 decoder_for(self.strategy, device), self.window)
+                                 decoder_for(self.strategy, device))
         synchronize(device)
         start = time.perf_counter()
         for step in steps:
@@ -92,14 +92,14 @@ class RowsResult:
 
 
 def generate_rows(model, prompts: list[list[int]], max_new_tokens: int, strategy: str, cache: KVCache | None,
-                  sampling: SamplingSettings, window: int | None = None) -> RowsResult:
+                  sampling: SamplingSettings) -> RowsResult:
     """Generate after several prompts at once, as one left-padded batch (each row as if it were alone: see
     generate.left_pad), timing each batch step; stops early on Ctrl-C with what was generated so far."""
     device = model.device
     ids, pads = left_pad([torch.tensor(p, device=device) for p in prompts])  # (B, P_max), (B,) or None
     summary = StreamSummary(sum(len(p) for p in prompts), strategy, cache is not None, rows=len(prompts))
     steps = generation_steps(model, ids, max_new_tokens, cache, Sampler(sampling), decoder_for(strategy, device),
-                             window, pads)
+                             pads=pads)
     tokens: list[torch.Tensor] = []
     stopped = False
     synchronize(device)

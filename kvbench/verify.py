@@ -18,7 +18,7 @@ from kvbench.config import AnyConfig, Seq2SeqConfig
 from kvbench.errors import KVBenchError
 from kvbench.generate import (GREEDY, Generation, Rollback, RowStops, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
-from kvbench.model import Decoder, self_attention_mask
+from kvbench.model import AttentionRule, Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
 from kvbench.strategies import Strategy, resolve, window_of
@@ -443,15 +443,15 @@ def read_contents(cache: KVCache, layer: int, length: int) -> tuple[torch.Tensor
 
 class KVRecorder(KVCache):
     """Not a cache: it keeps each layer's K/V of one plain forward over a whole sequence, the reference a
-    cache's contents are checked against. Attention is causal, or banded to `window` as naive's is.
+    cache's contents are checked against. Attention is as naive's (`visibility`: causal, banded, a rule).
 
     Where the cache under test holds every position, attention reads exactly what it holds: then a lossy
     cache's deeper layers get the same inputs as in the generation, so their K/V are comparable without a
     second rounding (a value re-quantized to the neighbouring int8 step would shift every later layer).
     Layer 0's K/V depend on the tokens alone, so a wrong store is still caught there."""
 
-    def __init__(self, window: int | None, device: torch.device, under_test: KVCache | None = None):
-        self.window, self.device, self.under_test = window, device, under_test
+    def __init__(self, visibility: AttentionRule, device: torch.device, under_test: KVCache | None = None):
+        self.visibility, self.device, self.under_test = visibility, device, under_test
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
@@ -471,7 +471,7 @@ class KVRecorder(KVCache):
         return k, v
 
     def mask(self, start_pos, n_new):
-        return self_attention_mask(None, start_pos, n_new, self.window, self.device)
+        return self_attention_mask(None, start_pos, n_new, self.visibility, self.device)
 
     def reset(self):
         self.k, self.v = {}, {}
@@ -485,20 +485,20 @@ class KVRecorder(KVCache):
 
 
 def naive_logit_chunks(model: Decoder, prompt: torch.Tensor, tokens: torch.Tensor,
-                       window: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                       visibility: AttentionRule = None) -> Iterator[tuple[int, torch.Tensor]]:
     """What naive recomputation gives at every step of a finished generation, from one causal forward.
 
     Step i of naive decoding runs the model on prompt + tokens[:i] and keeps the last position's logits.
     In a causal model, position t's output depends on tokens 0..t only, so one forward over
     prompt + tokens[:-1] yields all N of those logits at once (positions P-1 .. P+N-2): the same
     computation without N separate re-runs. tests/test_verify.py checks it against the step-by-step loop.
-    With `window`, attention is banded as naive_step(window=...) does. Yields (first step, logits (B, c, V))
+    Attention is as naive_step(visibility=...) does. Yields (first step, logits (B, c, V))
     in chunks of steps, to bound memory at chunk x vocab.
     """
     n_prompt, n_new = prompt.shape[1], tokens.shape[1]
     sequence = torch.cat([prompt, tokens[:, :-1]], dim=1)  # (B, P+N-1)
     with torch.inference_mode():
-        hidden = model.hidden(sequence, window=window)[:, n_prompt - 1:]  # (B, N, D): positions that chose tokens
+        hidden = model.hidden(sequence, visibility=visibility)[:, n_prompt - 1:]  # (B, N, D): positions that chose tokens
         for start in range(0, n_new, LM_HEAD_CHUNK):
             yield start, model.lm_head(hidden[:, start:start + LM_HEAD_CHUNK]).double()  # (B, c, V)
 
@@ -510,33 +510,33 @@ def _span(positions: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
-def reference_kv(model: Decoder, sequence: torch.Tensor, window: int | None, cache: KVCache) -> KVRecorder:
+def reference_kv(model: Decoder, sequence: torch.Tensor, visibility: AttentionRule, cache: KVCache) -> KVRecorder:
     """Every layer's K/V from one fresh forward over `sequence` (B, L) (see KVRecorder)."""
-    recorder = KVRecorder(window, sequence.device, cache)
+    recorder = KVRecorder(visibility, sequence.device, cache)
     model.hidden(sequence, for_model(model, recorder))
     return recorder
 
 
-def held_positions(window, length: int) -> torch.Tensor:
-    """The positions a cache must hold after `length` tokens: every one (window None), the last `window`, or
-    those a strategy's visibility rule lets the last query see."""
-    if window is None:
+def held_positions(visibility: AttentionRule, length: int) -> torch.Tensor:
+    """The positions a cache must hold after `length` tokens: every one (causal), the last W (a band of W),
+    or those a strategy's visibility rule lets the last query see."""
+    if visibility is None:
         return torch.arange(length)
-    if callable(window):
+    if callable(visibility):
         keys = torch.arange(length)
-        return keys[window(keys[-1:], keys)[0]]
-    return torch.arange(max(0, length - window), length)
+        return keys[visibility(keys[-1:], keys)[0]]
+    return torch.arange(max(0, length - visibility), length)
 
 
-def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, window: int | None,
+def check_contents(cache: KVCache, model: Decoder, sequence: torch.Tensor, visibility: AttentionRule,
                    tol: Tolerance) -> ContentsCheck:
     """Each layer's stored K/V, by position, against those of a fresh forward over the `sequence` (B, L)
     that went through the cache: equal within `tol` (atol + rtol x the vector's largest element: the dtype's
-    rounding between two kernels) plus the cache's own storage bound (0 for a lossless cache). A window
-    keeps only the last `window` positions."""
-    recorder = reference_kv(model, sequence, window, cache)
+    rounding between two kernels) plus the cache's own storage bound (0 for a lossless cache). A band of W
+    keeps only the last W positions."""
+    recorder = reference_kv(model, sequence, visibility, cache)
     length = sequence.shape[1]
-    want = held_positions(window, length)
+    want = held_positions(visibility, length)
     result = ContentsCheck()
     for layer in sorted(recorder.k):
         try:
@@ -625,15 +625,15 @@ def _first(mask: torch.Tensor) -> tuple[int, int]:
 
 
 def check_generation(model: Decoder, prompt: torch.Tensor, generation: Generation, tol: Tolerance,
-                     sampling: SamplingSettings = GREEDY, window: int | None = None, cache: KVCache | None = None,
+                     sampling: SamplingSettings = GREEDY, visibility: AttentionRule = None, cache: KVCache | None = None,
                      label: str = "generation", main: bool = True) -> GenerationCheck:
     """Compare a generation's logits and tokens with naive recomputation on the same token sequence, and the
     cache's contents (when given) with the K/V of that same forward.
 
-    With a `window` (a windowed strategy), naive attends within the same window (exactness), and for the main
-    generation a second pass with full attention measures how far the window drifts from it."""
+    Naive attends by `visibility` (the strategy's baseline: exactness), and when that is not plain causal
+    attention, a second pass with full attention measures, for the main generation, how far it drifts."""
     check = GenerationCheck(label, generation.tokens.shape[1], main, tokens=generation.tokens)
-    for start, naive in naive_logit_chunks(model, prompt, generation.tokens, window):
+    for start, naive in naive_logit_chunks(model, prompt, generation.tokens, visibility):
         steps = slice(start, start + naive.shape[1])
         cached = generation.logits[:, steps].double()
         check.nonfinite = check.nonfinite or find_nonfinite(cached, naive, start)
@@ -645,8 +645,8 @@ def check_generation(model: Decoder, prompt: torch.Tensor, generation: Generatio
                 check.divergence.step += start
     if cache is not None:
         fed = torch.cat([prompt, generation.tokens[:, :-1]], dim=1)  # (B, P+N-1): what went through the cache
-        check.contents = check_contents(cache, model, fed, window, contents_tolerance(model))
-    if window is not None and main:
+        check.contents = check_contents(cache, model, fed, visibility, contents_tolerance(model))
+    if visibility is not None and main:
         check.drift = Agreement()
         for start, full in naive_logit_chunks(model, prompt, generation.tokens):
             check.drift.add(generation.logits[:, start:start + full.shape[1]].double(), full, tol)
@@ -724,13 +724,13 @@ def stops_text(stops: RowStops | None) -> str:
 
 
 def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KVCache | None, tol: Tolerance,
-                sampling: SamplingSettings, window: int | None,
+                sampling: SamplingSettings, visibility: AttentionRule,
                 on_step: Callable[[Step], None] | None, prefill_chunk: int | None = None,
                 rollback: Rollback | None = None) -> list[GenerationCheck]:
     """Generate as planned and check it; a cache that raises fails its check instead of stopping the others."""
     try:
         generation = generate(model, planned.prompt, planned.new_tokens, strategy, keep_logits=True,
-                              sampling=sampling, on_step=on_step, window=window, cache=cache, pads=planned.pads,
+                              sampling=sampling, on_step=on_step, visibility=visibility, cache=cache, pads=planned.pads,
                               prefill_chunk=prefill_chunk, rollback=rollback, stops=planned.stops)
     except torch.OutOfMemoryError:
         raise
@@ -738,9 +738,9 @@ def run_planned(strategy: Strategy, model, planned: PlannedGeneration, cache: KV
         return [GenerationCheck(planned.label, planned.new_tokens, planned.main, error=f"{type(exc).__name__}: {exc}")]
     rows = planned.row_prompts
     if rows is None:
-        return [check_generation(model, planned.prompt, generation, tol, sampling, window, cache,
+        return [check_generation(model, planned.prompt, generation, tol, sampling, visibility, cache,
                                  planned.label, planned.main)]
-    return [check_generation(model, row[None], row_of(generation, r), tol, sampling, window, None,
+    return [check_generation(model, row[None], row_of(generation, r), tol, sampling, visibility, None,
                              f"{planned.label}: row {r} ({len(row)}-token prompt"
                              + (f", {generation.lengths[r]} tokens)" if generation.lengths else ")"), planned.main)
             for r, row in enumerate(rows)]
@@ -760,7 +760,7 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
                    rollback: Rollback | None = None, stops: RowStops | None = None) -> StrategyCheck:
     """Run a strategy through its plan (naive: the run asked for only) and judge every generation."""
     size = window_of(model.config, window)
-    win = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
+    baseline = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, size,
                            ragged=model.config.family != "encoder-decoder" and strategy.ragged, stops=stops)
     if not strategy.cached:  # no cache to reuse: the run asked for only
@@ -776,7 +776,7 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
         if planned.fresh_cache or cache is None:
             cache = new_cache(runner, strategy, planned.prompt.shape[0], cache_tokens(longest, new_tokens), size,
                               rollback.tokens if rollback else 0)
-        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, win, callback, prefill_chunk,
+        checks.extend(run_planned(strategy, runner, planned, cache, tol, sampling, baseline, callback, prefill_chunk,
                                   rollback))
     return StrategyCheck(strategy.name, strategy.exact, strategy.thresholds_for(model.dtype), checks)
 

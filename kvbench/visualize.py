@@ -110,7 +110,7 @@ def cache_growth(model: Decoder, prompt: torch.Tensor, new_tokens: int, strategi
     rows = []
     for strategy in strategies:
         cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + new_tokens - 1, window)
-        for step in generation_steps(model, prompt, new_tokens, cache, window=window):
+        for step in generation_steps(model, prompt, new_tokens, cache):
             held = prompt.shape[1] + step.index  # the prefill stores the prompt; each decode step one token more
             rows.append(dict(strategy=strategy, step=step.index, position=held,
                              allocated=cache.nbytes if cache is not None else 0,

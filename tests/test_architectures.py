@@ -189,7 +189,7 @@ def test_mistral_sliding_window_caps_full_attention_and_sliding_attends_as_mistr
     ids = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         expected = hf(ids).logits  # Mistral: every layer attends to the last 8 positions
-        torch.testing.assert_close(model(ids, window=8), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids, visibility=8), expected, atol=1e-4, rtol=1e-4)
         hf_tokens = hf_greedy(hf, ids[:, :5], 20)
     assert torch.equal(generate(model, ids[:, :5], 20, "sliding").tokens, hf_tokens)
 

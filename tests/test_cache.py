@@ -79,7 +79,7 @@ def test_sliding_prefill_into_a_ring_that_already_holds_tokens():
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
     cache = new_cache(model, "sliding", batch=2, max_len=24, window=8)
     with torch.inference_mode():
-        naive = model(ids, window=8)  # (B, 24, V): banded attention over the whole sequence
+        naive = model(ids, visibility=8)  # (B, 24, V): banded attention over the whole sequence
         pieces, start = [], 0
         for chunk in (5, 7, 1, 11):
             pieces.append(model(ids[:, start:start + chunk], cache, start_pos=start))

@@ -35,7 +35,7 @@ def test_each_row_of_a_ragged_batch_is_what_it_is_alone(features, strategy):
     window = 8 if strategy == "sliding" else None  # 17 + 12 tokens: the ring wraps
     batch = generate(model, ids, 12, strategy, keep_logits=True, window=window, pads=pads)
     for r, prompt in enumerate(prompts):
-        alone = generate(model, prompt[None], 12, "naive", keep_logits=True, window=window)
+        alone = generate(model, prompt[None], 12, "naive", keep_logits=True, visibility=window)
         torch.testing.assert_close(batch.logits[r], alone.logits[0], atol=2e-4, rtol=1e-4)
         if strategy != "quantized":  # int8 may flip a near-tie; its logits are held to the tolerance above
             assert torch.equal(batch.tokens[r], alone.tokens[0])
@@ -88,7 +88,7 @@ def test_chunked_prefill_matches_naive_around_the_window(strategy, prompt_len):
     prompt = rows(prompt_len, prompt_len, seed=7)
     ids = torch.stack(prompt)  # (2, P)
     window = 8 if strategy == "sliding" else None
-    naive = run(model, ids, 6, "naive", keep_logits=True, window=window)
+    naive = run(model, ids, 6, "naive", keep_logits=True, visibility=window)
     chunked = run(model, ids, 6, strategy, keep_logits=True, window=window, prefill_chunk=3)
     torch.testing.assert_close(chunked.logits, naive.logits, atol=2e-4, rtol=1e-4)
 
@@ -148,7 +148,7 @@ def test_rolled_back_drafts_leave_no_trace(strategy, prompt_len, drafts):
     model = random_model(6, positional="rope", n_kv_heads=2)
     ids = torch.stack(rows(prompt_len, prompt_len, seed=8))
     window = 8 if strategy == "sliding" else None
-    naive = generate(model, ids, 24, "naive", keep_logits=True, window=window)
+    naive = generate(model, ids, 24, "naive", keep_logits=True, visibility=window)
     rolled = generate(model, ids, 24, strategy, keep_logits=True, window=window, rollback=Rollback(drafts, every=2))
     torch.testing.assert_close(rolled.logits, naive.logits, atol=2e-4, rtol=1e-4)
 

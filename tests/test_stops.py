@@ -33,7 +33,7 @@ def test_each_row_stops_at_its_own_step_and_is_what_it_is_alone(strategy):
     assert batch.lengths == [30, 4, 19] and batch.tokens.shape == (3, 30)
     for r, prompt in enumerate(prompts):
         n = batch.lengths[r]
-        alone = generate(model, prompt[None], n, "naive", keep_logits=True, window=window)
+        alone = generate(model, prompt[None], n, "naive", keep_logits=True, visibility=window)
         torch.testing.assert_close(batch.logits[r, :n], alone.logits[0], atol=2e-4, rtol=1e-4)
         if strategy != "quantized":  # int8 may flip a near-tie; its logits are held to the tolerance above
             assert torch.equal(batch.tokens[r, :n], alone.tokens[0])

@@ -28,7 +28,7 @@ def test_sliding_equals_windowed_naive(arch, seed, batch, prompt_len, new_tokens
     """Exact against naive with the same band mask, whether the prompt fits the window or not, across wraps."""
     model = random_model(seed, **arch, d_model=8 * arch["n_heads"], max_seq_len=32)
     prompt = torch.randint(0, 97, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    naive = generate(model, prompt, new_tokens, "naive", keep_logits=True, window=window)
+    naive = generate(model, prompt, new_tokens, "naive", keep_logits=True, visibility=window)
     sliding = generate(model, prompt, new_tokens, "sliding", keep_logits=True, window=window)
     torch.testing.assert_close(sliding.logits, naive.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(sliding.tokens, naive.tokens)
@@ -38,7 +38,7 @@ def test_sliding_at_the_wrap_step_by_step():
     """Window 4, prompt 2: the ring wraps when position 4 overwrites slot 0; every step stays exact."""
     model = random_model(11)
     prompt = torch.randint(0, 97, (1, 2))
-    naive = generate(model, prompt, 9, "naive", keep_logits=True, window=4)
+    naive = generate(model, prompt, 9, "naive", keep_logits=True, visibility=4)
     cache = SlidingWindowCache(2, 1, 4, 4, 8, torch.float32, "cpu")
     steps = list(kvbench.generate.generation_steps(model, prompt, 9, cache))
     for step in steps:
@@ -158,7 +158,7 @@ def test_same_seed_same_tokens_cached_and_naive(sampling, strategy):
     model = random_model(9)
     prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(1))
     window = 6 if strategy == "sliding" else None
-    naive = generate(model, prompt, 25, "naive", sampling=sampling, window=window)
+    naive = generate(model, prompt, 25, "naive", sampling=sampling, visibility=window)
     cached = generate(model, prompt, 25, strategy, sampling=sampling, window=window)
     assert torch.equal(cached.tokens, naive.tokens)
     assert torch.equal(cached.draws, naive.draws)
@@ -233,7 +233,7 @@ def test_sliding_prefill_into_a_non_empty_ring(chunk):
     ids = torch.randint(0, 97, (2, 4 + 2 * chunk), generator=torch.Generator().manual_seed(2))
     cache = strategies.SLIDING.new_cache(strategies.CacheShape(2, 2, 4, 8, 64, torch.float32, torch.device("cpu"),
                                                                window))
-    expected = model(ids, window=window)  # (B, T, V): no cache, banded causal attention
+    expected = model(ids, visibility=window)  # (B, T, V): no cache, banded causal attention
     with torch.inference_mode():
         got = [model(ids[:, :4], cache, 0)]
         for start in range(4, ids.shape[1], chunk):

@@ -184,14 +184,14 @@ def generate_command(
         rows = [parse_ids(row, loaded.model.vocab_size) for row in prompt_ids.split(";")]
         check_length(loaded, max(map(len, rows)) + max_new_tokens - 1, [name], "longest row + --max-new-tokens - 1")
         batch_cache = new_cache(model, name, len(rows), room, win)
-        show_rows(rows, textgen.generate_rows(model, rows, max_new_tokens, name, batch_cache, sampling, win),
+        show_rows(rows, textgen.generate_rows(model, rows, max_new_tokens, name, batch_cache, sampling),
                   tokenizer)
         return
 
     def run(text: str | None, ids: str | None, echo: bool = True) -> None:
         tokens = prompt_tokens(tokenizer, text, ids, loaded.model.vocab_size, loaded.source)
         check_length(loaded, len(tokens) + max_new_tokens - 1, [name], "prompt + --max-new-tokens - 1")
-        stream_one(textgen.TextStream(model, tokens, max_new_tokens, name, cache, sampling, tokenizer, win),
+        stream_one(textgen.TextStream(model, tokens, max_new_tokens, name, cache, sampling, tokenizer),
                    token_times, prompt_text(tokenizer, text, tokens) if echo else None)
 
     if interactive:  # the typed prompt is on the screen already: not echoed
