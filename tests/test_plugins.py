@@ -47,6 +47,9 @@ def test_sink_plugin_passes_and_its_off_by_one_fails(runner):
     result = kv_evaluate(runner, "--strategies", f"static,{SINK}:SinkCache")
     assert result.exit_code == 0, result.output
     assert verdicts(result.output) == {"static": "pass", "sink": "pass"}
+    # ragged = False: the footer says which generation sink skipped, and static (which ran it) says nothing
+    said = " ".join(result.output.split())
+    assert "sink: not run on ragged batch" in said and "static: not run" not in said
     result = kv_evaluate(runner, "--strategies", f"{SINK}:SinkCacheOffByOne")
     assert result.exit_code == 1, result.output
     assert "sink-off-by-one" in result.output and "holds 19 positions" in result.output

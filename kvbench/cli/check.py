@@ -234,6 +234,10 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
     console.print(f"  each cache object served {len(labels)} generations, each checked: "
                   + "; ".join(labels), highlight=False)
     for c in checks:
+        fewer = [label for label in labels if label not in {g.label.split(": row ")[0] for g in c.generations}]
+        if fewer and len(c.generations) > 1:  # a cache that cannot serve a case (ragged = False) skipped it
+            console.print(f"  {c.strategy}: not run on {'; '.join(fewer)} (the strategy declares it does not "
+                          "serve it)", highlight=False)
         if c.contents_unchecked:
             console.print(f"  {c.strategy}: stored K/V unchecked (the cache provides no contents())", highlight=False)
         if c.divergence is not None:
