@@ -20,7 +20,7 @@ from kvbench.errors import KVBenchError
 from kvbench.model import Decoder, LanguageModel
 from kvbench.reference import reference_logits, reference_seq2seq_logits
 from kvbench.seq2seq import Seq2Seq
-from kvbench.strategies import TRANSFORMERS
+from kvbench.strategies import FAMILY_WORDS, SELF_ONLY, TRANSFORMERS, get
 
 Weights = dict[str, np.ndarray]
 
@@ -35,6 +35,14 @@ class Family:
     # a ready model from the loaded config, on a device in a dtype, when the family loads its own weights
     # (transformers' models: from_pretrained); None: build, then kvbench's weight files or random weights
     load: Callable[[LoadedConfig, torch.device | str, torch.dtype], object] | None = None
+    reads_source: bool = False  # every forward also takes source ids (B, S): an encoder-decoder
+    # what kv-evaluate and benchmark run when no strategy is named; None: the command's own default
+    check_strategies: str | None = None
+    bench_strategies: str | None = None
+    # one line per strategy for kv-evaluate, where what a strategy caches is easy to mistake; None: nothing
+    explain: Callable[[str], str] | None = None
+    profiled: bool = False  # kvbench profile can break its decode step down by operation (kvbench's decoder)
+    own_window: bool = False  # the model attends with its own window (transformers' config.json): no --window
 
 
 def hf_engine():
@@ -48,15 +56,46 @@ def _no_reference(weights, config, ids, src):
                        "kv-evaluate checks transformers' caches against transformers' uncached forward")
 
 
+def seq2seq_way(name: str) -> str:
+    """What an encoder-decoder strategy caches: its two caches are easy to confuse."""
+    strategy = get(name, "encoder-decoder")
+    if not strategy.cached:
+        return "nothing cached: the encoder, cross- and self-attention K/V rerun every step"
+    kind = name.removesuffix(SELF_ONLY)
+    if not strategy.keeps_cross:
+        return f"self-attention K/V cached ({kind}); encoder once, cross-attention K/V recomputed every step"
+    return f"self-attention K/V cached ({kind}); encoder and cross-attention K/V computed once per generation"
+
+
+ENGINE_STRATEGIES = "hf-dynamic,hf-static"  # transformers' own caches
+
 FAMILIES = {
-    "decoder": Family("decoder", SCHEMAS["decoder"], Decoder, lambda w, c, ids, src: reference_logits(w, c, ids)),
-    "encoder-decoder": Family("encoder-decoder", SCHEMAS["encoder-decoder"], Seq2Seq,
-                              lambda w, c, ids, src: reference_seq2seq_logits(w, c, src, ids)),
+    "decoder": Family("decoder", SCHEMAS["decoder"], Decoder, lambda w, c, ids, src: reference_logits(w, c, ids),
+                      profiled=True),
+    "encoder-decoder": Family(
+        "encoder-decoder", SCHEMAS["encoder-decoder"], Seq2Seq,
+        lambda w, c, ids, src: reference_seq2seq_logits(w, c, src, ids), reads_source=True,
+        check_strategies="naive,static,static+self-only,dynamic,dynamic+self-only",
+        bench_strategies="naive,static+self-only,static",  # the three ways: nothing, self-attention, both cached
+        explain=seq2seq_way),
     # transformers' own modeling code (--engine transformers): its uncached forward is the reference there
     TRANSFORMERS: Family(TRANSFORMERS, TransformersConfig, lambda c: hf_engine().skeleton(c), _no_reference,
-                         lambda loaded, device, dtype: hf_engine().build(loaded, device, dtype)),
+                         lambda loaded, device, dtype: hf_engine().build(loaded, device, dtype),
+                         check_strategies=ENGINE_STRATEGIES, bench_strategies=f"naive,{ENGINE_STRATEGIES}",
+                         own_window=True),
 }
 
 
 def family_of(config: AnyConfig) -> Family:
     return FAMILIES[config.family]
+
+
+def reads_source(config: AnyConfig) -> bool:
+    """Whether every generation needs source ids beside the prompt (an encoder-decoder)."""
+    return family_of(config).reads_source
+
+
+def default_strategies(use: str) -> str:
+    """The families' own defaults for --help: use is "check" (kv-evaluate) or "bench"."""
+    return "; ".join(f"{FAMILY_WORDS[f.name]}: {getattr(f, use + '_strategies')}" for f in FAMILIES.values()
+                     if getattr(f, use + "_strategies"))

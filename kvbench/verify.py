@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from kvbench.cache import KVCache
-from kvbench.config import AnyConfig, Seq2SeqConfig
+from kvbench.config import AnyConfig
 from kvbench.errors import KVBenchError
 from kvbench.generate import (GREEDY, Generation, Rollback, RowStops, Step, cache_tokens, for_model, generate, left_pad, new_cache, random_ids,
                               with_batch)
@@ -22,7 +22,7 @@ from kvbench.model import AttentionRule, Decoder, self_attention_mask
 from kvbench.precision import CONTENTS_TOLERANCE, NEAR_TIE_KL, Thresholds, dtype_name
 from kvbench.seq2seq import Seq2Seq
 from kvbench.strategies import Strategy, resolve, window_of
-from kvbench.families import family_of
+from kvbench.families import family_of, reads_source
 from kvbench.sampling import SamplingSettings, filtered_probs, pick
 from kvbench.weights import save_tensors
 
@@ -99,7 +99,7 @@ def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tens
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise KVBenchError(f"expected file '{path}' is not a valid safetensors file ({exc})") from None
-    seq2seq = isinstance(config, Seq2SeqConfig)
+    seq2seq = reads_source(config)
     for key in ("input_ids", "logits", *(["src_ids"] if seq2seq else [])):
         if key not in tensors:
             raise KVBenchError(f"expected file '{path}' has no '{key}' tensor; it needs input_ids and logits"
@@ -136,7 +136,7 @@ def random_prompt(config: AnyConfig, batch: int, length: int, seed: int) -> torc
 
 def random_inputs(config: AnyConfig, batch: int, length: int, src_len: int, seed: int) -> EvalInputs:
     """A seeded prompt, plus for an encoder-decoder a source drawn with seed + 1 (as for_generation does)."""
-    src = random_ids(config.src_vocab_size, batch, src_len, seed + 1) if isinstance(config, Seq2SeqConfig) else None
+    src = random_ids(config.src_vocab_size, batch, src_len, seed + 1) if reads_source(config) else None
     return EvalInputs(random_prompt(config, batch, length, seed), src)
 
 
@@ -762,7 +762,7 @@ def check_strategy(model, prompt: torch.Tensor | list[torch.Tensor], new_tokens:
     size = window_of(model.config, window)
     baseline = strategy.baseline(size)  # naive attends as the strategy does: causal, banded, or by its own rule
     plan = generation_plan(prompt, new_tokens, model.config.vocab_size, size,
-                           ragged=model.config.family != "encoder-decoder" and strategy.ragged, stops=stops)
+                           ragged=not reads_source(model.config) and strategy.ragged, stops=stops)
     if not strategy.cached:  # no cache to reuse: the run asked for only
         plan = [dataclasses.replace(p, label=f"{new_tokens} tokens as asked") for p in plan if p.main]
     total = sum(p.new_tokens for p in plan)

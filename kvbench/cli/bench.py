@@ -28,13 +28,11 @@ from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     PLUGIN_HELP,
     DEFAULT_CONFIG,
-    DEFAULT_SEQ2SEQ_BENCH,
     BatchOpt,
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
-    ENGINE_STRATEGIES,
     EngineOpt,
     PromptLenOpt,
     PromptLensOpt,
@@ -48,7 +46,6 @@ from kvbench.cli.common import (
     console,
     err_console,
     fail_cleanly,
-    is_seq2seq,
     parse_choices,
     progress_bar,
     require_positive,
@@ -61,6 +58,7 @@ from kvbench.cli.common import (
 from kvbench.bench.machine import check_threads
 from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS, NAIVE_RUN_BUDGET_S
 from kvbench.config import LoadedConfig, check_seed, load_config
+from kvbench.families import default_strategies, family_of, reads_source
 from kvbench.errors import KVBenchError
 from kvbench.weights import build_model
 
@@ -251,13 +249,13 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
     check_seed("--seed", seed)
     settings = SweepSettings(
         lengths=parse_lengths(lengths),
-        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile, DEFAULT_SEQ2SEQ_BENCH,
-                                  engine_default=f"naive,{ENGINE_STRATEGIES}"),
+        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile,
+                                  family_default=family_of(loaded.model).bench_strategies),
         engine=loaded.engine,
         repeats=repeats, warmup=warmup, prompt_len=prompt_len,
         batch_size=parse_lengths(batch_size, "--batch-size", "1,4,16"),
         device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
-        window=resolve_window(loaded, window), src_len=src_len if is_seq2seq(loaded) else None, naive_max=naive_max,
+        window=resolve_window(loaded, window), src_len=src_len if reads_source(loaded.model) else None, naive_max=naive_max,
         prompt_lens=rows.prompt_lens, new_tokens_per_row=rows.new_tokens)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")
@@ -337,8 +335,7 @@ def benchmark(
     lengths: Annotated[str, typer.Option(metavar="N,N,...", help="New tokens per point.")] = DEFAULT_LENGTHS,
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}. {PLUGIN_HELP}",
-        show_default=f"{DEFAULT_BENCH_STRATEGIES}; encoder-decoder: {DEFAULT_SEQ2SEQ_BENCH}; --engine "
-                     f"transformers: naive,{ENGINE_STRATEGIES}")] = None,
+        show_default=f"{DEFAULT_BENCH_STRATEGIES}; {default_strategies('bench')}")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point.")] = DEFAULTS.repeats,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per strategy and length.")] = DEFAULTS.warmup,
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = DEFAULTS.prompt_len,

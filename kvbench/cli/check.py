@@ -13,7 +13,6 @@ from rich.table import Table
 from kvbench import verify
 from kvbench.errors import KVBenchError
 from kvbench.precision import NEAR_TIE_KL
-from kvbench import strategies as registry
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     PerRowOpt,
@@ -22,14 +21,12 @@ from kvbench.cli.common import (
     rows_asked,
     PLUGIN_HELP,
     DEFAULT_CONFIG,
-    DEFAULT_SEQ2SEQ_STRATEGIES,
     AtolOpt,
     BatchOpt,
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
-    ENGINE_STRATEGIES,
     EngineOpt,
     PromptLenOpt,
     RtolOpt,
@@ -46,7 +43,6 @@ from kvbench.cli.common import (
     console,
     err_console,
     fail_cleanly,
-    is_seq2seq,
     output_file,
     progress_bar,
     require_positive,
@@ -57,6 +53,7 @@ from kvbench.cli.common import (
     tolerance,
 )
 from kvbench.config import check_seed, load_config
+from kvbench.families import default_strategies, family_of, reads_source
 from kvbench.generate import Rollback, RowStops, cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
 from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
@@ -116,7 +113,7 @@ def evaluate(
     if expected is not None:
         inputs, expected_logits = verify.read_expected(expected, loaded.model)
     else:
-        check_fits(loaded, max(prompt_len, src_len if is_seq2seq(loaded) else 0), "--prompt-len / --src-len")
+        check_fits(loaded, max(prompt_len, src_len if reads_source(loaded.model) else 0), "--prompt-len / --src-len")
         inputs = verify.random_inputs(loaded.model, batch_size, prompt_len, src_len, seed)
     file_tensors = read_weights(loaded) if loaded.weights_path is not None else None
     cpu_model = load_cpu_model(loaded, file_tensors)
@@ -214,17 +211,6 @@ def rules_text(checks: list[verify.StrategyCheck]) -> list[str]:
                              "own storage bound (int8: max|x|/254 per vector)"]
 
 
-def seq2seq_way(name: str) -> str:
-    """What an encoder-decoder strategy caches: its two caches are easy to confuse."""
-    strategy = registry.get(name, "encoder-decoder")
-    if not strategy.cached:
-        return "nothing cached: the encoder, cross- and self-attention K/V rerun every step"
-    kind = name.removesuffix(registry.SELF_ONLY)
-    if not strategy.keeps_cross:
-        return f"self-attention K/V cached ({kind}); encoder once, cross-attention K/V recomputed every step"
-    return f"self-attention K/V cached ({kind}); encoder and cross-attention K/V computed once per generation"
-
-
 def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, window: int) -> None:
     console.print(strategy_table(checks, tol))
     for rule in rules_text(checks):
@@ -268,8 +254,7 @@ def kv_evaluate(
     strategies: Annotated[str | None, typer.Option(
         metavar="NAME,...", help=f"Comma-separated, from: {', '.join(strategy_names('decoder'))}; an encoder-decoder "
                                  f"takes {', '.join(strategy_names('encoder-decoder'))}. {PLUGIN_HELP}",
-        show_default=f"static,dynamic; encoder-decoder: {DEFAULT_SEQ2SEQ_STRATEGIES}; --engine transformers: "
-                     f"{ENGINE_STRATEGIES}")] = None,
+        show_default=f"static,dynamic; {default_strategies('check')}")] = None,
     batch_size: BatchOpt = 1,
     prompt_len: PromptLenOpt = 16,
     src_len: SrcLenOpt = 16,
@@ -297,7 +282,8 @@ def kv_evaluate(
 ) -> None:
     """Prove that generation with a KV cache gives naive recomputation's logits and tokens."""
     loaded = load_config(config, engine)
-    names = strategies_for(loaded, strategies, "static,dynamic", compile)
+    names = strategies_for(loaded, strategies, "static,dynamic", compile,
+                           family_default=family_of(loaded.model).check_strategies)
     rows = rows_asked(ctx, loaded, prompt_lens, new_tokens_per_row)
     lengths = rows.prompt_lens
     batch_size = rows.batch or batch_size
@@ -309,7 +295,8 @@ def kv_evaluate(
                           ("--rollback", 1 if rollback is None else rollback)):
         require_positive(option, value)
     check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
-    if is_seq2seq(loaded):
+    family = family_of(loaded.model)
+    if family.reads_source:
         check_fits(loaded, src_len, "--src-len")
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
     win = resolve_window(loaded, window)
@@ -321,15 +308,15 @@ def kv_evaluate(
     if lengths:  # each row its own prompt, drawn as a batch's rows are
         prompt = [verify.random_prompt(loaded.model, 1, n, seed + row)[0].to(dev) for row, n in enumerate(lengths)]
         prompt_len = "/".join(map(str, lengths))
-    source = f", source {src_len}" if is_seq2seq(loaded) else ""
+    source = f", source {src_len}" if family.reads_source else ""
     chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
     chunked += f", {rollback} draft tokens rolled back every {Rollback(1).every} steps" if rollback else ""
     chunked += verify.stops_text(stops)
     console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
                   f"tokens on {dev} ({dtype}), {sampling.describe()}")
-    if is_seq2seq(loaded):
+    if family.explain:
         for name in names:
-            console.print(f"  {name}: {seq2seq_way(name)}", highlight=False)
+            console.print(f"  {name}: {family.explain(name)}", highlight=False)
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,

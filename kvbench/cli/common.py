@@ -28,7 +28,8 @@ from rich.progress import (
 import kvbench
 from kvbench import memory, plugins, verify
 from kvbench import strategies as registry
-from kvbench.config import LoadedConfig, Seq2SeqConfig, shipped_names
+from kvbench.config import LoadedConfig, shipped_names
+from kvbench.families import family_of, reads_source
 from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.precision import DEFAULT_TOLERANCE, DTYPES
 from kvbench.strategies import COMPILED, DEFAULT_WINDOW, window_of
@@ -73,7 +74,6 @@ EngineOpt = Annotated[str, typer.Option(
     help="Whose modeling code runs the model: kvbench's own, or transformers' (--config a checkpoint directory of "
          "any causal LM transformers loads offline; strategies naive, hf-dynamic, hf-static, hf-sliding, "
          "hf-offloaded, hf-quantized: transformers' Cache classes; needs pip install 'kvbench[hf]').")]
-ENGINE_STRATEGIES = "hf-dynamic,hf-static"  # the default under --engine transformers (benchmark adds naive)
 BatchOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
 PromptLenOpt = Annotated[int, typer.Option(help="Prompt length in tokens (random ids).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
@@ -81,8 +81,6 @@ SrcLenOpt = Annotated[int, typer.Option(help="Source length in tokens (encoder-d
 # Said in the --help of every command that takes strategies: a plugin spec runs the plugin's code.
 PLUGIN_HELP = ("A plugin, module.path:ClassName or path/to/file.py:ClassName (a kvbench.KVCache subclass), or an "
                "installed kvbench.strategies entry point, is imported: that runs its code.")
-DEFAULT_SEQ2SEQ_STRATEGIES = "naive,static,static+self-only,dynamic,dynamic+self-only"
-DEFAULT_SEQ2SEQ_BENCH = "naive,static+self-only,static"  # the three ways: nothing, self-attention, both cached
 WindowOpt = Annotated[int | None, typer.Option(
     help="Sliding window W.", show_default=f"the config's sliding_window, else {DEFAULT_WINDOW}")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; otherwise sample at this temperature.")]
@@ -233,19 +231,14 @@ def with_compiled(strategies: list[str], compile: bool) -> list[str]:
     return strategies + [COMPILED.name] if compile and COMPILED.name not in strategies else strategies
 
 
-def is_seq2seq(loaded: LoadedConfig) -> bool:
-    return isinstance(loaded.model, Seq2SeqConfig)
-
-
-def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool,
-                   seq2seq_default: str = DEFAULT_SEQ2SEQ_STRATEGIES, option: str = "--strategies",
-                   engine_default: str = ENGINE_STRATEGIES) -> list[str]:
-    """The strategies asked for (or the family's default), checked against what the config's family supports."""
+def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile: bool, option: str = "--strategies",
+                   family_default: str | None = None) -> list[str]:
+    """The strategies asked for (or the family's default, else `default`), checked against what the config's
+    family supports."""
     family = loaded.model.family
     if compile and family not in COMPILED.families:
         raise KVBenchError(f"--compile supports kvbench's decoder-only models, not {registry.FAMILY_WORDS[family]}")
-    defaults = {"encoder-decoder": seq2seq_default, registry.TRANSFORMERS: engine_default}
-    chosen = text or defaults.get(family, default)
+    chosen = text or family_default or default
     return with_compiled(parse_strategies(chosen, family, option), compile)
 
 
@@ -320,7 +313,7 @@ def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: 
 def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
     if window is not None:
         require_positive("--window", window)
-        if loaded.model.family == registry.TRANSFORMERS:  # its caches are built from the model's own config
+        if family_of(loaded.model).own_window:  # its caches are built from the model's own config
             raise KVBenchError("--window: transformers' models attend with their own window (config.json "
                                "sliding_window); drop --window under --engine transformers")
     return window_of(loaded.model, window)
@@ -379,7 +372,7 @@ def rows_asked(ctx: typer.Context, loaded: LoadedConfig, prompt_lens: str | None
                                       ("batch_size", "new_tokens", "lengths", "max_new_tokens"))):
         if values is None:
             continue
-        if is_seq2seq(loaded):
+        if reads_source(loaded.model):
             raise KVBenchError(f"{option}: batches given row by row are for decoder models; this config is an "
                                "encoder-decoder")
         for name in (n for n in replaced if n in ctx.params and typed(ctx, n)):

@@ -30,6 +30,7 @@ from kvbench.cli.common import (
     resolve_dtype,
 )
 from kvbench.config import check_seed, load_config
+from kvbench.families import family_of
 from kvbench.strategies import get, names
 
 
@@ -77,7 +78,7 @@ def profile(
         require_positive(option, value)
     check_seed("--seed", seed)
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    if loaded.model.family != "decoder":
+    if not family_of(loaded.model).profiled:
         from kvbench.errors import KVBenchError
 
         raise KVBenchError(f"--config {config}: kvbench profile times decoder-only models; this one is "

@@ -39,7 +39,6 @@ from kvbench.cli.common import (
     console,
     err_console,
     fail_cleanly,
-    is_seq2seq,
     output_dir,
     output_file,
     parse_strategies,
@@ -50,6 +49,7 @@ from kvbench.cli.common import (
     strategies_for,
 )
 from kvbench.config import check_seed, load_config
+from kvbench.families import reads_source
 from kvbench.errors import KVBenchError
 from kvbench.generate import new_cache
 from kvbench.model import init_weights
@@ -158,7 +158,7 @@ def generate_command(
 ) -> None:
     """Stream generated text with each token's time, then a summary (tokens/s, prefill, decode, cache size)."""
     loaded = load_config(config)
-    if is_seq2seq(loaded):
+    if reads_source(loaded.model):
         raise KVBenchError(f"generate supports decoder-only configs; {loaded.source} is an encoder-decoder")
     names = strategies_for(loaded, strategy, strategy, compile=False, option="--strategy")
     if len(names) != 1:
@@ -218,7 +218,7 @@ def visualize_command(
     from kvbench import visualize as vis
 
     loaded = load_config(config)
-    if is_seq2seq(loaded):
+    if reads_source(loaded.model):
         raise KVBenchError(f"visualize supports decoder-only configs; {loaded.source} is an encoder-decoder")
     if prompt is None and prompt_ids is None:
         raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3")
@@ -270,7 +270,7 @@ def train_command(
                           ("--max-bytes", max_bytes), ("--save-every", save_every)):
         require_positive(option, value)
     # everything that can refuse, before the corpus is read and the first step taken
-    if is_seq2seq(loaded):
+    if reads_source(loaded.model):
         raise KVBenchError("train makes decoder-only byte-level models; this config is an encoder-decoder")
     training.check_trainable(loaded.model, seq_len)
     target = out or loaded.weights_path
