@@ -124,13 +124,29 @@ def test_int8_round_trip_error_is_half_a_step():
     assert ((q * scale - x).abs() <= scale / 2 + 1e-7).all()
 
 
+def scales_off_by(factor: float) -> type[QuantizedCache]:
+    """An int8 cache that stores every scale `factor` times what it should be."""
+
+    class WrongScales(QuantizedCache):
+        @staticmethod
+        def quantize(x):
+            q, scale = QuantizedCache.quantize(x)
+            return q, scale * factor
+
+    return WrongScales
+
+
 @pytest.mark.parametrize("scale_error", [0.25, 1.25])
-def test_broken_quantization_fails_the_thresholds(runner, monkeypatch, scale_error):
+def test_broken_quantization_fails_the_thresholds(runner, register_strategy, scale_error):
     """Scales stored wrong (4x too small, or 25% too large) must fail the KL and top-1 thresholds."""
-    real = QuantizedCache.quantize
-    monkeypatch.setattr(QuantizedCache, "quantize", staticmethod(lambda x: (real(x)[0], real(x)[1] * scale_error)))
-    result = runner.invoke(app, ["kv-evaluate", "--strategies", "quantized", "--new-tokens", "60", "--device", "cpu"])
+    broken = scales_off_by(scale_error)
+    register_strategy(dataclasses.replace(strategies.QUANTIZED, name="quantized-wrong-scales",
+                                          cache=lambda s: broken(s.n_layers, s.batch, s.n_heads, s.max_len,
+                                                                 s.head_dim, s.dtype, s.device)))
+    result = runner.invoke(app, ["kv-evaluate", "--strategies", "quantized,quantized-wrong-scales", "--new-tokens",
+                                 "60", "--device", "cpu"])
     assert result.exit_code == 1, result.output
+    assert verdicts(result.output) == {"quantized": "pass", "quantized-wrong-scales": "FAIL"}
 
 
 # --- batches -------------------------------------------------------------------------------------------------

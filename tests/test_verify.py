@@ -13,7 +13,9 @@ from kvbench import strategies
 from conftest import CONFIGS, random_model, verdicts
 from kvbench.cache import StaticCache
 from kvbench.cli import app
+from kvbench.config import load_config
 from kvbench.generate import generate
+from kvbench.weights import load_cpu_model, read_weights
 
 TOL = verify.Tolerance(1e-4, 1e-4)
 
@@ -91,7 +93,14 @@ def test_evaluate_passes_on_the_shipped_reference_model(runner):
     result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "reference.yaml"), "--expected",
                                  str(CONFIGS / "reference-expected.safetensors"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("pass") == 3
+    # the same run as result objects: all three comparisons (torch, NumPy reference, expected file) within tolerance
+    loaded = load_config(CONFIGS / "reference.yaml")
+    inputs, expected = verify.read_expected(CONFIGS / "reference-expected.safetensors", loaded.model)
+    weights = read_weights(loaded)
+    result, _ = verify.evaluate(load_cpu_model(loaded, weights), weights, inputs, TOL, expected)
+    assert [c.name for c in result.comparisons] == ["torch vs NumPy reference", "torch vs expected",
+                                                    "NumPy reference vs expected"]
+    assert all(c.passed and c.worst_ratio <= 1 and c.argmax_agreement == 1 for c in result.comparisons)
 
 
 def test_tampered_expected_logits_fail_evaluate(runner, tmp_path):

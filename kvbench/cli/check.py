@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -196,6 +197,11 @@ def strategy_table(checks: list[verify.StrategyCheck], tol: verify.Tolerance) ->
     return table
 
 
+def natural_width(table: Table) -> int:
+    """The columns a table needs to show every cell whole."""
+    return Console(width=1000).measure(table).maximum
+
+
 def rules_text(checks: list[verify.StrategyCheck]) -> list[str]:
     """How each kind of row is judged, once per kind present."""
     rules = {}
@@ -212,7 +218,12 @@ def rules_text(checks: list[verify.StrategyCheck]) -> list[str]:
 
 
 def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, window: int) -> None:
-    console.print(strategy_table(checks, tol))
+    table = strategy_table(checks, tol)
+    # a long (plugin) strategy name widens the table past 80 columns rather than cutting names and headers
+    width = console.width
+    console.width = max(width, natural_width(table))  # print(width=) cannot exceed the console's own
+    console.print(table)
+    console.width = width
     for rule in rules_text(checks):
         console.print(f"  {rule}", highlight=False)
     plan = max((c.generations for c in checks), key=len)
