@@ -49,6 +49,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.kernel = "matmul"
         self._packed = None  # "onednn": W packed for oneDNN, built on first use (not a parameter: never saved)
+        self.packed_from_rows = 1  # "onednn": x with fewer rows runs x @ W, where it measured faster (kernels.py)
 
     def use_kernel(self, kernel: str) -> None:
         if kernel not in KERNELS:
@@ -79,7 +80,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        if self.kernel == "onednn" and not torch.compiler.is_compiling():  # inductor cannot lower it: x @ W
+        if self.kernel == "onednn" and not torch.compiler.is_compiling() and x2d.shape[0] >= self.packed_from_rows:
+            # (inductor cannot lower the packed kernel: a compiled step runs x @ W below)
             y = torch.ops.mkldnn._linear_pointwise(x2d, self.packed(), self.bias, "none", [], "")  # (N, out)
         elif self.kernel in IN_OUT:
             y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
@@ -460,6 +462,16 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Linear):
             module.use_kernel(kernel)
+            module.packed_from_rows = 1
+    return model
+
+
+def pack_from_rows(model: nn.Module, rows: int) -> nn.Module:
+    """Under the onednn kernel, run products of fewer than `rows` rows of x as x @ W (kernels.py measures
+    where that is faster); the packed copy of W is kept."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.packed_from_rows = rows
     return model
 
 

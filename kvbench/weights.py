@@ -15,6 +15,7 @@ from kvbench.config import AnyConfig, LoadedConfig
 from kvbench import checkpoints, memory
 from kvbench.checkpoints import to_kvbench
 from kvbench.families import family_of
+from kvbench.kernels import decode_kernel, for_decoding
 from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.model import Decoder, Linear, init_weights
 from kvbench.seq2seq import Seq2Seq
@@ -154,19 +155,7 @@ def build_model(loaded: LoadedConfig, device: torch.device | str = "cpu",
     family = family_of(loaded.model)
     if family.load is not None:  # a family that loads its own weights (transformers' models)
         return family.load(loaded, device, dtype)
-    model = load_cpu_model(loaded).to(device=device, dtype=dtype)
-    return model.use_kernel(decode_kernel(torch.device(device), dtype))
-
-
-def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """The Linear kernel that decodes fastest, as measured with `kvbench ablate` (docs/perf.md)."""
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return "mv"  # oneDNN's bfloat16 matrix-vector product: about 2x F.linear or x @ W here
-    if device.type == "cpu" and dtype == torch.float16:
-        return "linear"
-    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return "onednn"  # W packed once: 1.3x x @ W at batch 1 and 2.6x at batch 16 here (docs/perf.md)
-    return "matmul"  # x @ W (in, out) beats F.linear by ~20% on the LM head; CUDA: cuBLAS
+    return for_decoding(load_cpu_model(loaded).to(device=device, dtype=dtype), torch.device(device), dtype)
 
 
 def save_weights(model: Decoder | Seq2Seq, path: Path, metadata: dict[str, str] | None = None) -> None:

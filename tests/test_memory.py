@@ -12,7 +12,8 @@ from kvbench.cli import app
 from kvbench.cli.common import fail_cleanly
 from kvbench.config import ModelConfig
 from kvbench.model import Linear
-from kvbench.weights import decode_kernel, model_bytes, new_model
+from kvbench.kernels import decode_kernel
+from kvbench.weights import model_bytes, new_model
 from test_bad_input import assert_refused
 
 TINY = str(CONFIGS / "tiny.yaml")

@@ -51,10 +51,17 @@ def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtyp
 
 def linear_path(model: nn.Module) -> str:
     module = getattr(model, "model", model)  # an encoder-decoder bound to its source wraps the model
-    kernels = sorted({m.kernel for m in module.modules() if isinstance(m, Linear)})
+    kernels = sorted({(m.kernel, m.packed_from_rows) for m in module.modules() if isinstance(m, Linear)})
     if not kernels:  # a model of its own code (transformers' under --engine transformers)
         return "the model's own (nn.Linear)"
-    return "; ".join(LINEAR_PATHS.get(k, k) for k in kernels)
+    return "; ".join(LINEAR_PATHS.get(k, k) + below_rows(k, rows) for k, rows in kernels)
+
+
+def below_rows(kernel: str, rows: int) -> str:
+    """Where the onednn kernel hands fewer rows to x @ W (measured faster there: kvbench/kernels.py)."""
+    if kernel != "onednn" or rows <= 1:
+        return ""
+    return f"; below {rows} rows x @ W (measured faster here)"
 
 
 def compile_path(strategy: str, device: torch.device) -> str:

@@ -57,7 +57,8 @@ from kvbench.config import check_seed, load_config
 from kvbench.families import default_strategies, family_of, reads_source
 from kvbench.generate import Rollback, RowStops, cache_tokens, for_generation
 from kvbench.sampling import SamplingSettings
-from kvbench.weights import build_model, decode_kernel, load_cpu_model, read_weights
+from kvbench.kernels import for_decoding
+from kvbench.weights import build_model, load_cpu_model, read_weights
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
 
@@ -121,7 +122,7 @@ def evaluate(
     # The reference's own copy, as the file holds it: float64 weights stay float64 (the torch model runs them
     # rounded to float32 or --dtype); random weights are the model's.
     cpu_weights = file_tensors if file_tensors is not None else {n: t.clone() for n, t in cpu_model.state_dict().items()}
-    model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
+    model = for_decoding(cpu_model.to(dev, torch_dtype), dev, torch_dtype)
     result, reference = verify.evaluate(model, cpu_weights, inputs, tol, expected_logits)
     source = f", source {tuple(inputs.src_ids.shape)}" if inputs.src_ids is not None else ""
     console.print(f"{escape(loaded.name)}: prompt {tuple(inputs.input_ids.shape)}{source} on {dev} ({dtype}), "
@@ -149,7 +150,7 @@ def evaluate_ragged(loaded, lengths: list[int], expected: Path | None, write_exp
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     cpu_model = load_cpu_model(loaded, read_weights(loaded) if loaded.weights_path is not None else None)
     cpu_weights = {n: t.clone() for n, t in cpu_model.state_dict().items()}
-    model = cpu_model.to(dev, torch_dtype).use_kernel(decode_kernel(dev, torch_dtype))
+    model = for_decoding(cpu_model.to(dev, torch_dtype), dev, torch_dtype)
     prompts = [verify.random_prompt(loaded.model, 1, n, seed + row)[0] for row, n in enumerate(lengths)]
     result = verify.evaluate_rows(model, cpu_weights, prompts, tol)
     console.print(f"{escape(loaded.name)}: a ragged batch of prompts {'/'.join(map(str, lengths))}, left-padded, on "
