@@ -31,6 +31,16 @@ IN_OUT = frozenset({"matmul", "onednn"})  # kernels that keep W as (in, out); th
 PACKED_ROWS = 16  # oneDNN packs W for this many rows of x; any count runs, this one (a batched step) fastest
 
 
+def onednn_pack(w_out_in: torch.Tensor, rows: int) -> torch.Tensor:
+    """W (out, in) reordered once into oneDNN's blocked layout, tuned for products of `rows` rows of x."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_out_in, rows)
+
+
+def onednn_matmul(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) @ W + bias by oneDNN on a weight from onednn_pack: (N, out)."""
+    return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
+
+
 class Linear(nn.Module):
     """y = x @ W + b, computed by one of four kernels, each with the weight layout it streams fastest.
 
@@ -58,6 +68,7 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
         self.kernel = kernel
         self._packed = None  # packed again on first use, from the weight as it is now
+        self.packed_from_rows = 1  # a forced kernel runs at every row count; kernels.for_decoding measures
 
     def __getstate__(self):
         # copies (deepcopy, pickle) drop oneDNN's packed weight, an opaque tensor that cannot be copied; the
@@ -66,12 +77,12 @@ class Linear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = None  # .to(device or dtype) makes a new weight: the packed copy would be stale
+        self.packed_from_rows = 1  # and the row count measured for the old dtype and device no longer holds
         return super()._apply(fn, *args, **kwargs)
 
     def packed(self) -> torch.Tensor:
         if getattr(self, "_packed", None) is None:
-            out_in = self.weight.detach().t().contiguous()  # (out, in), as oneDNN takes it
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(out_in, PACKED_ROWS)
+            self._packed = onednn_pack(self.weight.detach().t().contiguous(), PACKED_ROWS)  # from (out, in)
         return self._packed
 
     def rows_by_output(self) -> torch.Tensor:
@@ -82,7 +93,7 @@ class Linear(nn.Module):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         if self.kernel == "onednn" and not torch.compiler.is_compiling() and x2d.shape[0] >= self.packed_from_rows:
             # (inductor cannot lower the packed kernel: a compiled step runs x @ W below)
-            y = torch.ops.mkldnn._linear_pointwise(x2d, self.packed(), self.bias, "none", [], "")  # (N, out)
+            y = onednn_matmul(x2d, self.packed(), self.bias)  # (N, out)
         elif self.kernel in IN_OUT:
             y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)  # (N, out)
         elif self.kernel == "mv" and x2d.shape[0] == 1:  # F.linear does not pick the vector kernel itself
@@ -462,8 +473,12 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Linear):
             module.use_kernel(kernel)
-            module.packed_from_rows = 1
     return model
+
+
+def kernel_choices(model: nn.Module) -> set[tuple[str, int]]:
+    """(kernel, packed_from_rows) of the model's Linears: one pair when they all decode alike."""
+    return {(m.kernel, m.packed_from_rows) for m in model.modules() if isinstance(m, Linear)}
 
 
 def pack_from_rows(model: nn.Module, rows: int) -> nn.Module:

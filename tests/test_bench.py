@@ -19,6 +19,8 @@ from kvbench.bench.stats import summarize
 from kvbench.bench.sweep import CostModel, SweepSettings, plan_runs
 from kvbench.bench.timing import StepClock
 from kvbench.cli import app
+from kvbench.config import load_config
+from kvbench.weights import build_model
 
 TINY = str(CONFIGS / "tiny.yaml")
 SMALL_SWEEP = ["--config", TINY, "--lengths", "3,6", "--strategies", "naive,static", "--repeats", "2",
@@ -591,6 +593,22 @@ def test_crossover_plot_and_code_paths(batch_sweep):
     assert paths["static"]["attention"].startswith("SDPA") and paths["static"]["step"] == "eager"
     assert paths["quantized"]["attention"] != paths["static"]["attention"]  # attends over its own int8 storage
     assert "code paths" in result.output
+
+
+def test_meta_records_where_linears_switch_to_packing_and_a_resume_decodes_so(batch_sweep):
+    from kvbench import kernels
+    from kvbench.bench.session import decode_as_first_process
+    from kvbench.model import kernel_choices
+
+    meta = json.loads((batch_sweep[0] / "meta.json").read_text())
+    model = build_model(load_config(TINY), "cpu")  # the same process measured this shape once: same answer
+    first = kernels.packed_from_rows(model)
+    assert meta["packed_from_rows"] == first
+    decode_as_first_process({}, model)  # a results directory from before the field: left as measured
+    assert kernels.packed_from_rows(model) == first
+    if {kernel for kernel, _ in kernel_choices(model)} == {"onednn"}:
+        decode_as_first_process({**meta, "packed_from_rows": 8}, model)  # a first process that measured 8
+        assert kernel_choices(model) == {("onednn", 8)}
 
 
 def test_floor_rows_say_which_limit_binds(batch_sweep):

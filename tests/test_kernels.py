@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from conftest import random_model
 from kvbench import kernels
 from kvbench.bench.paths import linear_path
-from kvbench.model import Linear, pack_from_rows
+from kvbench.generate import generate
+from kvbench.model import Linear, kernel_choices, pack_from_rows
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -46,29 +49,51 @@ def test_fewer_rows_than_the_threshold_run_x_at_w_and_never_pack():
 
 
 @needs_onednn
-def test_for_decoding_measures_once_and_says_so_in_the_code_path(monkeypatch):
+def test_for_decoding_measures_once_per_shape_and_thread_count(monkeypatch):
     model = random_model(2)
     monkeypatch.setattr(kernels, "_measured", {})
+    times = {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (2.0, 1.0), 8: (2.0, 1.0)}  # packing wins from 4 rows
+    calls = []
+    monkeypatch.setattr(kernels, "time_both", lambda linear, rows: calls.append(rows) or times[rows])
     kernels.for_decoding(model, torch.device("cpu"), torch.float32)
-    (key, rows), = kernels._measured.items()
-    assert {(m.kernel, m.packed_from_rows) for m in model.modules() if isinstance(m, Linear)} == {("onednn", rows)}
-    assert rows in (*kernels.ROW_COUNTS, 2 * kernels.ROW_COUNTS[-1])
-
-    def measured_again(*_):
-        raise AssertionError("the same weight shape was timed twice in one process")
-
-    monkeypatch.setattr(kernels, "time_both", measured_again)
-    kernels.for_decoding(random_model(2), torch.device("cpu"), torch.float32)
-    pack_from_rows(model, 4)
-    assert "below 4 rows x @ W" in linear_path(model)
-    pack_from_rows(model, 1)
-    assert "below" not in linear_path(model)
+    assert kernel_choices(model) == {("onednn", 4)} and calls == [1, 2, 4]
+    kernels.for_decoding(random_model(3), torch.device("cpu"), torch.float32)
+    assert calls == [1, 2, 4]  # the same weight shape, dtype and threads: not timed again
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        kernels.for_decoding(random_model(3), torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [1, 2, 4, 1, 2, 4]  # another thread count moves the crossing: timed again
 
 
-def test_other_dtypes_and_forced_kernels_pack_every_row():
+@needs_onednn
+def test_the_measured_row_count_decodes_as_every_row_packed_does():
     model = random_model(2)
-    kernels.for_decoding(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
-    assert {(m.kernel, m.packed_from_rows) for m in model.modules() if isinstance(m, Linear)} == {("mv", 1)}
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    packed_everywhere = generate(copy.deepcopy(model).use_kernel("onednn"), prompt, 12, "static", keep_logits=True)
+    switched = generate(pack_from_rows(model.use_kernel("onednn"), 4), prompt, 12, "static", keep_logits=True)
+    assert kernel_choices(model) == {("onednn", 4)}
+    assert torch.equal(switched.tokens, packed_everywhere.tokens)
+    torch.testing.assert_close(switched.logits, packed_everywhere.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_code_path_says_where_linears_switch():
+    model = random_model(2).use_kernel("onednn")
+    assert "below" not in linear_path(model)
     pack_from_rows(model, 4)
+    assert "below 4 rows x @ W (measured faster here)" in linear_path(model)
+    pack_from_rows(model, 2 * kernels.ROW_COUNTS[-1])
+    assert "oneDNN measured slower at 1-8 rows" in linear_path(model)
+
+
+def test_a_forced_kernel_or_a_new_dtype_packs_every_row():
+    model = pack_from_rows(random_model(2).use_kernel("onednn"), 4)
     model.use_kernel("onednn")  # a kernel forced (ablate's variants) runs at every row count
-    assert {m.packed_from_rows for m in model.modules() if isinstance(m, Linear)} == {1}
+    assert kernel_choices(model) == {("onednn", 1)}
+    pack_from_rows(model, 4)
+    model.to(torch.float64)  # a row count measured for float32 does not hold for another dtype
+    assert kernel_choices(model) == {("onednn", 1)}
+    kernels.for_decoding(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
+    assert kernel_choices(model) == {("mv", 1)}

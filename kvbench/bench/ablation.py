@@ -25,7 +25,7 @@ from kvbench.cache import KVCache, QuantizedCache
 from kvbench.errors import KVBenchError
 from kvbench.strategies import COMPILED
 from kvbench.generate import cache_tokens, decoder_for, generation_steps, new_cache
-from kvbench.model import Decoder
+from kvbench.model import Decoder, kernel_choices
 from kvbench.weights import to_gpt2
 
 
@@ -108,6 +108,8 @@ VARIANTS = {
 
 def build_variants(names: list[str], model: Decoder, prompt: torch.Tensor, longest: int) -> list[Variant]:
     def with_kernel(kernel: str) -> Decoder:  # every row count on `kernel`, unlike the shipped choice
+        if kernel_choices(model) == {(kernel, 1)}:
+            return model  # already so: no copy (a second model on a GPU may not fit)
         return copy.deepcopy(model).use_kernel(kernel)
 
     makers = {

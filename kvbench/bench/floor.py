@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kvbench.bench.timing import median_seconds
 from kvbench.cache import kv_bytes_formula
+from kvbench.model import onednn_matmul, onednn_pack
 
 BANDWIDTH_MIN_BYTES = 64 * 2**20  # smaller buffers would measure a cache level, not the read path
 SIZES_APART = 1.5  # probe a second buffer size only when the largest step reads this much more than the smallest
@@ -146,11 +147,11 @@ def packed_matmul(name: str, x: torch.Tensor, w_out_in: torch.Tensor) -> dict:
     if w_out_in.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return {}
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w_out_in, x.shape[0])
-        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        packed = onednn_pack(w_out_in, x.shape[0])
+        onednn_matmul(x, packed)
     except RuntimeError:  # a dtype oneDNN does not take on this CPU
         return {}
-    return {name: lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    return {name: lambda: onednn_matmul(x, packed)}
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, repeats: int) -> list[dict]:

@@ -11,7 +11,8 @@ from torch import nn
 
 from kvbench.cache import KVCache
 from kvbench.generate import new_cache
-from kvbench.model import Linear
+from kvbench.kernels import ROW_COUNTS
+from kvbench.model import kernel_choices
 from kvbench.strategies import get
 
 LINEAR_PATHS = {  # Linear.kernel -> what it computes and how W lies in memory
@@ -51,16 +52,18 @@ def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtyp
 
 def linear_path(model: nn.Module) -> str:
     module = getattr(model, "model", model)  # an encoder-decoder bound to its source wraps the model
-    kernels = sorted({(m.kernel, m.packed_from_rows) for m in module.modules() if isinstance(m, Linear)})
+    kernels = sorted(kernel_choices(module))
     if not kernels:  # a model of its own code (transformers' under --engine transformers)
         return "the model's own (nn.Linear)"
     return "; ".join(LINEAR_PATHS.get(k, k) + below_rows(k, rows) for k, rows in kernels)
 
 
 def below_rows(kernel: str, rows: int) -> str:
-    """Where the onednn kernel hands fewer rows to x @ W (measured faster there: kvbench/kernels.py)."""
+    """Where the onednn kernel hands fewer rows to x @ W, as kvbench/kernels.py measured on this machine."""
     if kernel != "onednn" or rows <= 1:
         return ""
+    if rows > ROW_COUNTS[-1]:  # packing won at none of the row counts tried
+        return f"; below {rows} rows x @ W (oneDNN measured slower at {ROW_COUNTS[0]}-{ROW_COUNTS[-1]} rows here)"
     return f"; below {rows} rows x @ W (measured faster here)"
 
 

@@ -19,6 +19,8 @@ from kvbench.bench import floor
 from kvbench.bench.machine import check_threads, command_line, device_name, machine_info
 from kvbench.bench.results import ResultsDir
 from kvbench.bench.paths import code_paths
+from kvbench.kernels import packed_from_rows
+from kvbench.model import kernel_choices, pack_from_rows
 from kvbench.bench.stats import POINT, summarize
 from kvbench.bench.sweep import (DEFAULTS, NAIVE_RUN_BUDGET_S, Reporter, Sweep, SweepSettings, calibrate, plan_runs,
                                  skipped_points, timed_runs)
@@ -116,6 +118,8 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     model = build_model(session.loaded, device, DTYPES[s.dtype])
     if "machine_limits" not in session.meta:  # a resumed run keeps its first measurement: one floor per run
         record_limits(session, device, model)
+    else:
+        decode_as_first_process(session.meta, model)
     limits = floor.MachineLimits.from_dict(session.meta["machine_limits"])
     sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), limits)
     smallest = sweep.model_and_prompt(min(s.batches))  # kept here: the sweep holds one batch's inputs at a time
@@ -160,7 +164,16 @@ def record_limits(session: Session, device: torch.device, model) -> None:
     }
     small = for_generation(model, min(s.batches), s.src_len or 0, s.seed)
     session.meta["code_paths"] = code_paths(small, s.strategies, min(s.batches), s.prompt_len + 1)
+    session.meta["packed_from_rows"] = packed_from_rows(model)
     session.results.write_meta(session.meta)
+
+
+def decode_as_first_process(meta: dict, model) -> None:
+    """A resumed run decodes as its first process did, and as meta.json's code paths say: its Linears switch
+    to oneDNN's packed matmul at the recorded row count, not at one this process would measure anew."""
+    rows = meta.get("packed_from_rows")
+    if rows is not None and {kernel for kernel, _ in kernel_choices(model)} == {"onednn"}:
+        pack_from_rows(model, rows)
 
 
 def finish(session: Session, status: str) -> tuple[pd.DataFrame, list[Path]]:
