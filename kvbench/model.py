@@ -477,8 +477,10 @@ def use_kernel(model: nn.Module, kernel: str) -> nn.Module:
 
 
 def kernel_choices(model: nn.Module) -> set[tuple[str, int]]:
-    """(kernel, packed_from_rows) of the model's Linears: one pair when they all decode alike."""
-    return {(m.kernel, m.packed_from_rows) for m in model.modules() if isinstance(m, Linear)}
+    """(kernel, packed_from_rows) of the model's Linears: one pair when they all decode alike; none for a model
+    of its own code (transformers' under --engine transformers)."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    return {(m.kernel, m.packed_from_rows) for m in modules if isinstance(m, Linear)}
 
 
 def pack_from_rows(model: nn.Module, rows: int) -> nn.Module:
