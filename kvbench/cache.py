@@ -374,6 +374,11 @@ def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) ->
     return (offset >= 0) & (offset < window)
 
 
+DEQUANTIZE_FROM_ROWS = 64  # query rows from which dequantizing what a pass reads, once, then SDPA, beats the
+# fused kernel, whose int8 conversions repeat for every query row (batch 16 x 12 heads x 1500 keys, cold: fused
+# 5.0 ms at 1 row, 17.5 at 8, 31.6 at 16; dequantize + SDPA 80-87 ms at any row count: crossing near 40 rows)
+
+
 class QuantizedCache(KVCache):
     """K and V stored as int8 with one float32 scale per token and head; attention reads the int8 storage.
 
@@ -385,7 +390,10 @@ class QuantizedCache(KVCache):
     update() + SDPA would do) reads the int8 cache, writes 4 bytes per element and reads them again, so the
     cache that exists to read fewer bytes read more. int8_attention() instead folds each key's scale into its
     score and each value's scale into its softmax weight, converting int8 to float inside one fused loop
-    (torch.compile), so a step reads 1 byte per element plus a scale per vector.
+    (torch.compile), so a step reads 1 byte per element plus a scale per vector. A pass of many new tokens (a
+    prompt) is the exception: the fused kernel repeats its conversions for every query row, so there one
+    dequantized copy of what the pass reads, shared by all its rows, and SDPA cost less (the same arithmetic
+    over the same stored values: tests/test_cache.py checks the two agree).
     """
 
     attention_path = "kvbench int8 attention (scales fused; torch.compile for large caches, else chunked eager)"
@@ -429,6 +437,8 @@ class QuantizedCache(KVCache):
 
     def attend(self, layer, start_pos, q, k, v, mask):
         end = self.store(layer, start_pos, k, v)
+        if q.shape[2] >= DEQUANTIZE_FROM_ROWS:  # a prefill: one dequantized copy, shared by all its query rows
+            return attend(q, *self.read(layer, end), mask)
         kq, ks, vq, vs = self.stored(layer, end)
         return int8_attention(q, kq, ks, vq, vs, mask)
 

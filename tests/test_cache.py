@@ -94,6 +94,31 @@ def test_sliding_prefill_into_a_ring_that_already_holds_tokens():
         torch.testing.assert_close(wrong, naive[:, 5:12], atol=1e-5, rtol=1e-5)
 
 
+def test_int8_prefill_dequantizes_once_and_decode_never_does():
+    """A pass of DEQUANTIZE_FROM_ROWS new tokens or more attends over one dequantized copy (SDPA), giving the
+    fused kernel's answer; a decode step never builds a full-precision copy of the cache."""
+    from kvbench.cache import DEQUANTIZE_FROM_ROWS, QuantizedCache, int8_attention
+
+    class CountingReads(QuantizedCache):
+        reads = 0
+
+        def read(self, layer, end):
+            self.reads += 1
+            return super().read(layer, end)
+
+    torch.manual_seed(0)
+    n = DEQUANTIZE_FROM_ROWS
+    cache = CountingReads(1, 2, 3, n + 2, 8, torch.float32, "cpu")
+    k, v, q = (torch.randn(2, 3, n, 8) for _ in range(3))
+    out = cache.attend(0, 0, q, k, v, "causal")
+    assert cache.reads == 1
+    torch.testing.assert_close(out, int8_attention(q, *cache.stored(0, n), "causal"), atol=1e-5, rtol=1e-5)
+    for position in (n, n + 1):  # decode: one new token (a group of 3 query rows) at a time
+        k1, q3 = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 3, 8)
+        cache.attend(0, position, q3, k1, k1, None)
+    assert cache.reads == 1
+
+
 def test_int8_attention_kernels_agree_with_sdpa_over_the_dequantized_cache(monkeypatch):
     """Both kernels (the compiled fused one, forced here on a small cache, and the eager chunked one) give
     SDPA's answer over the dequantized K/V, for decode, grouped query rows under a mask, and a causal prefill."""
