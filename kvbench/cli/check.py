@@ -223,8 +223,10 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
     # a long (plugin) strategy name widens the table past 80 columns rather than cutting names and headers
     width = console.width
     console.width = max(width, natural_width(table))  # print(width=) cannot exceed the console's own
-    console.print(table)
-    console.width = width
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     for rule in rules_text(checks):
         console.print(f"  {rule}", highlight=False)
     plan = max((c.generations for c in checks), key=len)
