@@ -49,8 +49,9 @@ class Linear(nn.Module):
     x @ W with W (in, out) contiguous ("matmul", GPT-2's Conv1D layout and kvbench's file format);
     bfloat16 as torch.mv with W (out, in) ("mv"); "linear" is F.linear on W (out, in), as nn.Linear does;
     "onednn" is oneDNN's matmul on a copy of W packed once in its blocked layout (CPU): MKL's sgemm re-packs W
-    on every call and, on these AMD CPUs, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160. W
-    itself stays (in, out): a compiled step, which cannot call the packed kernel, runs x @ W on it.
+    on every call and, on an AMD EPYC, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160. W
+    itself stays (in, out): a compiled step, which cannot call the packed kernel, runs x @ W on it, and so do
+    products of fewer than `packed_from_rows` rows, where x @ W measured faster (kvbench/kernels.py).
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool):

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from kvbench import plugins, verify
+from kvbench.bench.ablation import VARIANTS as ABLATION_VARIANTS
 from kvbench.strategies import COMPILED, NAIVE
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
@@ -481,9 +482,7 @@ def compare(
 @fail_cleanly
 def ablate(
     config: ConfigOpt = DEFAULT_CONFIG,
-    variants: Annotated[str, typer.Option(help="Comma-separated: kvbench, linear, matmul, mv, no-inference-mode, "
-                                               "1-thread, dynamic, quantized, quantized-copy, compiled, naive, "
-                                               "hf-cache, hf-naive.")] =
+    variants: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(ABLATION_VARIANTS)}.")] =
         "kvbench,linear,matmul,mv,no-inference-mode,1-thread,dynamic",
     new_tokens: Annotated[int, typer.Option(help="Tokens per timed generation.")] = 200,
     repeats: Annotated[int, typer.Option(help="Timed repeats per variant (interleaved).")] = 5,
