@@ -15,6 +15,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from kvbench import native
+
 # What attention is told about visibility: None = every returned key, "causal" = square lower-triangular,
 # or a bool tensor (T, S) where True means "query t may attend to key s".
 Mask = Union[None, str, torch.Tensor]
@@ -374,9 +376,9 @@ def sliding_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) ->
     return (offset >= 0) & (offset < window)
 
 
-DEQUANTIZE_FROM_ROWS = 64  # query rows from which dequantizing what a pass reads, once, then SDPA, beats the
-# fused kernel, whose int8 conversions repeat for every query row (batch 16 x 12 heads x 1500 keys, cold: fused
-# 5.0 ms at 1 row, 17.5 at 8, 31.6 at 16; dequantize + SDPA 80-87 ms at any row count: crossing near 40 rows)
+DEQUANTIZE_FROM_ROWS = 192  # query rows from which dequantizing what a pass reads, once, then SDPA, beats the
+# int8 kernel, whose conversions repeat for every group of query rows (batch 16 x 12 heads x 1500 keys, cold: the
+# C++ kernel 2.6 ms at 1 row, 3.3 at 4, 9.2 at 16, 32.6 at 64; dequantize + SDPA 80-140 ms from 1 to 128 rows)
 
 
 class QuantizedCache(KVCache):
@@ -389,14 +391,18 @@ class QuantizedCache(KVCache):
     Why attend() is its own: dequantizing the whole cache into a full-precision copy every step (what
     update() + SDPA would do) reads the int8 cache, writes 4 bytes per element and reads them again, so the
     cache that exists to read fewer bytes read more. int8_attention() instead folds each key's scale into its
-    score and each value's scale into its softmax weight, converting int8 to float inside one fused loop
-    (torch.compile), so a step reads 1 byte per element plus a scale per vector. A pass of many new tokens (a
-    prompt) is the exception: the fused kernel repeats its conversions for every query row, so there one
+    score and each value's scale into its softmax weight, converting int8 to float in registers (the C++ kernel
+    of kvbench/csrc on CPUs with a compiler, else a torch.compile'd fused loop), so a step reads 1 byte per
+    element plus a scale per vector. A pass of many new tokens (a prompt) is the exception: the kernels repeat
+    their conversions for every few query rows, so there one
     dequantized copy of what the pass reads, shared by all its rows, and SDPA cost less (the same arithmetic
     over the same stored values: tests/test_cache.py checks the two agree).
     """
 
-    attention_path = "kvbench int8 attention (scales fused; torch.compile for large caches, else chunked eager)"
+    @property
+    def attention_path(self) -> str:
+        """Which int8 kernel a decode step runs here (the benchmark records it, so a fallback shows)."""
+        return int8_attention_path(self.kq[0].device, self.kq[0].shape[-1])
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -529,14 +535,30 @@ def _chunked_int8_attention(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor,
 
 
 def _attend_block(q, kq, ks, vq, vs, visible) -> torch.Tensor:
-    """Large caches run the compiled fused kernel; small ones, or any the compiler gives up on (too many shapes
-    in one process), the eager chunked kernel: both read int8, neither copies the whole cache."""
+    """The C++ kernel where it applies (CPU, head_dim 64 or 128, a compiler on the machine); else large caches
+    run the compiled fused kernel, small ones, or any the compiler gives up on (too many shapes in one
+    process), the eager chunked kernel: all read int8, none copies the whole cache."""
+    out = native.int8_attention(q, kq, ks, vq, vs, visible)
+    if out is not None:
+        return out
     if kq.numel() >= COMPILED_MIN_ELEMENTS:
         try:
             return _fused_kernel()(q, kq, ks, vq, vs, visible)
         except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
             pass
     return _chunked_int8_attention(q, kq, ks, vq, vs, visible)
+
+
+def int8_attention_path(device: torch.device, head_dim: int) -> str:
+    fallback = "torch.compile'd fused loop for large caches, else chunked eager"
+    if device.type != "cpu":
+        return f"kvbench int8 attention: {fallback}"
+    if head_dim not in (64, 128):
+        return f"kvbench int8 attention: {fallback} (the C++ kernel takes head_dim 64 or 128)"
+    isa = native.int8_attention_isa()
+    if isa is None:
+        return f"kvbench int8 attention: {fallback} ({native.why_not.get(native.INT8_ATTENTION, 'no C++ kernel')})"
+    return f"kvbench int8 attention: C++ kernel ({isa} loops, built here with -march=native; prompts dequantize once)"
 
 
 def int8_attention(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor,

@@ -1,0 +1,130 @@
+"""The C++ int8 attention kernel (kvbench/csrc/int8_attention.cpp): the same answer as SDPA over the dequantized
+cache, for every build this machine can make; declined where it does not apply; named in the code path, with
+the reason when it falls back; and checked by kv-evaluate like any cache."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvbench import native
+from kvbench.cache import QuantizedCache, attend
+from kvbench.cli import app
+
+GENERIC = ("-DKVBENCH_GENERIC",)  # the portable loops, which CPUs without AVX-512 run
+needs_native = pytest.mark.skipif(native.int8_attention_isa() is None, reason=str(native.why_not))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls the C++ kernel answered, so that a test knows it checked the kernel, not a fallback."""
+    calls = []
+    real = native.int8_attention
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native, "int8_attention", counted)
+    return calls
+
+
+def use_build(monkeypatch, flags):
+    real = native.int8_attention
+    monkeypatch.setattr(native, "int8_attention", functools.partial(real, extra_flags=flags))
+
+
+@needs_native
+@pytest.mark.parametrize("flags", [(), GENERIC], ids=["this-cpu", "generic"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_agrees_with_sdpa_over_the_dequantized_cache(monkeypatch, flags, head_dim):
+    """A causal prompt of 37 tokens (37 query rows: not a multiple of 16, so the tail path runs), then decode
+    steps of 4 query rows (a group of grouped-query heads) under a ragged per-row mask, read from a cache
+    longer than what it holds (strided views)."""
+    use_build(monkeypatch, flags)
+    expected_isa = "generic" if flags else native.int8_attention_isa()
+    assert native.int8_attention_isa(flags) == expected_isa
+    calls = []
+    real = native.int8_attention
+    monkeypatch.setattr(native, "int8_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(head_dim)
+    B, H, T = 3, 2, 37
+    cache = QuantizedCache(1, B, H, 80, head_dim, torch.float32, "cpu")
+    k, v, q = (torch.randn(B, H, T, head_dim) for _ in range(3))
+    out = cache.attend(0, 0, q, k, v, "causal")
+    torch.testing.assert_close(out, attend(q, *cache.read(0, T), "causal"), atol=1e-5, rtol=1e-5)
+    for position in range(T, T + 3):
+        k1, v1, q4 = torch.randn(B, H, 1, head_dim), torch.randn(B, H, 1, head_dim), torch.randn(B, H, 4, head_dim)
+        seen = torch.rand(B, 1, 4, position + 1) > 0.4  # (B, 1, R, S): each batch row its own mask
+        seen[..., -1] = True
+        out = cache.attend(0, position, q4, k1, v1, seen)
+        torch.testing.assert_close(out, attend(q4, *cache.read(0, position + 1), seen), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4
+
+
+@needs_native
+def test_kernel_keeps_softmax_exact_at_extreme_scores():
+    """Scores far apart (weights that underflow to 0), and keys hidden by the mask, as torch computes them."""
+    torch.manual_seed(1)
+    cache = QuantizedCache(1, 1, 1, 40, 64, torch.float32, "cpu")
+    k = torch.randn(1, 1, 33, 64) * 50
+    cache.store(0, 0, k, torch.randn(1, 1, 33, 64))
+    q = torch.randn(1, 1, 1, 64) * 10
+    seen = torch.ones(1, 1, 1, 33, dtype=torch.bool)
+    seen[..., 5:20] = False
+    out = native.int8_attention(q, *cache.stored(0, 33), seen)
+    torch.testing.assert_close(out, attend(q, *cache.read(0, 33), seen), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_declines_what_it_cannot_read():
+    """head_dim other than 64 or 128, keys not head_dim apart, or not on the CPU: None, and the caller's own
+    kernel answers (test_cache.py checks those kernels at head_dim 8)."""
+    q = torch.randn(1, 2, 1, 32)
+    kq = torch.zeros(1, 2, 10, 32, dtype=torch.int8)
+    s = torch.ones(1, 2, 10, 1)
+    seen = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    assert native.int8_attention(q, kq, s, kq, s, seen) is None
+    q, wide = torch.randn(1, 2, 1, 64), torch.zeros(1, 2, 10, 128, dtype=torch.int8)[..., ::2]  # keys 128 apart
+    assert native.int8_attention(q, wide, s, wide, s, seen) is None
+
+
+@needs_native
+def test_code_path_names_the_kernel_or_why_it_fell_back(monkeypatch, tmp_path):
+    cache = QuantizedCache(1, 1, 1, 8, 64, torch.float32, "cpu")
+    assert f"C++ kernel ({native.int8_attention_isa()} loops" in cache.attention_path
+    assert "C++ kernel takes head_dim 64 or 128" in QuantizedCache(1, 1, 1, 8, 32, torch.float32, "cpu").attention_path
+    native.load.cache_clear()
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    try:
+        path = cache.attention_path
+        assert "torch.compile'd fused loop" in path and "no-such-compiler" in path, path
+        q, k = torch.randn(1, 1, 1, 64), torch.ones(1, 1, 4, 64, dtype=torch.int8)
+        assert native.int8_attention(q, k, torch.ones(1, 1, 4, 1), k, torch.ones(1, 1, 4, 1),
+                                     torch.ones(1, 1, 1, 4, dtype=torch.bool)) is None
+    finally:
+        native.load.cache_clear()  # the next test builds (or finds) the real library again
+
+
+@needs_native
+def test_kv_evaluate_checks_the_kernel_and_fails_a_wrong_one(monkeypatch, tmp_path, kernel_calls):
+    """kv-evaluate of the int8 cache on a model with head_dim 64 runs the C++ kernel (counted) and passes;
+    the same kernel with its output scaled by 1.05 (as a kernel dropping a term would be) fails it."""
+    config = tmp_path / "hd64.yaml"
+    config.write_text("n_layers: 2\nd_model: 128\nn_heads: 2\nd_ff: 256\nvocab_size: 256\nmax_seq_len: 128\n"
+                      "positional: learned\nnorm: pre\nactivation: gelu\ntie_embeddings: true\nbias: true\n"
+                      "layer_norm_eps: 1.0e-5\nseed: 0\n")
+    args = ["kv-evaluate", "--config", str(config), "--strategies", "quantized", "--new-tokens", "30",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sum(kernel_calls) > 0
+    counted = native.int8_attention
+    monkeypatch.setattr(native, "int8_attention", lambda *a, **kw: None if (o := counted(*a, **kw)) is None else o * 1.05)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "Traceback" not in result.output, result.output
+
