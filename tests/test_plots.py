@@ -140,3 +140,26 @@ def test_memory_figure_shows_allocated_against_live_with_the_waste():
         assert [t.get_text() for t in panel.get_xticklabels()] == STRATEGIES[1:]
     finally:
         plt.close("all")
+
+
+def crossover_summary() -> pd.DataFrame:
+    """Two batches, times within one decade (where matplotlib labels minor ticks 2x10^1, 3x10^1 by default)."""
+    rows = [dict(strategy=s, batch_size=b, new_tokens=n, kv_over_weights=0.03 * b * n / 1000,
+                 per_token_ms_median=(8 if b == 1 else 19) + i + n / 200, floor_ms=7.5 if b == 1 else 10.5)
+            for i, s in enumerate(["static", "quantized"]) for b in (1, 16) for n in (100, 1000)]
+    return pd.DataFrame(rows)
+
+
+def test_log_axes_are_labelled_in_plain_numbers():
+    """10, 20, 50 on the log axes of the crossover, per-token and latency figures, never 2x10^1."""
+    meta = dict(META, settings=dict(META["settings"], batch_size=[1, 16]))
+    drawn = [plots.crossover_figure(crossover_summary(), meta), figures()["per_token"], figures()["latency"]]
+    try:
+        for fig in drawn:
+            fig.canvas.draw()
+            labels = [t.get_text() for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                      for t in axis.get_ticklabels(which="both") if t.get_text()]
+            assert labels and not any("times" in t or "^" in t for t in labels), labels
+        assert_readable(drawn[0])
+    finally:
+        plt.close("all")

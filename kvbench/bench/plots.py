@@ -81,6 +81,16 @@ def _series(frame: pd.DataFrame, meta: dict):
 
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+SOME_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")  # 2, 5, 20, 50, ...
+
+
+def _plain_log(ax, which: str) -> None:
+    """A log-scale x or y axis labelled 10, 20, 50 rather than 10^1, 2x10^1 (formatters set after the scale,
+    which resets them)."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(PLAIN)
+    axis.set_minor_formatter(SOME_MINOR)
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -122,8 +132,7 @@ def latency_figure(runs: pd.DataFrame, meta: dict):
         err = [points["median"] - points["q25"], points["q75"] - points["median"]]
         ax.errorbar(points["new_tokens"], points["median"], yerr=err, capsize=3, **style)
     _tokens_axis(ax, runs["new_tokens"].unique())
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(PLAIN)
+    _plain_log(ax, "y")
     ax.set_ylabel("total generation time (s)")
     return _finish(fig, ax, "Generation latency: prefill + decode", meta,
                    "median of {repeats} runs, bars: interquartile range")
@@ -151,9 +160,7 @@ def per_token_figure(steps: pd.DataFrame, meta: dict, floor: pd.DataFrame | None
         for batch, line in floor.groupby("batch_size"):
             ax.plot(line["position"], line["floor_ms"], color="black", ls="--", lw=1,
                     label="floor (roofline)" + (f" ×{batch}" if several else ""))
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(PLAIN)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    _plain_log(ax, "y")
     ax.set_xlabel("token position (prompt + generated)")
     ax.set_ylabel("decode step time (ms, median over repeats)")
     return _finish(fig, ax, f"Per-token latency while generating {longest} tokens", meta,
@@ -175,10 +182,8 @@ def crossover_figure(summary: pd.DataFrame, meta: dict):
                 label="floor" + (f" ×{batch}" if floors["batch_size"].nunique() > 1 else ""))
     ax.axvline(1.0, color="gray", lw=1, ls=":")
     ax.text(1.0, 0.98, " cache = weights", transform=ax.get_xaxis_transform(), fontsize=8, va="top", color="gray")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(PLAIN)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _plain_log(ax, "x")
+    _plain_log(ax, "y")
     ax.set_xlabel("K/V bytes attended per step / weight bytes per step (full precision)")
     ax.set_ylabel("decode time per token (ms, median)")
     return _finish(fig, ax, "Where the cache decides: weight-bound left of 1, cache-bound right of it", meta,
@@ -235,8 +240,7 @@ def memory_figure(summary: pd.DataFrame, meta: dict):
         _tokens_axis(ax, summary["new_tokens"].unique())
         ax.grid(True, which="both", alpha=0.3)
     left.set_ylabel("KV cache at the end of the run (MiB)")
-    left.set_yscale("log")
-    left.yaxis.set_major_formatter(PLAIN)
+    _plain_log(left, "y")
     left.set_title("KV cache: allocated (markers) vs its formula (dashed, see README)", fontsize=9)
     right.set_ylabel("MiB")
     # from zero, and at least 1 MiB tall: page-sized (4 KiB) noise must not fill the panel
