@@ -105,6 +105,11 @@ def test_code_path_names_the_kernel_or_why_it_fell_back(monkeypatch, tmp_path):
         q, k = torch.randn(1, 1, 1, 64), torch.ones(1, 1, 4, 64, dtype=torch.int8)
         assert native.int8_attention(q, k, torch.ones(1, 1, 4, 1), k, torch.ones(1, 1, 4, 1),
                                      torch.ones(1, 1, 1, 4, dtype=torch.bool)) is None
+        native.load.cache_clear()
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv("KVBENCH_NO_NATIVE", "1")  # a user's switch back to the torch kernels
+        path = cache.attention_path
+        assert "torch.compile'd fused loop" in path and "KVBENCH_NO_NATIVE is set" in path, path
     finally:
         native.load.cache_clear()  # the next test builds (or finds) the real library again
 
