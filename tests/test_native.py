@@ -1,4 +1,4 @@
-"""The C++ int8 attention kernel (kvbench/csrc/int8_attention.cpp): the same answer as SDPA over the dequantized
+"""The C++ attention kernels (kvbench/csrc/attention.cpp): the same answer as SDPA over the dequantized
 cache, for every build this machine can make; declined where it does not apply; named in the code path, with
 the reason when it falls back; and checked by kv-evaluate like any cache."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kvbench.cache import QuantizedCache, attend
 from kvbench.cli import app
 
 GENERIC = ("-DKVBENCH_GENERIC",)  # the portable loops, which CPUs without AVX-512 run
-needs_native = pytest.mark.skipif(native.int8_attention_isa() is None, reason=str(native.why_not))
+needs_native = pytest.mark.skipif(native.attention_isa() is None, reason=str(native.why_not))
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_kernel_agrees_with_sdpa_over_the_dequantized_cache(monkeypatch, flags, 
     steps of 4 query rows (a group of grouped-query heads) under a ragged per-row mask, read from a cache
     longer than what it holds (strided views)."""
     use_build(monkeypatch, flags)
-    expected_isa = "generic" if flags else native.int8_attention_isa()
-    assert native.int8_attention_isa(flags) == expected_isa
+    expected_isa = "generic" if flags else native.attention_isa()
+    assert native.attention_isa(flags) == expected_isa
     calls = []
     real = native.int8_attention
     monkeypatch.setattr(native, "int8_attention", lambda *a: calls.append(1) or real(*a))
@@ -92,9 +92,31 @@ def test_kernel_declines_what_it_cannot_read():
 
 
 @needs_native
+def test_kernel_declines_tensors_that_do_not_match():
+    """It sees bare pointers: any shape, dtype or mask that disagrees with q and kq sends the call to the torch
+    kernels (which raise on real mismatches) rather than reading past a tensor."""
+    B, H, R, S = 2, 2, 4, 10
+    q, kq, s = torch.randn(B, H, R, 64), torch.zeros(B, H, S, 64, dtype=torch.int8), torch.ones(B, H, S, 1)
+    seen = torch.ones(B, 1, R, S, dtype=torch.bool)
+    assert native.int8_attention(q, kq, s, kq, s, seen) is not None
+    wrong = {
+        "more query heads than K/V heads": (torch.randn(B, 4, R, 64), kq, s, kq, s, seen),
+        "half-precision value scales": (q, kq, s, kq, s.half(), seen),
+        "unsigned values": (q, kq, s, kq.to(torch.uint8), s, seen),
+        "a mask of one query row": (q, kq, s, kq, s, seen[:, :, :1]),
+        "a mask per head": (q, kq, s, kq, s, seen.expand(B, H, R, S)),
+        "an additive float mask": (q, kq, s, kq, s, seen.float()),
+        "V shorter than K": (q, kq, s, kq[:, :, :5], s[:, :, :5], seen),
+        "a head_dim slice of wider storage": (q, torch.zeros(B, H, S, 128, dtype=torch.int8)[..., :64], s, kq, s, seen),
+    }
+    for why, args in wrong.items():
+        assert native.int8_attention(*args) is None, why
+
+
+@needs_native
 def test_code_path_names_the_kernel_or_why_it_fell_back(monkeypatch, tmp_path):
     cache = QuantizedCache(1, 1, 1, 8, 64, torch.float32, "cpu")
-    assert f"C++ kernel ({native.int8_attention_isa()} loops" in cache.attention_path
+    assert f"C++ kernel ({native.attention_isa()} loops" in cache.attention_path
     assert "C++ kernel takes head_dim 64 or 128" in QuantizedCache(1, 1, 1, 8, 32, torch.float32, "cpu").attention_path
     native.load.cache_clear()
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path))  # nothing built there yet
@@ -133,3 +155,102 @@ def test_kv_evaluate_checks_the_kernel_and_fails_a_wrong_one(monkeypatch, tmp_pa
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "Traceback" not in result.output, result.output
 
+
+
+@needs_native
+def test_a_library_that_will_not_load_is_built_again(monkeypatch, tmp_path):
+    """A truncated .so in the cache (a full disk, a killed copy) is rebuilt, not a silent fallback forever;
+    and $CXX may be a wrapper command (`ccache g++`: here `env g++`)."""
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", f"env {native.compiler()[0]}")
+    native.load.cache_clear()
+    try:
+        built = native.build(native.ATTENTION)
+        built.write_bytes(b"not a library")
+        native.load.cache_clear()
+        assert native.attention_isa() is not None, native.why_not
+        assert built.stat().st_size > 1000
+    finally:
+        native.load.cache_clear()
+
+
+# --- the float32 decode kernel, which full-precision caches attend with -----------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("flags", [(), GENERIC], ids=["this-cpu", "generic"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_float_kernel_agrees_with_sdpa(flags, head_dim):
+    """Rows 1 to 9 (groups of 4 and what is left), keys not a multiple of 16, a per-row mask hiding some keys,
+    K/V read as views of a longer buffer."""
+    torch.manual_seed(head_dim)
+    B, H = 3, 2
+    for rows, keys in ((1, 1), (1, 33), (3, 17), (4, 16), (9, 40)):
+        q = torch.randn(B, H, rows, head_dim)
+        k, v = (torch.randn(B, H, keys + 7, head_dim)[:, :, :keys] for _ in range(2))
+        seen = torch.rand(B, 1, rows, keys) > 0.3
+        seen[..., 0] = True
+        out = native.float_attention(q, k, v, seen, extra_flags=flags)
+        torch.testing.assert_close(out, attend_sdpa(q, k, v, seen), atol=1e-5, rtol=1e-5)
+
+
+def attend_sdpa(q, k, v, seen):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+
+
+@needs_native
+def test_decode_steps_attend_with_the_kernel_and_prompts_with_sdpa(monkeypatch):
+    """attend() hands a decode step over a large cache to the C++ kernel (counted), with SDPA's answer; a
+    prompt (many rows), a small cache, or bfloat16 stay with SDPA."""
+    import kvbench.cache as cache_module
+
+    calls = []
+    real = native.float_attention
+    monkeypatch.setattr(native, "float_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    q, k, v = torch.randn(16, 12, 1, 64), torch.randn(16, 12, 1400, 64), torch.randn(16, 12, 1400, 64)
+    torch.testing.assert_close(cache_module.attend(q, k, v, None), attend_sdpa(q, k, v, None), atol=1e-5, rtol=1e-5)
+    assert calls == [q.shape]
+    cache_module.attend(torch.randn(16, 12, 40, 64), k[:, :, :40], v[:, :, :40], "causal")  # a prompt
+    cache_module.attend(q, k[:, :, :10], v[:, :, :10], None)  # 10 keys: below NATIVE_MIN_ELEMENTS
+    cache_module.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert len(calls) == 1
+
+
+@needs_native
+def test_code_path_says_which_attention_a_decode_step_runs():
+    from kvbench.bench.paths import attention_path
+    from kvbench.config import load_config
+
+    config = load_config("default").model
+    big = attention_path(StaticCacheStub(), config, 16, 1000, torch.float32, torch.device("cpu"))
+    assert big.startswith(f"kvbench C++ decode kernel ({native.attention_isa()} loops) from 86 keys"), big
+    small = attention_path(StaticCacheStub(), config, 1, 100, torch.float32, torch.device("cpu"))
+    assert small.startswith("SDPA"), small
+
+
+class StaticCacheStub:  # a cache without attention of its own: the default path
+    pass
+
+
+@needs_native
+def test_kv_evaluate_checks_the_float_kernel_and_fails_a_wrong_one(monkeypatch, tmp_path):
+    """static, with every decode step on the C++ kernel (its size threshold lowered to 0), passes kv-evaluate's
+    exact check; the kernel with its output scaled by 1.0001 fails it."""
+    import kvbench.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "NATIVE_MIN_ELEMENTS", 0)
+    config = tmp_path / "hd64.yaml"
+    config.write_text("n_layers: 2\nd_model: 128\nn_heads: 2\nd_ff: 256\nvocab_size: 256\nmax_seq_len: 128\n"
+                      "positional: learned\nnorm: pre\nactivation: gelu\ntie_embeddings: true\nbias: true\n"
+                      "layer_norm_eps: 1.0e-5\nseed: 0\n")
+    args = ["kv-evaluate", "--config", str(config), "--strategies", "static", "--new-tokens", "30",
+            "--device", "cpu"]
+    calls = []
+    real = native.float_attention
+    monkeypatch.setattr(native, "float_attention", lambda *a: calls.append(1) or real(*a))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) > 0
+    monkeypatch.setattr(native, "float_attention", lambda *a: real(*a) * 1.0001)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "Traceback" not in result.output, result.output

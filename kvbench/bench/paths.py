@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvbench.cache import KVCache
+from kvbench import native
+from kvbench.cache import NATIVE_MIN_ELEMENTS, KVCache, uses_native_kernel
 from kvbench.generate import new_cache
 from kvbench.kernels import ROW_COUNTS
 from kvbench.model import kernel_choices
@@ -47,7 +48,14 @@ def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtyp
         return f"SDPA {sdpa_backend(q, q, causal=True)}"
     q = torch.zeros(batch, kv_heads, groups, head_dim, dtype=dtype, device=device)  # (B, Hkv, g, hd)
     k = torch.zeros(batch, kv_heads, visible, head_dim, dtype=dtype, device=device)  # (B, Hkv, S, hd)
-    return f"SDPA {sdpa_backend(q, k)}"
+    sdpa = f"SDPA {sdpa_backend(q, k)}"
+    if not uses_native_kernel(batch, kv_heads, groups, visible, head_dim, dtype, device):
+        return sdpa
+    if native.attention_isa() is None:
+        return f"{sdpa} ({native.why_not.get(native.ATTENTION, 'no C++ kernel')})"
+    from_keys = -(-NATIVE_MIN_ELEMENTS // (batch * kv_heads * head_dim))
+    return (f"kvbench C++ decode kernel ({native.attention_isa()} loops) from {from_keys} keys; "
+            f"{sdpa} below and for prompts")
 
 
 def linear_path(model: nn.Module) -> str:
