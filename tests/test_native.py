@@ -254,3 +254,16 @@ def test_kv_evaluate_checks_the_float_kernel_and_fails_a_wrong_one(monkeypatch, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "Traceback" not in result.output, result.output
+
+
+@needs_native
+def test_code_paths_name_each_batch_where_they_differ():
+    """A batch sweep records, per strategy, which attention each batch size ran (the kernel is chosen by the
+    cache's size); int8 attends the same way at every size."""
+    from kvbench.api import load_model
+    from kvbench.bench.paths import code_paths
+
+    paths = code_paths(load_model("default", device="cpu"), ["static", "quantized"], [1, 16], 1000)
+    static = paths["static"]["attention"]
+    assert static.startswith("batch 1: SDPA") and "; batch 16: kvbench C++ decode kernel" in static, static
+    assert not paths["quantized"]["attention"].startswith("batch"), paths["quantized"]

@@ -81,15 +81,25 @@ def compile_path(strategy: str, device: torch.device) -> str:
     return "torch.compile (inductor" + (", CUDA graph)" if device.type == "cuda" else ")")
 
 
-def code_paths(model, strategies: list[str], batch: int, visible: int) -> dict[str, dict[str, str]]:
-    """Per strategy: {attention, linear, step} as its decode step runs them on this model and device."""
+def code_paths(model, strategies: list[str], batches: list[int], visible: int) -> dict[str, dict[str, str]]:
+    """Per strategy: {attention, linear, step} as its decode step runs them on this model and device, up to
+    `visible` tokens; where batch sizes attend differently (a kernel chosen by the cache's size), each says."""
     paths = {}
     for strategy in strategies:
-        cache = new_cache(model, strategy, batch, visible)
-        inner = getattr(cache, "self_cache", cache)  # an encoder-decoder's cache wraps the self-attention one
         paths[strategy] = {
-            "attention": attention_path(inner, model.config, batch, visible, model.dtype, model.device),
+            "attention": _attention_by_batch(model, strategy, sorted(set(batches)), visible),
             "linear": linear_path(model),
             "step": compile_path(strategy, model.device),
         }
     return paths
+
+
+def _attention_by_batch(model, strategy: str, batches: list[int], visible: int) -> str:
+    by_batch = {}
+    for batch in batches:
+        inner = new_cache(model, strategy, batch, 2)  # what kind of cache, not its size: a small one will do
+        inner = getattr(inner, "self_cache", inner)  # an encoder-decoder's cache wraps the self-attention one
+        by_batch[batch] = attention_path(inner, model.config, batch, visible, model.dtype, model.device)
+    if len(set(by_batch.values())) == 1:
+        return by_batch[batches[0]]
+    return "; ".join(f"batch {batch}: {path}" for batch, path in by_batch.items())

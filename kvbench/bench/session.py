@@ -163,7 +163,7 @@ def record_limits(session: Session, device: torch.device, model) -> None:
                             "attended averaged over the run's decode steps; the same floor for every strategy",
     }
     small = for_generation(model, min(s.batches), s.src_len or 0, s.seed)
-    session.meta["code_paths"] = code_paths(small, s.strategies, min(s.batches), s.prompt_len + 1)
+    session.meta["code_paths"] = code_paths(small, s.strategies, s.batches, longest)
     session.meta["packed_from_rows"] = packed_from_rows(model)
     session.results.write_meta(session.meta)
 
