@@ -115,6 +115,10 @@ class KVCache(ABC):
     A forward pass calls begin(), then mask() once and attend() (which calls update()) once per layer,
     then end()."""
 
+    # whether the K/V a decode step attends over are (B, H, S, hd) with keys head_dim apart, as kvbench's C++
+    # decode kernel reads them (the benchmark's code path asks this; the kernel itself checks every call)
+    attends_in_head_order = True
+
     pads: torch.Tensor | None = None  # (B,) left padding of each row of a ragged batch; None: no padding
 
     def begin(self, start_pos: int | torch.Tensor, n_new: int, pads: torch.Tensor | None = None) -> None:
@@ -623,6 +627,10 @@ class PagedCache(KVCache):
     once). Attention gathers each sequence's blocks into one (B, H, S, hd) tensor per layer, in a reused
     workspace: a copy of the K/V attended, every step (kvbench's own kernel does not read blocks in place).
     """
+
+    # what it attends over is gathered in (B, S, H, hd) order, keys H x hd apart: SDPA reads that, kvbench's
+    # C++ decode kernel (keys head_dim apart) declines it
+    attends_in_head_order = False
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, block_size: int = 16, blocks: int = 1):

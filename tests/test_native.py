@@ -263,7 +263,24 @@ def test_code_paths_name_each_batch_where_they_differ():
     from kvbench.api import load_model
     from kvbench.bench.paths import code_paths
 
-    paths = code_paths(load_model("default", device="cpu"), ["static", "quantized"], [1, 16], 1000)
+    paths = code_paths(load_model("default", device="cpu"), ["static", "quantized", "paged"], [1, 16], 1000)
     static = paths["static"]["attention"]
     assert static.startswith("batch 1: SDPA") and "; batch 16: kvbench C++ decode kernel" in static, static
     assert not paths["quantized"]["attention"].startswith("batch"), paths["quantized"]
+    assert paths["paged"]["attention"].startswith("SDPA"), paths["paged"]  # its gathered blocks: (B, S, H, hd)
+
+
+@needs_native
+def test_paged_cache_attends_with_sdpa_as_its_code_path_says(monkeypatch):
+    """The paged cache's gathered K/V are in (B, S, H, hd) order: the kernel declines them, every step."""
+    from kvbench.api import load_model
+    from kvbench.generate import generate
+
+    answered = []
+    real = native.float_attention
+    monkeypatch.setattr(native, "float_attention", lambda *a: answered.append(real(*a) is not None))
+    import kvbench.cache as cache_module
+    monkeypatch.setattr(cache_module, "NATIVE_MIN_ELEMENTS", 0)
+    model = load_model("default", device="cpu")
+    generate(model, torch.randint(0, 1000, (2, 5)), 3, "paged")
+    assert answered and not any(answered)

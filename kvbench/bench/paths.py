@@ -49,7 +49,8 @@ def attention_path(cache: KVCache | None, config, batch: int, visible: int, dtyp
     q = torch.zeros(batch, kv_heads, groups, head_dim, dtype=dtype, device=device)  # (B, Hkv, g, hd)
     k = torch.zeros(batch, kv_heads, visible, head_dim, dtype=dtype, device=device)  # (B, Hkv, S, hd)
     sdpa = f"SDPA {sdpa_backend(q, k)}"
-    if not uses_native_kernel(batch, kv_heads, groups, visible, head_dim, dtype, device):
+    if not (getattr(cache, "attends_in_head_order", True) and uses_native_kernel(batch, kv_heads, groups, visible, head_dim, dtype,
+                                                               device)):
         return sdpa
     if native.attention_isa() is None:
         return f"{sdpa} ({native.why_not.get(native.ATTENTION, 'no C++ kernel')})"
