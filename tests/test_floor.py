@@ -98,3 +98,16 @@ def test_encoder_decoder_step_reads_the_decoder_and_the_cached_source_only():
     head_and_norm, position_row, cached_cross_kv = d * v + 2 * d, d, 2 * 1 * 5 * d * 3
     assert floor.weight_bytes_per_step(model, 3) == 4 * (block + head_and_norm + position_row + cached_cross_kv)
     assert floor.matmul_weights(model) == d * 3 * d + d * d + d * d + d * d + d * f + f * d
+
+
+def test_probes_keep_the_fastest_call_not_the_median(monkeypatch):
+    """A probe is the machine's limit: one disturbed call among fast ones must not lower it (a median of
+    five once halved the batch-16 throughput probe, and the step ran "below" its floor)."""
+    import torch
+
+    from kvbench.bench import floor
+
+    monkeypatch.setattr(floor, "wall_times", lambda fn, device, repeats: [0.004, 0.001, 0.004, 0.004, 0.002])
+    assert floor._best_time(lambda: None, torch.device("cpu"), 5) == 0.001
+    probe = floor.measure_bandwidth(torch.device("cpu"), 4 * 768 * 1000, 5)[0]  # at least BANDWIDTH_MIN_BYTES
+    assert probe["gbs"] == round(probe["buffer_bytes"] / 0.001 / 1e9, 2)
