@@ -32,6 +32,15 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def head_dim_64_config(tmp_path):
+    """A small model whose heads are 64 wide, so that the kernels apply (tiny.yaml's are 16)."""
+    config = tmp_path / "hd64.yaml"
+    config.write_text("n_layers: 2\nd_model: 128\nn_heads: 2\nd_ff: 256\nvocab_size: 256\nmax_seq_len: 128\n"
+                      "positional: learned\nnorm: pre\nactivation: gelu\ntie_embeddings: true\nbias: true\n"
+                      "layer_norm_eps: 1.0e-5\nseed: 0\n")
+    return config
+
+
 def use_build(monkeypatch, flags):
     real = native.int8_attention
     monkeypatch.setattr(native, "int8_attention", functools.partial(real, extra_flags=flags))
@@ -140,10 +149,7 @@ def test_code_path_names_the_kernel_or_why_it_fell_back(monkeypatch, tmp_path):
 def test_kv_evaluate_checks_the_kernel_and_fails_a_wrong_one(monkeypatch, tmp_path, kernel_calls):
     """kv-evaluate of the int8 cache on a model with head_dim 64 runs the C++ kernel (counted) and passes;
     the same kernel with its output scaled by 1.05 (as a kernel dropping a term would be) fails it."""
-    config = tmp_path / "hd64.yaml"
-    config.write_text("n_layers: 2\nd_model: 128\nn_heads: 2\nd_ff: 256\nvocab_size: 256\nmax_seq_len: 128\n"
-                      "positional: learned\nnorm: pre\nactivation: gelu\ntie_embeddings: true\nbias: true\n"
-                      "layer_norm_eps: 1.0e-5\nseed: 0\n")
+    config = head_dim_64_config(tmp_path)
     args = ["kv-evaluate", "--config", str(config), "--strategies", "quantized", "--new-tokens", "30",
             "--device", "cpu"]
     result = CliRunner().invoke(app, args)
@@ -238,10 +244,7 @@ def test_kv_evaluate_checks_the_float_kernel_and_fails_a_wrong_one(monkeypatch, 
     import kvbench.cache as cache_module
 
     monkeypatch.setattr(cache_module, "NATIVE_MIN_ELEMENTS", 0)
-    config = tmp_path / "hd64.yaml"
-    config.write_text("n_layers: 2\nd_model: 128\nn_heads: 2\nd_ff: 256\nvocab_size: 256\nmax_seq_len: 128\n"
-                      "positional: learned\nnorm: pre\nactivation: gelu\ntie_embeddings: true\nbias: true\n"
-                      "layer_norm_eps: 1.0e-5\nseed: 0\n")
+    config = head_dim_64_config(tmp_path)
     args = ["kv-evaluate", "--config", str(config), "--strategies", "static", "--new-tokens", "30",
             "--device", "cpu"]
     calls = []
