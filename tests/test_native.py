@@ -10,26 +10,31 @@ import torch
 from typer.testing import CliRunner
 
 from kvbench import native
-from kvbench.cache import QuantizedCache, attend
+from kvbench.cache import QuantizedCache
 from kvbench.cli import app
 
 GENERIC = ("-DKVBENCH_GENERIC",)  # the portable loops, which CPUs without AVX-512 run
 needs_native = pytest.mark.skipif(native.attention_isa() is None, reason=str(native.why_not))
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls the C++ kernel answered, so that a test knows it checked the kernel, not a fallback."""
-    calls = []
-    real = native.int8_attention
+def count_answers(monkeypatch, kernel: str) -> list[bool]:
+    """Records, per call of native.<kernel>, whether the C++ kernel answered (not None), so that a test knows
+    it checked the kernel, not a fallback."""
+    answers = []
+    real = getattr(native, kernel)
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
-        calls.append(out is not None)
+        answers.append(out is not None)
         return out
 
-    monkeypatch.setattr(native, "int8_attention", counted)
-    return calls
+    monkeypatch.setattr(native, kernel, counted)
+    return answers
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    return count_answers(monkeypatch, "int8_attention")
 
 
 def head_dim_64_config(tmp_path):
@@ -49,29 +54,26 @@ def use_build(monkeypatch, flags):
 @needs_native
 @pytest.mark.parametrize("flags", [(), GENERIC], ids=["this-cpu", "generic"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_kernel_agrees_with_sdpa_over_the_dequantized_cache(monkeypatch, flags, head_dim):
+def test_kernel_agrees_with_sdpa_over_the_dequantized_cache(monkeypatch, kernel_calls, flags, head_dim):
     """A causal prompt of 37 tokens (37 query rows: not a multiple of 16, so the tail path runs), then decode
     steps of 4 query rows (a group of grouped-query heads) under a ragged per-row mask, read from a cache
     longer than what it holds (strided views)."""
     use_build(monkeypatch, flags)
     expected_isa = "generic" if flags else native.attention_isa()
     assert native.attention_isa(flags) == expected_isa
-    calls = []
-    real = native.int8_attention
-    monkeypatch.setattr(native, "int8_attention", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(head_dim)
     B, H, T = 3, 2, 37
     cache = QuantizedCache(1, B, H, 80, head_dim, torch.float32, "cpu")
     k, v, q = (torch.randn(B, H, T, head_dim) for _ in range(3))
     out = cache.attend(0, 0, q, k, v, "causal")
-    torch.testing.assert_close(out, attend(q, *cache.read(0, T), "causal"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attend_sdpa(q, *cache.read(0, T), "causal"), atol=1e-5, rtol=1e-5)
     for position in range(T, T + 3):
         k1, v1, q4 = torch.randn(B, H, 1, head_dim), torch.randn(B, H, 1, head_dim), torch.randn(B, H, 4, head_dim)
         seen = torch.rand(B, 1, 4, position + 1) > 0.4  # (B, 1, R, S): each batch row its own mask
         seen[..., -1] = True
         out = cache.attend(0, position, q4, k1, v1, seen)
-        torch.testing.assert_close(out, attend(q4, *cache.read(0, position + 1), seen), atol=1e-5, rtol=1e-5)
-    assert len(calls) == 4
+        torch.testing.assert_close(out, attend_sdpa(q4, *cache.read(0, position + 1), seen), atol=1e-5, rtol=1e-5)
+    assert kernel_calls == [True] * 4
 
 
 @needs_native
@@ -85,7 +87,7 @@ def test_kernel_keeps_softmax_exact_at_extreme_scores():
     seen = torch.ones(1, 1, 1, 33, dtype=torch.bool)
     seen[..., 5:20] = False
     out = native.int8_attention(q, *cache.stored(0, 33), seen)
-    torch.testing.assert_close(out, attend(q, *cache.read(0, 33), seen), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attend_sdpa(q, *cache.read(0, 33), seen), atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_declines_what_it_cannot_read():
@@ -199,8 +201,11 @@ def test_float_kernel_agrees_with_sdpa(flags, head_dim):
         torch.testing.assert_close(out, attend_sdpa(q, k, v, seen), atol=1e-5, rtol=1e-5)
 
 
-def attend_sdpa(q, k, v, seen):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+def attend_sdpa(q, k, v, mask):
+    """The reference: SDPA itself, whatever attend() would route these shapes to."""
+    if isinstance(mask, str):  # "causal"
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @needs_native
@@ -209,12 +214,10 @@ def test_decode_steps_attend_with_the_kernel_and_prompts_with_sdpa(monkeypatch):
     prompt (many rows), a small cache, or bfloat16 stay with SDPA."""
     import kvbench.cache as cache_module
 
-    calls = []
-    real = native.float_attention
-    monkeypatch.setattr(native, "float_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = count_answers(monkeypatch, "float_attention")
     q, k, v = torch.randn(16, 12, 1, 64), torch.randn(16, 12, 1400, 64), torch.randn(16, 12, 1400, 64)
     torch.testing.assert_close(cache_module.attend(q, k, v, None), attend_sdpa(q, k, v, None), atol=1e-5, rtol=1e-5)
-    assert calls == [q.shape]
+    assert calls == [True]
     cache_module.attend(torch.randn(16, 12, 40, 64), k[:, :, :40], v[:, :, :40], "causal")  # a prompt
     cache_module.attend(q, k[:, :, :10], v[:, :, :10], None)  # 10 keys: below NATIVE_MIN_ELEMENTS
     cache_module.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
@@ -247,12 +250,11 @@ def test_kv_evaluate_checks_the_float_kernel_and_fails_a_wrong_one(monkeypatch, 
     config = head_dim_64_config(tmp_path)
     args = ["kv-evaluate", "--config", str(config), "--strategies", "static", "--new-tokens", "30",
             "--device", "cpu"]
-    calls = []
     real = native.float_attention
-    monkeypatch.setattr(native, "float_attention", lambda *a: calls.append(1) or real(*a))
+    calls = count_answers(monkeypatch, "float_attention")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert len(calls) > 0
+    assert calls and all(calls)
     monkeypatch.setattr(native, "float_attention", lambda *a: real(*a) * 1.0001)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
