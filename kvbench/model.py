@@ -29,6 +29,8 @@ AttentionRule = Union[None, int, Callable[[torch.Tensor, torch.Tensor], torch.Te
 KERNELS = ("matmul", "mv", "linear", "onednn")
 IN_OUT = frozenset({"matmul", "onednn"})  # kernels that keep W as (in, out); the others as (out, in)
 PACKED_ROWS = 16  # oneDNN packs W for this many rows of x; any count runs, this one (a batched step) fastest
+SEVERAL_POSITIONS_PACKED_ROWS = 64  # a prompt or naive step of more rows runs x @ W: as fast from 128 rows
+# (measured), and no primitive per row count (a long naive run would churn oneDNN's cache of 1024)
 
 
 def onednn_pack(w_out_in: torch.Tensor, rows: int) -> torch.Tensor:
@@ -51,7 +53,11 @@ class Linear(nn.Module):
     "onednn" is oneDNN's matmul on a copy of W packed once in its blocked layout (CPU): MKL's sgemm re-packs W
     on every call and, on an AMD EPYC, runs a batch of 16 rows at ~45 GFLOP/s against oneDNN's ~160. W
     itself stays (in, out): a compiled step, which cannot call the packed kernel, runs x @ W on it, and so do
-    products of fewer than `packed_from_rows` rows, where x @ W measured faster (kvbench/kernels.py).
+    products of fewer than `packed_from_rows` rows, where x @ W measured faster (kvbench/kernels.py), and
+    passes of several positions per sequence (a prompt, a naive step) past SEVERAL_POSITIONS_PACKED_ROWS rows.
+    oneDNN builds a primitive for each new row count (1-3 ms per Linear, measured) and keeps 1024 of them; a
+    decode step's rows (the batch) repeat every step, but a long naive run's grow by one each step and would
+    evict and rebuild them all, a cost its baseline must not pay (docs/perf.md).
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
@@ -90,9 +96,18 @@ class Linear(nn.Module):
         """W as (out, in): one row per output feature (for a tied embedding, one row per token)."""
         return self.weight.t() if self.kernel in IN_OUT else self.weight
 
+    def runs_packed(self, x: torch.Tensor) -> bool:
+        """Whether the onednn kernel runs x (..., positions, in) on the packed W: enough rows for packing to pay;
+        a decode step's (one position per sequence) at any count, a longer pass's up to a few dozen rows; not
+        inside torch.compile."""
+        rows = x.numel() // x.shape[-1]
+        one_position = x.dim() < 3 or x.shape[-2] == 1
+        few_rows = one_position or rows <= SEVERAL_POSITIONS_PACKED_ROWS
+        return few_rows and rows >= self.packed_from_rows and not torch.compiler.is_compiling()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        if self.kernel == "onednn" and not torch.compiler.is_compiling() and x2d.shape[0] >= self.packed_from_rows:
+        if self.kernel == "onednn" and self.runs_packed(x):
             # (inductor cannot lower the packed kernel: a compiled step runs x @ W below)
             y = onednn_matmul(x2d, self.packed(), self.bias)  # (N, out)
         elif self.kernel in IN_OUT:

@@ -49,6 +49,34 @@ def test_fewer_rows_than_the_threshold_run_x_at_w_and_never_pack():
 
 
 @needs_onednn
+@pytest.mark.parametrize("strategy", ["naive", "static"])
+def test_long_passes_run_x_at_w_and_decode_steps_the_packed_kernel(monkeypatch, strategy):
+    """oneDNN builds a primitive per new row count (1-3 ms per Linear) and keeps 1024: a long naive run, whose
+    rows grow every step, would rebuild them all, so passes of several positions past
+    SEVERAL_POSITIONS_PACKED_ROWS rows run x @ W; a decode step (one position per sequence, the same rows every
+    step) and a short prompt run the packed kernel."""
+    import kvbench.model as model_module
+
+    model = random_model(2).use_kernel("onednn")  # packed from 1 row
+    packed_rows = []
+    real = model_module.onednn_matmul
+    monkeypatch.setattr(model_module, "onednn_matmul", lambda x2d, *a: packed_rows.append(x2d.shape[0]) or real(x2d, *a))
+    linears = sum(isinstance(m, Linear) for m in model.modules())
+    for prompt_len, prompt_packed in ((30, False), (5, True)):  # 3 rows x 30 positions: 90 > 64 rows
+        packed_rows.clear()
+        prompt = torch.randint(0, 97, (3, prompt_len), generator=torch.Generator().manual_seed(0))
+        generated = generate(model, prompt, 4, strategy, keep_logits=True)
+        if strategy == "naive":  # each step a pass over the whole sequence; its LM head on the last position
+            passes = [3 * (prompt_len + i) for i in range(4)]
+            expected = [rows for rows in passes for _ in range(linears - 1)] * prompt_packed + [3] * 4
+        else:  # the prompt (its LM head on the last position), then 3 decode steps of 3 rows
+            expected = [3 * prompt_len] * (linears - 1) * prompt_packed + [3] + [3] * 3 * linears
+        assert sorted(packed_rows) == sorted(expected)
+        reference = generate(copy.deepcopy(model).use_kernel("matmul"), prompt, 4, strategy, keep_logits=True)
+        torch.testing.assert_close(generated.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
 def test_for_decoding_measures_once_per_shape_and_thread_count(monkeypatch):
     model = random_model(2)
     monkeypatch.setattr(kernels, "_measured", {})

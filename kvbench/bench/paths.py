@@ -13,14 +13,15 @@ from kvbench import native
 from kvbench.cache import NATIVE_MIN_ELEMENTS, KVCache, uses_native_kernel
 from kvbench.generate import new_cache
 from kvbench.kernels import ROW_COUNTS
-from kvbench.model import kernel_choices
+from kvbench.model import SEVERAL_POSITIONS_PACKED_ROWS, kernel_choices
 from kvbench.strategies import get
 
 LINEAR_PATHS = {  # Linear.kernel -> what it computes and how W lies in memory
     "matmul": "x @ W, W (in, out)",
     "mv": "torch.mv, W (out, in) (F.linear above one row)",
     "linear": "F.linear, W (out, in)",
-    "onednn": "oneDNN matmul, W packed once (x @ W, W (in, out) when compiled)",
+    "onednn": f"oneDNN matmul, W packed once (x @ W, W (in, out) for prompts and naive steps of over "
+              f"{SEVERAL_POSITIONS_PACKED_ROWS} rows, and when compiled)",
 }
 
 
