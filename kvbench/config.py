@@ -252,7 +252,10 @@ def validate_config(data: Any, origin: str, source_keys: dict[str, str] | None =
     try:
         return schema(**data)
     except ValidationError as exc:
-        raise KVBenchError(f"{origin}: {_describe_error(exc.errors()[0], schema, family, source_keys or {})}") from None
+        # a misspelt key is both unknown and, if required, missing: the unknown spelling is what to fix
+        errors = exc.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise KVBenchError(f"{origin}: {_describe_error(first, schema, family, source_keys or {})}") from None
     except TypeError as exc:  # non-string keys, e.g. `1: 2`
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None
 

@@ -40,6 +40,11 @@ class SamplingSettings:
             raise KVBenchError(f"--top-k must be a positive integer (got {self.top_k})")
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise KVBenchError(f"--top-p must lie in (0, 1] (got {self.top_p:g})")
+        if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
+            # greedy ignores both: a check run with them would look like a check of sampling and not be one
+            given = "--top-k" if self.top_k is not None else "--top-p"
+            raise KVBenchError(f"{given} filters sampling, but --temperature is 0 (greedy); give a temperature "
+                               f"such as --temperature 1 to sample, or drop {given}")
         check_seed("--seed", self.seed)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,22 @@ def test_written_files_have_the_usual_permissions(runner, tmp_path):
                                "--write-expected", str(expected)]).exit_code == 0
     for path in (weights, expected):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, oct(path.stat().st_mode)
+
+
+def test_piped_tables_keep_their_cells_whole():
+    """Without a terminal rich assumes 80 columns and cuts cells to '…': a CI log would lose the numbers."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "kvbench", "evaluate", "--config", "tiny", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "argmax" in done.stdout and "…" not in done.stdout, done.stdout
+
+
+def test_a_reader_that_goes_away_ends_kvbench_as_sigpipe_would():
+    """`kvbench ... | head`: a closed pipe ends the command quietly with 141 (128 + SIGPIPE), not rich's 1,
+    which kvbench uses for a failed verification."""
+    process = subprocess.Popen([sys.executable, "-m", "kvbench", "--version"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO)
+    process.stdout.close()  # no reader: the first write fails
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == b""

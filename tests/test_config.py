@@ -47,6 +47,12 @@ def test_bad_values_name_the_key(runner, tmp_path, overrides, needles):
     assert_clean_error(result, str(tmp_path / "model.yaml"), *needles)
 
 
+def test_a_misspelt_required_key_names_the_spelling_not_only_the_missing_key(runner, tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("\n".join(f"{'vocab_sise' if k == 'vocab_size' else k}: {v}" for k, v in TINY.items()))
+    assert_clean_error(run_evaluate(runner, path), "unknown key 'vocab_sise'", "did you mean 'vocab_size'?")
+
+
 def test_missing_key_is_named(runner, tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text("\n".join(f"{k}: {v}" for k, v in TINY.items() if k != "vocab_size"))

@@ -226,7 +226,10 @@ def test_sharp_temperature_approaches_greedy():
 
 
 @pytest.mark.parametrize("args, needle", [(["--temperature", "-1"], "--temperature"), (["--top-k", "0"], "--top-k"),
-                                          (["--top-p", "1.5"], "--top-p"), (["--window", "0"], "--window")])
+                                          (["--top-p", "1.5"], "--top-p"), (["--window", "0"], "--window"),
+                                          # greedy ignores the filters: a run with them would not check sampling
+                                          (["--top-k", "5"], "--temperature is 0"),
+                                          (["--top-p", "0.9"], "--temperature is 0")])
 def test_bad_sampling_options(runner, args, needle):
     result = runner.invoke(app, ["kv-evaluate", "--config", str(CONFIGS / "tiny.yaml"), "--new-tokens", "5", *args])
     assert result.exit_code == 2 and needle in result.output, result.output

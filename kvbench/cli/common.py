@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
+import signal
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -59,8 +62,25 @@ app = App(help="Prove a transformer's KV cache exact and measure what it buys.",
           no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # Long lines stay whole, for copying and grepping. No emoji codes: user text such as `--device cuda:x:` must
 # print as typed (and user text is passed through rich's escape() against markup like `[red]` in a path).
-console = Console(soft_wrap=True, emoji=False)
-err_console = Console(stderr=True, soft_wrap=True, emoji=False)
+# Piped or logged (no terminal, no COLUMNS), rich would assume 80 columns and cut table cells to "…": a CI log
+# or a file would lose the numbers, so tables get room for their natural width there.
+UNCUT_WIDTH = 240
+
+
+def _width(stream) -> int | None:
+    return None if "COLUMNS" in os.environ or stream.isatty() else UNCUT_WIDTH
+
+
+class CliConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (`| head`, a closed pager): stop quietly with the status of a tool that SIGPIPE
+        ended, not rich's 1, which kvbench uses for a failed verification."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the last flush cannot fail again
+        raise SystemExit(128 + signal.SIGPIPE)
+
+
+console = CliConsole(soft_wrap=True, emoji=False, width=_width(sys.stdout))
+err_console = CliConsole(stderr=True, soft_wrap=True, emoji=False, width=_width(sys.stderr))
 
 DEFAULT_CONFIG = "default"  # a shipped config's name: found wherever kvbench runs from
 
