@@ -25,7 +25,7 @@ from kvbench.errors import KVBenchError
 
 SUMMARY_COLUMNS = {  # summary.csv column -> heading, format
     "strategy": ("strategy", "{}"), "new_tokens": ("tokens", "{:.0f}"), "repeats": ("repeats", "{:.0f}"),
-    "total_s_median": ("total s", "{:.4f}"), "per_token_ms_median": ("ms/token", "{:.3f}"),
+    "total_s_median": ("total s", "{:.4f}"), "per_token_ms_median": ("ms/step", "{:.3f}"),
     "per_token_ms_iqr": ("IQR", "{:.3f}"), "floor_ms": ("floor ms", "{:.3f}"),
     "per_token_over_floor": ("×floor", "{:.2f}"), "bound": ("bound", "{}"),
     "speedup_vs_naive": ("speedup", "{:.2f}"), "noisy": ("noisy", "{}"),

@@ -185,7 +185,7 @@ def crossover_figure(summary: pd.DataFrame, meta: dict):
     _plain_log(ax, "x")
     _plain_log(ax, "y")
     ax.set_xlabel("K/V bytes attended per step / weight bytes per step (full precision)")
-    ax.set_ylabel("decode time per token (ms, median)")
+    ax.set_ylabel("decode step time (ms, median; a token per sequence)")
     return _finish(fig, ax, "Where the cache decides: weight-bound left of 1, cache-bound right of it", meta,
                    "lines: new token counts of one batch · median of {repeats}")
 

@@ -126,6 +126,8 @@ class ResultsDir:
     @classmethod
     def open(cls, path: Path) -> ResultsDir:
         results = cls(path)
+        if not Path(path).exists():
+            raise KVBenchError(f"{path} does not exist; give a directory that kvbench benchmark wrote")
         if not results.meta_json.is_file():
             raise KVBenchError(f"{path} is not a kvbench results directory (no meta.json)")
         return results

@@ -232,7 +232,9 @@ def redraw(results: ResultsDir) -> tuple[pd.DataFrame, list[Path]]:
 
 
 SETTING_DEFAULTS = {"engine": DEFAULTS.engine}  # runs recorded before engine was a setting ran kvbench's
-COMPARED_SETTINGS = ("engine", "dtype", "batch_size", "prompt_len", "device", "threads", "src_len")
+# Settings that change every point's numbers; batch size is not one: it is part of each point's key, so runs
+# at other batches show as points only one run has, never as ratios mixing two batches
+COMPARED_SETTINGS = ("engine", "dtype", "prompt_len", "device", "threads", "src_len")
 
 
 @dataclass

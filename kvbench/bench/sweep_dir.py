@@ -137,7 +137,7 @@ def merge(sweep: SweepDir, record: dict[str, Any]) -> tuple[pd.DataFrame, pd.Dat
 # --- plots across points --------------------------------------------------------------------------------------------
 
 def plot_points(summary: pd.DataFrame, out: Path) -> list[Path]:
-    """Per point, at its longest length: decode ms/token by strategy, and that time over the memory floor."""
+    """Per point, at its longest length: decode step time by strategy, and that time over the floor."""
     if summary.empty:
         return []
     import matplotlib
@@ -149,8 +149,8 @@ def plot_points(summary: pd.DataFrame, out: Path) -> list[Path]:
 
     longest = summary[summary["new_tokens"] == summary.groupby("point")["new_tokens"].transform("max")]
     written = []
-    for column, name, label in (("per_token_ms_median", "points_per_token.png", "decode ms/token (median)"),
-                                ("per_token_over_floor", "points_over_floor.png", "decode time / memory floor")):
+    for column, name, label in (("per_token_ms_median", "points_per_token.png", "decode step time (ms, median)"),
+                                ("per_token_over_floor", "points_over_floor.png", "decode step time / floor")):
         table = longest.pivot_table(index="point", columns="strategy", values=column, sort=False)
         if table.dropna(how="all").empty:
             continue

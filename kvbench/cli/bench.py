@@ -27,6 +27,7 @@ from kvbench.bench.ablation import VARIANTS as ABLATION_VARIANTS
 from kvbench.strategies import COMPILED, NAIVE
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    plural,
     PLUGIN_HELP,
     DEFAULT_CONFIG,
     BatchOpt,
@@ -158,11 +159,12 @@ def _number(value: float, fmt: str) -> str:
 def summary_table(summary) -> Table:
     """Fits 80 columns with every strategy's name; the title says what each column is. A point that was not
     run (naive past --naive-max) is a row that says so, never a missing row."""
-    table = Table(title="medians over repeats; B: batch; prefill: ms of the prompt's forward; ms/tok: decode time "
-                        "per token (IQR: its interquartile range); floor: ms a decode step needs at least (m: "
+    table = Table(title="medians over repeats; B: batch; prefill: ms of the prompt's forward; ms/step: one decode "
+                        "step, a new token for each of the B sequences (IQR: its interquartile range); floor: ms "
+                        "a decode step needs at least (m: "
                         "memory-bound, c: compute-bound); tok/s: tokens generated / total s; speedup over naive at "
                         "the same point", box=box.SIMPLE_HEAD, padding=(0, 0))
-    for column in ("strategy", "B", "tokens", "total s", "prefill", "ms/tok", "IQR", "floor", "×floor", "tok/s",
+    for column in ("strategy", "B", "tokens", "total s", "prefill", "ms/step", "IQR", "floor", "×floor", "tok/s",
                    "speedup"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for row in summary.itertuples():
@@ -422,9 +424,10 @@ def plot(results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR",
 
 
 def compare_table(joined) -> Table:
-    """At most 80 columns wide: totals in s, decode per token in ms, each with B/A."""
-    table = Table(title="B / A, ratio of medians (below 1: B is faster)", box=box.SIMPLE_HEAD, padding=(0, 0))
-    for column in ("strategy", "batch", "tokens", "total A", "total B", "B/A", "ms/tok A", "ms/tok B", "B/A"):
+    """At most 80 columns wide: totals in s, one decode step in ms, each with B/A."""
+    table = Table(title="B / A, ratio of medians (below 1: B is faster); step: decode ms", box=box.SIMPLE_HEAD,
+                  padding=(0, 0))
+    for column in ("strategy", "batch", "tokens", "total A", "total B", "B/A", "step A", "step B", "B/A"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for r in joined.itertuples():
         table.add_row(r.strategy, str(r.batch_size), str(r.new_tokens), f"{r.total_s_median_a:.3f}",
@@ -509,7 +512,7 @@ def ablate(
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
     step_bytes = floor.weight_bytes_per_step(model, batch_size)
     limits = floor.measure_limits(dev, step_bytes, torch_dtype, [batch_size])
-    console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {torch.get_num_threads()} threads; read bandwidth "
+    console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {plural(torch.get_num_threads(), 'thread')}; read bandwidth "
                   f"{limits.best_gbs(step_bytes):.1f} GB/s over {limits.bandwidth[0]['buffer_bytes'] / 1e6:.0f} MB "
                   f"(best of {len(limits.bandwidth)} probes), matmul at {batch_size} rows "
                   f"{limits.throughput_gflops(batch_size):.0f} GFLOP/s")

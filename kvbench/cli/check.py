@@ -16,6 +16,7 @@ from kvbench.errors import KVBenchError
 from kvbench.precision import NEAR_TIE_KL
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    plural,
     PerRowOpt,
     PromptLensOpt,
     Rows,
@@ -231,7 +232,7 @@ def report_checks(checks: list[verify.StrategyCheck], tol: verify.Tolerance, win
         console.print(f"  {rule}", highlight=False)
     plan = max((c.generations for c in checks), key=len)
     labels = list(dict.fromkeys(g.label.split(": row ")[0] for g in plan))  # a ragged batch's rows: one generation
-    console.print(f"  each cache object served {len(labels)} generations, each checked: "
+    console.print(f"  each cache object served {plural(len(labels), 'generation')}, each checked: "
                   + "; ".join(labels), highlight=False)
     for c in checks:
         fewer = [label for label in labels if label not in {g.label.split(": row ")[0] for g in c.generations}]

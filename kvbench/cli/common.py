@@ -86,7 +86,8 @@ DEFAULT_CONFIG = "default"  # a shipped config's name: found wherever kvbench ru
 
 ConfigOpt = Annotated[str, typer.Option(
     "--config", "-c", metavar="NAME|PATH",
-    help=f"A shipped config's name ({', '.join(shipped_names())}), a YAML file, or a GPT-2 checkpoint directory.")]
+    help=f"A shipped config's name ({', '.join(shipped_names())}), a YAML file, or a checkpoint directory "
+         "(GPT-2, Llama, Qwen2 or Mistral, as save_pretrained writes it).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random prompt.")]
 EngineOpt = Annotated[str, typer.Option(
@@ -118,6 +119,11 @@ AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance on logit
 RtolOpt = Annotated[float | None, typer.Option(
     help="Relative tolerance on logits.",
     show_default="by dtype: " + ", ".join(f"{name} {rtol:g}" for name, (_, rtol) in DEFAULT_TOLERANCE.items()))]
+
+
+def plural(count: int, word: str) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def version(value: bool) -> None:

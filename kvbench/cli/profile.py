@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbench.cli.common import (
+    plural,
     DEFAULT_CONFIG,
     ConfigOpt,
     DeviceOpt,
@@ -90,4 +91,4 @@ def profile(
     result = profile_step(model, strategy, batch_size, context, steps, seed)
     result.table.to_csv(out, index=False)
     console.print(profile_table(result))
-    console.print(f"{torch.get_num_threads()} threads; written to {escape(str(out))}", highlight=False)
+    console.print(f"{plural(torch.get_num_threads(), 'thread')}; written to {escape(str(out))}", highlight=False)

@@ -17,7 +17,7 @@ from kvbench.bench.spec import Point, expand, load_spec
 from kvbench.bench.sweep_dir import SweepDir, merge, new_record, now, plot_points, record_outcome
 from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS
 from kvbench.cli.bench import DEFAULT_LENGTHS, duration, new_settings
-from kvbench.cli.common import app, console, err_console, fail_cleanly
+from kvbench.cli.common import app, console, err_console, fail_cleanly, plural
 from kvbench.config import _read_yaml, load_config
 from kvbench.errors import KVBenchError
 
@@ -86,7 +86,7 @@ def dry_run(points: list[Point]) -> None:
     console.print(points_table(points, estimates))
     known = [e for e in estimates.values() if e is not None]
     unknown = len(points) - len(known)
-    console.print(f"{len(points)} points, estimated {duration(sum(known))} on this machine, one at a time"
+    console.print(f"{plural(len(points), 'point')}, estimated {duration(sum(known))} on this machine, one at a time"
                   + (f" ({unknown} CUDA points not estimated: no CUDA here)" if unknown else ""), highlight=False)
 
 
@@ -201,7 +201,7 @@ def sweep(
         record = new_record(_read_yaml(spec), spec, points, runner.value)
     with sweep_dir.lock():
         to_do = sweep_dir.to_do(points)
-        console.print(escape(f"{len(points)} points, {len(to_do)} to run ({runner.value} runner), writing to "
+        console.print(escape(f"{plural(len(points), 'point')}, {len(to_do)} to run ({runner.value} runner), writing to "
                              f"{sweep_dir.path}"), highlight=False)
         if resume is None:
             sweep_dir.write(record)
