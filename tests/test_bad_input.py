@@ -150,3 +150,35 @@ def test_generated_text_is_printed_as_generated(capsys):
 
     stream_one(Stream(), token_times=True, echo=None)
     assert "'[bold]x:x:'" in capsys.readouterr().out
+
+
+# --- options that would be ignored are refused or said to be ------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["kv-evaluate", "benchmark"])
+def test_empty_strategies_are_refused_not_read_as_the_default(runner, tmp_path, command):
+    result = runner.invoke(app, [command, "--config", "tiny", "--strategies", ""])
+    assert result.exit_code == 2 and "--strategies is empty" in result.output, result.output
+
+
+@pytest.mark.parametrize("strategies, warned", [("static", True), ("sliding", False)])
+def test_a_window_no_strategy_attends_is_said_to_have_no_effect(runner, strategies, warned):
+    result = runner.invoke(app, ["kv-evaluate", "--config", "tiny", "--strategies", strategies, "--window", "8",
+                                 "--new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("--window 8 has no effect" in result.stderr) == warned, result.stderr
+
+
+def test_naive_max_without_naive_is_said_to_have_no_effect(runner, tmp_path):
+    result = runner.invoke(app, ["benchmark", "--config", "tiny", "--strategies", "static", "--naive-max", "4",
+                                 "--lengths", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "--naive-max 4 has no effect" in result.stderr
+
+
+def test_evaluate_with_an_expected_file_refuses_prompt_options_it_would_ignore(runner, tmp_path):
+    expected = tmp_path / "expected.safetensors"
+    assert runner.invoke(app, ["evaluate", "--config", "tiny", "--write-expected", str(expected)]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", "--config", "tiny", "--expected", str(expected), "--prompt-len", "8"])
+    assert result.exit_code == 2 and "holds its own prompt ids; drop --prompt-len" in result.output, result.output
+    assert runner.invoke(app, ["evaluate", "--config", "tiny", "--expected", str(expected)]).exit_code == 0

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -61,7 +62,7 @@ from kvbench.bench.machine import check_threads
 from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS, NAIVE_RUN_BUDGET_S
 from kvbench.config import LoadedConfig, check_seed, load_config
 from kvbench.families import default_strategies, family_of, reads_source
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, KVBenchWarning
 from kvbench.weights import build_model
 
 class OutputFormat(str, enum.Enum):
@@ -250,15 +251,18 @@ def new_settings(loaded: LoadedConfig, device: str, lengths: str, strategies: st
     check_threads(threads)
     torch_dtype = resolve_dtype(dtype)
     check_seed("--seed", seed)
+    chosen = strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile,
+                            family_default=family_of(loaded.model).bench_strategies)
+    if naive_max is not None and NAIVE.name not in chosen:
+        warnings.warn(f"--naive-max {naive_max} has no effect: naive is not among the strategies", KVBenchWarning)
     settings = SweepSettings(
         lengths=parse_lengths(lengths),
-        strategies=strategies_for(loaded, strategies, DEFAULT_BENCH_STRATEGIES, compile,
-                                  family_default=family_of(loaded.model).bench_strategies),
+        strategies=chosen,
         engine=loaded.engine,
         repeats=repeats, warmup=warmup, prompt_len=prompt_len,
         batch_size=parse_lengths(batch_size, "--batch-size", "1,4,16"),
         device=str(resolve_device(device)), dtype=dtype, threads=threads, seed=seed,
-        window=resolve_window(loaded, window), src_len=src_len if reads_source(loaded.model) else None, naive_max=naive_max,
+        window=resolve_window(loaded, window, chosen), src_len=src_len if reads_source(loaded.model) else None, naive_max=naive_max,
         prompt_lens=rows.prompt_lens, new_tokens_per_row=rows.new_tokens)
     check_length(loaded, settings.prompt_len + max(settings.lengths) - 1, settings.strategies,
                  "--prompt-len + longest --lengths - 1")

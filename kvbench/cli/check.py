@@ -16,6 +16,7 @@ from kvbench.errors import KVBenchError
 from kvbench.precision import NEAR_TIE_KL
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
+    typed,
     plural,
     PerRowOpt,
     PromptLensOpt,
@@ -114,6 +115,9 @@ def evaluate(
         output_file(write_expected, "--write-expected", force)
     expected_logits = None
     if expected is not None:
+        fixed = [f"--{name.replace('_', '-')}" for name in ("batch_size", "prompt_len", "src_len", "seed") if typed(ctx, name)]
+        if fixed:  # the file's own ids are the prompt: these would be silently ignored
+            raise KVBenchError(f"--expected {expected} holds its own prompt ids; drop {', '.join(fixed)}")
         inputs, expected_logits = verify.read_expected(expected, loaded.model)
     else:
         check_fits(loaded, max(prompt_len, src_len if reads_source(loaded.model) else 0), "--prompt-len / --src-len")
@@ -314,7 +318,7 @@ def kv_evaluate(
     if family.reads_source:
         check_fits(loaded, src_len, "--src-len")
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
-    win = resolve_window(loaded, window)
+    win = resolve_window(loaded, window, names)
     dev, torch_dtype, tol = resolve_device(device), resolve_dtype(dtype), tolerance(dtype, atol, rtol)
     check_memory(loaded, dev, torch_dtype, names, batch_size, cache_tokens(prompt_len, new_tokens), win,
                  "--new-tokens, --prompt-len")

@@ -264,7 +264,7 @@ def strategies_for(loaded: LoadedConfig, text: str | None, default: str, compile
     family = loaded.model.family
     if compile and family not in COMPILED.families:
         raise KVBenchError(f"--compile supports kvbench's decoder-only models, not {registry.FAMILY_WORDS[family]}")
-    chosen = text or family_default or default
+    chosen = (family_default or default) if text is None else text  # "" is refused, not read as the default
     return with_compiled(parse_strategies(chosen, family, option), compile)
 
 
@@ -336,13 +336,25 @@ def check_length(loaded: LoadedConfig, total: int, strategies: list[str], what: 
         check_fits(loaded, total, what + note)
 
 
-def resolve_window(loaded: LoadedConfig, window: int | None) -> int:
+def resolve_window(loaded: LoadedConfig, window: int | None, strategies: list[str] = ()) -> int:
+    """The window the windowed strategies attend; a --window that none of `strategies` reads is said to be."""
     if window is not None:
         require_positive("--window", window)
         if family_of(loaded.model).own_window:  # its caches are built from the model's own config
             raise KVBenchError("--window: transformers' models attend with their own window (config.json "
                                "sliding_window); drop --window under --engine transformers")
+        if strategies and not any(reads_window(name) for name in strategies):
+            warnings.warn(f"--window {window} has no effect: none of {', '.join(strategies)} attends a window "
+                          "(sliding does)", KVBenchWarning)
     return window_of(loaded.model, window)
+
+
+def reads_window(name: str) -> bool:
+    """Whether a strategy may use --window: a windowed one, one with its own visibility, or any cache that is
+    not one of kvbench's own (a plugin may read the window from its CacheShape)."""
+    strategy = registry.get(name)
+    own_cache = strategy.cache is None or strategy.cache.__module__ == registry.__name__
+    return strategy.windowed or strategy.visibility is not None or not own_cache
 
 
 def progress_bar() -> Progress:
