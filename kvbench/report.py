@@ -69,9 +69,16 @@ def read_run(path: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return meta, runs, summary
 
 
+def shown(value) -> str:
+    """A cell for people: unset (None, NaN) as '—', floats to 4 significant digits, the rest as it is."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def environment(meta: dict) -> pd.DataFrame:
     rows = [(key, meta[key]) for key in ENVIRONMENT_KEYS if key in meta]
-    rows += [(f"settings.{k}", v) for k, v in meta.get("settings", {}).items()]
+    rows += [(f"settings.{k}", shown(v)) for k, v in meta.get("settings", {}).items()]
     limits = meta.get("machine_limits", {})
     if limits:
         rows += [("read bandwidth GB/s (best probe)", limits.get("best_bandwidth_gbs")),
@@ -142,7 +149,7 @@ def sweep_sections(path: Path) -> list[Section]:
     if (path / "summary.csv").is_file():
         merged = pd.read_csv(path / "summary.csv")
         axes = [c for c in merged.columns if c not in SUMMARY_COLUMNS and c not in _summary_only(merged)]
-        view = pd.concat([merged[axes].astype(str), summary_view(merged)], axis=1)
+        view = pd.concat([merged[axes].map(shown), summary_view(merged)], axis=1)
         head.blocks.append(("p", "Every point's summary, merged (settings of the point first)."))
         head.blocks.append(("table", view))
     head.blocks += [("image", png) for png in sorted(path.glob("*.png"))]
@@ -259,7 +266,7 @@ def to_html(sections: list[Section], title: str) -> str:
 
 def markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return shown(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(c) or " " for c in frame.columns) + " |",
              "|" + "---|" * len(frame.columns)]

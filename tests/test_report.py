@@ -77,6 +77,20 @@ def test_report_refuses_a_directory_that_is_no_run(runner, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("fmt, name", [("md", "r.html"), ("html", "r.md")])
+def test_report_refuses_an_out_name_of_the_other_format(runner, tmp_path, fmt, name):
+    result = runner.invoke(app, ["report", str(RUN_A), "--format", fmt, "--out", str(tmp_path / name)])
+    assert result.exit_code == 2 and f"--format {fmt} writes {fmt}" in result.output, result.output
+    assert not (tmp_path / name).exists()
+
+
+def test_report_shows_unset_settings_as_a_dash_not_nan(runner, tmp_path):
+    out = tmp_path / "r.md"
+    assert runner.invoke(app, ["report", str(RUN_A), "--format", "md", "--out", str(out)]).exit_code == 0
+    settings = [line for line in out.read_text().splitlines() if line.startswith("| settings.")]
+    assert settings and not any(line.endswith("| nan |") or line.endswith("| None |") for line in settings)
+
+
 @pytest.mark.parametrize("a, b, p", [
     ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], 2 / 20),  # fully separated 3 vs 3: 2 of C(6,3) = 20 splits as extreme
     ([1.0, 1.1, 0.9, 1.05], [2.0, 2.1, 1.9, 3.0], 2 / 70),  # 4 vs 4: 2 of 70

@@ -10,11 +10,15 @@ import typer
 from rich.markup import escape
 
 from kvbench.cli.common import app, console, fail_cleanly, output_file
+from kvbench.errors import KVBenchError
 
 
 class ReportFormat(str, enum.Enum):
     html = "html"
     md = "md"
+
+
+SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}
 
 
 @app.command()
@@ -32,6 +36,10 @@ def report(
     beyond noise, in one file that needs no network to view."""
     from kvbench import report as build_report
 
+    named = SUFFIX_FORMATS.get(out.suffix.lower()) if out is not None else None
+    if named is not None and named != format.value:  # a Markdown file named .html would open as garbled HTML
+        raise KVBenchError(f"--out {out} is named as {named} but --format {format.value} writes "
+                           f"{format.value}; name it .{format.value} or give --format {named}")
     target = out if out is not None else dirs[0] / f"report.{format.value}"
     output_file(target, "--out", force or out is None)  # the default name is the report's own: rewritten
     sections = build_report.build(dirs)
