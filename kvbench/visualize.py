@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -126,6 +127,7 @@ def cache_growth_figure(growth: pd.DataFrame, title: str):
         ax.plot(points["position"], points["filled"] / 2**10, label=f"{strategy}: holding", color=color, lw=1,
                 ls="--")
     ax.set_xlabel("tokens in the sequence (prompt + generated)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # token counts: no 12.5
     ax.set_ylabel("KV cache held (KiB)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -163,3 +163,27 @@ def test_log_axes_are_labelled_in_plain_numbers():
         assert_readable(drawn[0])
     finally:
         plt.close("all")
+
+
+def test_minor_log_ticks_are_labelled_at_2_and_5_below_one_too():
+    """A latency axis from 0.003 to 0.03 s had one label (0.01): the leading digit of 0.002 is '0' in %g."""
+    assert [plots.SOME_MINOR(v, 0) for v in (0.002, 0.003, 0.005, 20.0, 30.0, 500.0)] == \
+        ["0.002", "", "0.005", "20", "", "500"]
+
+
+def test_lengths_of_one_decade_label_only_the_lengths_run():
+    """8, 16, 32 tokens: never 2x10^1 and 3x10^1 printed between (and over) them."""
+    r = runs().query("new_tokens in (10, 50)")
+    fig = plots.latency_figure(r, META)
+    try:
+        fig.canvas.draw()
+        labels = [t.get_text() for t in fig.axes[0].xaxis.get_ticklabels(which="both") if t.get_text()]
+        assert labels == ["10", "50"], labels
+    finally:
+        plt.close("all")
+
+
+def test_a_naive_only_run_draws_no_speedup_figure(tmp_path):
+    r = runs().query("strategy == 'naive'")
+    written = plots.draw_all(r, summarize(r, ["naive"]), pd.DataFrame(), META, tmp_path)
+    assert written and not (tmp_path / "speedup.png").exists()

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from kvbench.bench.stats import quartiles, step_medians  # noqa: E402
 from kvbench.strategies import NAIVE, names  # noqa: E402
@@ -81,7 +81,8 @@ def _series(frame: pd.DataFrame, meta: dict):
 
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
-SOME_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")  # 2, 5, 20, 50, ...
+# 2, 5, 20, 50, 0.002, 0.005, ...: the leading digit of the value in scientific notation (of 0.002 too)
+SOME_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else "")
 
 
 def _plain_log(ax, which: str) -> None:
@@ -102,7 +103,9 @@ def _legend_below(fig, handles=None, labels=None) -> None:
     """Under the axes, never over the data."""
     if handles is None:
         handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    # long handles: a batch's dashed or dotted line must be told from the solid one beside its marker
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False,
+               handlelength=4)
 
 
 def _finish(fig, ax, title: str, meta: dict, what: str = "median of {repeats}"):
@@ -122,6 +125,7 @@ def _tokens_axis(ax, lengths) -> None:
     ax.set_xscale("log")
     ax.set_xticks(sorted(lengths))
     ax.xaxis.set_major_formatter(PLAIN)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the lengths run are the labels; 2x10^1 beside 16 was noise
     ax.set_xlabel("new tokens generated")
 
 
@@ -234,14 +238,14 @@ def memory_figure(summary: pd.DataFrame, meta: dict):
         if points["strategy"].iloc[0] != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
             left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ms=7, **{**style, "ls": "none"})
             left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
-                      ls=style.get("ls", "--"))
+                      ls=style.get("ls", "-"), alpha=0.6)
         right.plot(points["new_tokens"], measure[points.index] / 2**20, **style)
     for ax in (left, right):
         _tokens_axis(ax, summary["new_tokens"].unique())
         ax.grid(True, which="both", alpha=0.3)
     left.set_ylabel("KV cache at the end of the run (MiB)")
     _plain_log(left, "y")
-    left.set_title("KV cache: allocated (markers) vs its formula (dashed, see README)", fontsize=9)
+    left.set_title("KV cache: allocated (markers) vs its formula (thin lines, see README)", fontsize=9)
     right.set_ylabel("MiB")
     # from zero, and at least 1 MiB tall: page-sized (4 KiB) noise must not fill the panel
     right.set_ylim(0, max(1.0, 1.1 * float(measure.max()) / 2**20))
@@ -281,7 +285,7 @@ def draw_all(runs: pd.DataFrame, summary: pd.DataFrame, steps: pd.DataFrame, met
         return []
     written = [save(latency_figure(runs, meta), out / "latency.png"),
                save(memory_figure(summary, meta), out / "memory.png")]
-    if summary["speedup_vs_naive"].notna().any():
+    if summary.loc[summary["strategy"] != NAIVE.name, "speedup_vs_naive"].notna().any():  # naive alone: nothing
         written.append(save(speedup_figure(summary, meta), out / "speedup.png"))
     if not steps.empty:
         floor = floor_line(steps[steps["new_tokens"] == steps["new_tokens"].max()], meta)
