@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from kvbench.cache import KVCache
@@ -83,12 +85,33 @@ class EvalInputs:
     src_ids: torch.Tensor | None = None
 
 
-def write_expected(path: Path, inputs: EvalInputs, logits: torch.Tensor) -> None:
+ORIGIN_KEY = "kvbench_model"  # the expected file's metadata: which model wrote it (model_origin)
+
+
+def model_origin(loaded) -> str:
+    """Which model an expected file was written for: the config's name, its values' hash, the weight file's
+    name and size (a hint for a failed comparison, not a check: the logits are the check)."""
+    values = json.dumps(loaded.model.model_dump(mode="json"), sort_keys=True, default=str)
+    weights = loaded.weights_path
+    on_disk = f", weights {weights.name} ({weights.stat().st_size} bytes)" if weights and weights.is_file() else ""
+    return f"config {loaded.name} (values {hashlib.sha256(values.encode()).hexdigest()[:12]}){on_disk}"
+
+
+def write_expected(path: Path, inputs: EvalInputs, logits: torch.Tensor, origin: str | None = None) -> None:
     tensors = {"input_ids": inputs.input_ids.to(torch.int64).contiguous(),
                "logits": logits.to(torch.float32).contiguous()}
     if inputs.src_ids is not None:
         tensors["src_ids"] = inputs.src_ids.to(torch.int64).contiguous()
-    save_tensors(tensors, path)
+    save_tensors(tensors, path, {ORIGIN_KEY: origin} if origin else None)
+
+
+def expected_origin(path: Path) -> str | None:
+    """The model an expected file says it was written for, if it says (files from before kvbench wrote it do not)."""
+    try:
+        with safe_open(path, "pt") as file:
+            return (file.metadata() or {}).get(ORIGIN_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tensor]:

@@ -182,3 +182,18 @@ def test_evaluate_with_an_expected_file_refuses_prompt_options_it_would_ignore(r
     result = runner.invoke(app, ["evaluate", "--config", "tiny", "--expected", str(expected), "--prompt-len", "8"])
     assert result.exit_code == 2 and "holds its own prompt ids; drop --prompt-len" in result.output, result.output
     assert runner.invoke(app, ["evaluate", "--config", "tiny", "--expected", str(expected)]).exit_code == 0
+
+
+def test_a_failed_comparison_says_which_model_the_expected_file_was_written_for(runner, tmp_path):
+    from conftest import write_yaml
+
+    expected = tmp_path / "expected.safetensors"
+    written = write_yaml(tmp_path, "written.yaml", seed=0)
+    assert runner.invoke(app, ["evaluate", "--config", str(written), "--write-expected", str(expected)]).exit_code == 0
+    other = write_yaml(tmp_path, "other.yaml", seed=1)  # same shapes, other weights
+    result = runner.invoke(app, ["evaluate", "--config", str(other), "--expected", str(expected)])
+    assert result.exit_code == 1, result.output
+    assert f"note: {expected} was written for config written (values" in result.stderr
+    assert "this run is config other (values" in result.stderr
+    again = runner.invoke(app, ["evaluate", "--config", str(written), "--expected", str(expected)])
+    assert again.exit_code == 0 and "note:" not in again.stderr

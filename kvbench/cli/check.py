@@ -137,10 +137,14 @@ def evaluate(
         if c.nonfinite:
             console.print(f"  [bold red]FAIL[/] {escape(c.name)}: {escape(c.nonfinite)}", highlight=False)
     if write_expected is not None:
-        verify.write_expected(write_expected, inputs, reference)
+        verify.write_expected(write_expected, inputs, reference, verify.model_origin(loaded))
         console.print(f"wrote expected logits of the NumPy reference to {escape(str(write_expected))}")
     if not result.passed:
         err_console.print("[bold red]evaluate failed:[/] logits outside tolerance", highlight=False)
+        written_for = verify.expected_origin(expected) if expected is not None else None
+        if written_for is not None and written_for != verify.model_origin(loaded):
+            err_console.print(escape(f"  note: {expected} was written for {written_for}; this run is "
+                                     f"{verify.model_origin(loaded)}"), highlight=False)
         raise typer.Exit(1)
 
 
