@@ -170,6 +170,7 @@ def test_compiled_decode_passes_kv_evaluate(runner):
                                  "--strategies", "static", "--compile", "--batch-size", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert verdicts(result.output) == {"static": "pass", "static+compile": "pass"}
+    assert "static+compile: its first steps compile the decode step" in result.stderr  # not a silent pause
 
 
 def test_fixed_shape_static_cache_equals_the_sliced_one():

@@ -14,6 +14,8 @@ from rich.table import Table
 from kvbench import verify
 from kvbench.errors import KVBenchError
 from kvbench.precision import NEAR_TIE_KL
+from kvbench import strategies as registry
+from kvbench.strategies import COMPILED
 from kvbench.strategies import names as strategy_names
 from kvbench.cli.common import (
     typed,
@@ -340,6 +342,9 @@ def kv_evaluate(
     if family.explain:
         for name in names:
             console.print(f"  {name}: {family.explain(name)}", highlight=False)
+    if any(registry.get(name).compiled for name in names):  # otherwise a silent pause at its first step
+        err_console.print(f"{COMPILED.name}: its first steps compile the decode step (torch.compile; tens of "
+                          "seconds on a CPU)", highlight=False)
     with progress_bar() as progress:
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
