@@ -189,10 +189,11 @@ def test_a_library_that_will_not_load_is_built_again(monkeypatch, tmp_path):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_float_kernel_agrees_with_sdpa(flags, head_dim):
     """Rows 1 to 9 (groups of 4 and what is left), keys not a multiple of 16, a per-row mask hiding some keys,
-    K/V read as views of a longer buffer."""
+    K/V read as views of a longer buffer; key blocks that split evenly over the kernel's interleaved streams
+    and blocks left over (3 and 6 blocks of 16, 97 values)."""
     torch.manual_seed(head_dim)
     B, H = 3, 2
-    for rows, keys in ((1, 1), (1, 33), (3, 17), (4, 16), (9, 40)):
+    for rows, keys in ((1, 1), (1, 33), (3, 17), (4, 16), (9, 40), (2, 50), (1, 97), (4, 111)):
         q = torch.randn(B, H, rows, head_dim)
         k, v = (torch.randn(B, H, keys + 7, head_dim)[:, :, :keys] for _ in range(2))
         seen = torch.rand(B, 1, rows, keys) > 0.3

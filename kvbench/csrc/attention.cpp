@@ -120,6 +120,15 @@ inline __m512 exp_nonpositive(__m512 x) {
 // value is loaded (and converted) once per group, not once per row.
 constexpr int MAX_GROUP = 4;
 
+// One thread reads its keys as STREAMS interleaved sequential streams (the key range cut into STREAMS parts,
+// one key of each part in turn): the memory system keeps more lines in flight for several streams than for one.
+// Measured on a 2-core Xeon, plain reductions: 1 stream 26.2 GB/s, 4 streams switching every line 32.2, but
+// switching every 4 KB (one block of 16 float32 keys at a time) no better than one stream (docs/perf.md).
+#ifndef KVBENCH_STREAMS
+#define KVBENCH_STREAMS 2
+#endif
+constexpr int STREAMS = KVBENCH_STREAMS;
+
 template <typename T, int HD, int ROWS>
 void scores_group(const float* q, const Head<T>& h, int64_t S16, int64_t S, int64_t vis_row, float scale,
                   float* scores) {  // rows q[0..ROWS), scores (ROWS, S), keys 0..S16
@@ -127,27 +136,37 @@ void scores_group(const float* q, const Head<T>& h, int64_t S16, int64_t S, int6
     __m512 qr[ROWS][C];
     for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < C; ++c) qr[r][c] = _mm512_loadu_ps(q + r * HD + 16 * c);
-    alignas(64) __m512 partial[ROWS][16];
-    for (int64_t s0 = 0; s0 < S16; s0 += 16) {
-        for (int j = 0; j < 16; ++j) {  // key s0 + j: for each row, C products summed lane-wise
-            const T* k = h.k + (s0 + j) * HD;
-            prefetch_key<T, HD>(k + PREFETCH_KEYS * HD);
-            __m512 kf[C];
-            for (int c = 0; c < C; ++c) kf[c] = load16(k + 16 * c);
-            for (int r = 0; r < ROWS; ++r) {
-                __m512 acc = _mm512_mul_ps(qr[r][0], kf[0]);
-                for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qr[r][c], kf[c], acc);
-                partial[r][j] = acc;
-            }
-        }
+    alignas(64) __m512 partial[STREAMS][ROWS][16];
+    const int64_t blocks = S16 / 16, per_stream = blocks / STREAMS;  // blocks of 16 keys; the rest run 1 stream
+    auto finish_block = [&](int stream, int64_t s0) {  // the 16 keys' dot products, scaled, masked, stored
         const __m512 key_scale = h.kscale ? _mm512_mul_ps(_mm512_loadu_ps(h.kscale + s0), _mm512_set1_ps(scale))
                                           : _mm512_set1_ps(scale);
         for (int r = 0; r < ROWS; ++r) {
-            const __m512 dots = _mm512_mul_ps(sum_each(partial[r]), key_scale);
+            const __m512 dots = _mm512_mul_ps(sum_each(partial[stream][r]), key_scale);
             const __m128i vis = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h.visible + r * vis_row + s0));
             const __mmask16 seen = _mm_test_epi8_mask(vis, vis);
             _mm512_storeu_ps(scores + r * S + s0, _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY), dots));
         }
+    };
+    auto dot_key = [&](int stream, int j, int64_t key) {  // key `key` into partial[stream][r][j], each row
+        const T* k = h.k + key * HD;
+        prefetch_key<T, HD>(k + PREFETCH_KEYS * HD);
+        __m512 kf[C];
+        for (int c = 0; c < C; ++c) kf[c] = load16(k + 16 * c);
+        for (int r = 0; r < ROWS; ++r) {
+            __m512 acc = _mm512_mul_ps(qr[r][0], kf[0]);
+            for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qr[r][c], kf[c], acc);
+            partial[stream][r][j] = acc;
+        }
+    };
+    for (int64_t b = 0; b < per_stream; ++b) {
+        for (int j = 0; j < 16; ++j)
+            for (int stream = 0; stream < STREAMS; ++stream) dot_key(stream, j, ((stream * per_stream + b) * 16) + j);
+        for (int stream = 0; stream < STREAMS; ++stream) finish_block(stream, (stream * per_stream + b) * 16);
+    }
+    for (int64_t s0 = STREAMS * per_stream * 16; s0 < S16; s0 += 16) {  // blocks left over: one stream
+        for (int j = 0; j < 16; ++j) dot_key(0, j, s0 + j);
+        finish_block(0, s0);
     }
 }
 
@@ -157,7 +176,7 @@ void values_group(const float* weights, int64_t S, const T* v, float* out) {  //
     __m512 acc[ROWS][C];
     for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; ++s) {
+    auto add_value = [&](int64_t s) {  // acc += weight_s * v_s, each row (keys in any order: a sum)
         prefetch_key<T, HD>(v + (s + PREFETCH_KEYS) * HD);
         __m512 vf[C];
         for (int c = 0; c < C; ++c) vf[c] = load16(v + s * HD + 16 * c);
@@ -165,7 +184,11 @@ void values_group(const float* weights, int64_t S, const T* v, float* out) {  //
             const __m512 w = _mm512_set1_ps(weights[r * S + s]);
             for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(w, vf[c], acc[r][c]);
         }
-    }
+    };
+    const int64_t per_stream = S / STREAMS;
+    for (int64_t i = 0; i < per_stream; ++i)
+        for (int stream = 0; stream < STREAMS; ++stream) add_value(stream * per_stream + i);
+    for (int64_t s = STREAMS * per_stream; s < S; ++s) add_value(s);  // keys left over: one stream
     for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * HD + 16 * c, acc[r][c]);
 }
