@@ -223,6 +223,12 @@ def _error_location(error: dict[str, Any]) -> str:
     return ".".join(str(part) for part in error["loc"])
 
 
+def error_to_report(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one validation error to name: a misspelt key is both unknown and, if required, missing, and the
+    unknown spelling is what to fix."""
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
 def _describe_error(error: dict[str, Any], schema: type[BaseModel], family: str,
                     source_keys: dict[str, str]) -> str:
     """One pydantic error as 'key: what is wrong (got value)', the key as the source file spells it."""
@@ -252,9 +258,7 @@ def validate_config(data: Any, origin: str, source_keys: dict[str, str] | None =
     try:
         return schema(**data)
     except ValidationError as exc:
-        # a misspelt key is both unknown and, if required, missing: the unknown spelling is what to fix
-        errors = exc.errors()
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        first = error_to_report(exc.errors())
         raise KVBenchError(f"{origin}: {_describe_error(first, schema, family, source_keys or {})}") from None
     except TypeError as exc:  # non-string keys, e.g. `1: 2`
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None

@@ -100,10 +100,11 @@ class Linear(nn.Module):
         """Whether the onednn kernel runs x (..., positions, in) on the packed W: enough rows for packing to pay;
         a decode step's (one position per sequence) at any count, a longer pass's up to a few dozen rows; not
         inside torch.compile."""
+        if torch.compiler.is_compiling():
+            return False
         rows = x.numel() // x.shape[-1]
-        one_position = x.dim() < 3 or x.shape[-2] == 1
-        few_rows = one_position or rows <= SEVERAL_POSITIONS_PACKED_ROWS
-        return few_rows and rows >= self.packed_from_rows and not torch.compiler.is_compiling()
+        one_position = x.dim() >= 3 and x.shape[-2] == 1  # 2-D x may be flattened positions: capped below
+        return (one_position or rows <= SEVERAL_POSITIONS_PACKED_ROWS) and rows >= self.packed_from_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)

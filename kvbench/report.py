@@ -73,7 +73,9 @@ def shown(value) -> str:
     """A cell for people: unset (None, NaN) as '—', floats to 4 significant digits, the rest as it is."""
     if value is None or (isinstance(value, float) and value != value):
         return "—"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # byte counts read back as floats (a column with a gap) stay whole numbers
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
 
 
 def environment(meta: dict) -> pd.DataFrame:
@@ -96,7 +98,7 @@ def summary_view(summary: pd.DataFrame) -> pd.DataFrame:
 
 def _fmt(pattern: str, value) -> str:
     if isinstance(value, float) and value != value:
-        return "-"
+        return shown(value)
     try:
         return pattern.format(value)
     except (ValueError, TypeError):

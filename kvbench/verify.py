@@ -137,8 +137,10 @@ def read_expected(path: Path, config: AnyConfig) -> tuple[EvalInputs, torch.Tens
     if not logits.is_floating_point():  # integer "logits" are not what any model wrote: refuse, don't compare
         raise KVBenchError(f"expected file '{path}': logits must be floating point, got {logits.dtype}")
     if tuple(logits.shape) != (*ids.shape, config.vocab_size):
+        written_for = expected_origin(path)
         raise KVBenchError(f"expected file '{path}': logits shape {tuple(logits.shape)} does not match input_ids "
-                           f"{tuple(ids.shape)} and vocab_size {config.vocab_size}; was it made for this config?")
+                           f"{tuple(ids.shape)} and vocab_size {config.vocab_size}; "
+                           + (f"it was written for {written_for}" if written_for else "was it made for this config?"))
     check_prompt(ids, config.vocab_size, config, f"expected file '{path}'")
     if seq2seq:
         check_prompt(inputs.src_ids, config.src_vocab_size, config, f"expected file '{path}' (src_ids)")

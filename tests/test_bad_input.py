@@ -197,3 +197,6 @@ def test_a_failed_comparison_says_which_model_the_expected_file_was_written_for(
     assert "this run is config other (values" in result.stderr
     again = runner.invoke(app, ["evaluate", "--config", str(written), "--expected", str(expected)])
     assert again.exit_code == 0 and "note:" not in again.stderr
+    wider = write_yaml(tmp_path, "wider.yaml", vocab_size=101)  # another vocabulary: refused before comparing
+    refused = runner.invoke(app, ["evaluate", "--config", str(wider), "--expected", str(expected)])
+    assert refused.exit_code == 2 and "it was written for config written (values" in refused.output, refused.output

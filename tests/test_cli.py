@@ -169,12 +169,16 @@ def test_written_files_have_the_usual_permissions(runner, tmp_path):
 
 
 def test_piped_tables_keep_their_cells_whole():
-    """Without a terminal rich assumes 80 columns and cuts cells to '…': a CI log would lose the numbers."""
+    """Without a terminal rich assumes 80 columns and cuts cells to '…': a CI log would lose the numbers. A
+    comparison against another model's expected file makes the table wider than 80 (err/tol in thousands)."""
+    command = [sys.executable, "-m", "kvbench", "evaluate", "--config", "tiny", "--device", "cpu", "--expected",
+               "configs/reference-expected.safetensors"]
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    done = subprocess.run([sys.executable, "-m", "kvbench", "evaluate", "--config", "tiny", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=REPO, env=env)
-    assert done.returncode == 0, done.stderr
-    assert "argmax" in done.stdout and "…" not in done.stdout, done.stdout
+    piped = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert piped.returncode == 1, piped.stderr
+    assert "argmax" in piped.stdout and "…" not in piped.stdout, piped.stdout
+    narrow = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, "COLUMNS": "80"})
+    assert "…" in narrow.stdout  # the table is wider than 80: what the piped run would have cut
 
 
 def test_a_reader_that_goes_away_ends_kvbench_as_sigpipe_would():
@@ -185,3 +189,12 @@ def test_a_reader_that_goes_away_ends_kvbench_as_sigpipe_would():
     process.stdout.close()  # no reader: the first write fails
     assert process.wait(timeout=120) == 141
     assert process.stderr.read() == b""
+
+
+def test_a_closed_pipe_under_format_csv_exits_as_sigpipe_too(tmp_path):
+    """--format csv|json|md writes the frame itself, not through rich: the same 141."""
+    runs = REPO / "results" / "20261123-043050-default-cpu"
+    process = subprocess.Popen([sys.executable, "-m", "kvbench", "compare", str(runs), str(runs), "--format", "csv"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141

@@ -11,7 +11,7 @@ from conftest import random_model
 from kvbench import kernels
 from kvbench.bench.paths import linear_path
 from kvbench.generate import generate
-from kvbench.model import Linear, kernel_choices, pack_from_rows
+from kvbench.model import SEVERAL_POSITIONS_PACKED_ROWS, Linear, kernel_choices, pack_from_rows
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -74,6 +74,16 @@ def test_long_passes_run_x_at_w_and_decode_steps_the_packed_kernel(monkeypatch, 
         assert sorted(packed_rows) == sorted(expected)
         reference = generate(copy.deepcopy(model).use_kernel("matmul"), prompt, 4, strategy, keep_logits=True)
         torch.testing.assert_close(generated.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_two_dimensional_input_past_the_cap_runs_x_at_w():
+    """x (N, in) may be flattened positions (a plugin's, an API user's): past the cap it is not packed either."""
+    linear = Linear(32, 48, bias=False)
+    linear.use_kernel("onednn")
+    assert linear.runs_packed(torch.randn(SEVERAL_POSITIONS_PACKED_ROWS, 32))
+    assert not linear.runs_packed(torch.randn(SEVERAL_POSITIONS_PACKED_ROWS + 1, 32))
+    assert linear.runs_packed(torch.randn(SEVERAL_POSITIONS_PACKED_ROWS + 1, 1, 32))  # a decode step's batch
 
 
 @needs_onednn

@@ -84,6 +84,19 @@ def test_report_refuses_an_out_name_of_the_other_format(runner, tmp_path, fmt, n
     assert not (tmp_path / name).exists()
 
 
+def test_report_without_format_writes_what_the_out_name_says(runner, tmp_path):
+    result = runner.invoke(app, ["report", str(RUN_A), "--out", str(tmp_path / "r.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.md").read_text().startswith("# kvbench report")
+
+
+def test_markdown_cells_keep_whole_numbers_whole():
+    from kvbench.report import shown
+
+    assert [shown(v) for v in (811008.0, 2.111e8, 0.0439319, float("nan"), None, "x")] == \
+        ["811008", "211100000", "0.04393", "—", "—", "x"]
+
+
 def test_report_shows_unset_settings_as_a_dash_not_nan(runner, tmp_path):
     out = tmp_path / "r.md"
     assert runner.invoke(app, ["report", str(RUN_A), "--format", "md", "--out", str(out)]).exit_code == 0

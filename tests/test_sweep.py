@@ -56,6 +56,7 @@ def test_config_paths_are_relative_to_the_spec(tmp_path):
     (dict(configs=["tiny"], repeats="3"), "repeats: Input should be a valid integer"),
     (dict(configs=["tiny"], repeats=0), "repeats: Input should be greater than 0"),
     (dict(repeats=1), "missing required key 'configs'"),
+    (dict(confgs=["tiny"]), "unknown key 'confgs'; did you mean 'configs'?"),  # the typo, not only "missing"
     (dict(configs=["tiny"], dtype="float64"), "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     (dict(configs=["tiny"], strategies=["static", "pagd"]), "unknown strategy 'pagd'"),
     (dict(configs=["tiny"], matrix={"dtypes": ["float32"]}), "matrix.dtypes is not a benchmark option; did you mean 'dtype'?"),

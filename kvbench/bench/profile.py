@@ -2,7 +2,7 @@
 the rest (embedding, residual adds, interpreter and launch overhead), with time, bytes, FLOPs and achieved rates.
 
 How it is measured, so that the parts add up to the step:
-1. the step alone (no hooks), median over `steps` steps: what a benchmark's ms/token measures;
+1. the step alone (no hooks), median over `steps` steps: what a benchmark's ms per decode step measures;
 2. the same steps with forward hooks on every Linear, norm, attention and MLP module, each hook taking the
    time (device synchronised): a module's own time is its time minus its hooked children's (attention's own
    time is the kernel over the cache, an MLP's is its activation);

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kvbench.config import _read_yaml, load_config, shipped_config
+from kvbench.config import _read_yaml, error_to_report, load_config, shipped_config
 from kvbench.errors import KVBenchError
 from kvbench.precision import DTYPES
 from kvbench.strategies import names as strategy_names
@@ -116,7 +116,7 @@ def validate_spec(data: Any, origin: str) -> SweepSpec:
     try:
         spec = SweepSpec(**data)
     except ValidationError as exc:
-        raise KVBenchError(f"{origin}: {_describe(exc.errors()[0])}") from None
+        raise KVBenchError(f"{origin}: {_describe(error_to_report(exc.errors()))}") from None
     except TypeError as exc:  # non-string keys
         raise KVBenchError(f"{origin}: invalid key ({exc})") from None
     _check_matrix(spec, origin)
@@ -140,7 +140,7 @@ def _check_matrix(spec: SweepSpec, origin: str) -> None:
             try:
                 PointOptions(**{key: value})
             except ValidationError as exc:
-                raise KVBenchError(f"{origin}: {_describe(exc.errors()[0], f'matrix.{key}[{i}] ')}") from None
+                raise KVBenchError(f"{origin}: {_describe(error_to_report(exc.errors()), f'matrix.{key}[{i}] ')}") from None
     axes = {"config": spec.configs, **spec.matrix}
     for i, combination in enumerate(spec.exclude):
         for key, value in combination.items():

@@ -92,8 +92,11 @@ def messages_to_stderr(fmt: OutputFormat):
 def print_frame(frame, fmt: OutputFormat) -> None:
     from kvbench.report import frame_as
 
-    sys.stdout.write(frame_as(frame, fmt.value))
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(frame_as(frame, fmt.value))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: as the consoles end it (141), not click's 1
+        console.on_broken_pipe()
 
 
 # --- benchmark ------------------------------------------------------------------------------------------------
@@ -525,9 +528,9 @@ def ablate(
         task = progress.add_task("repeats", total=repeats)
         rows = ablation.run_ablation(built, new_tokens, repeats, dev, on_repeat=lambda r: progress.advance(task))
     summary = ablation.summarize_ablation(rows, model, prompt_len, new_tokens, batch_size, limits)
-    table = Table(title=f"decode ms/token over {new_tokens} tokens, median of {repeats}; floor "
+    table = Table(title=f"decode ms per step over {new_tokens} tokens, median of {repeats}; floor "
                         f"{summary.attrs['floor_ms']:.2f} ms ({summary.attrs['bound']}-bound)", box=box.SIMPLE_HEAD)
-    for column in ("variant", "ms/token", "IQR", "×floor", f"×{names[0]}"):
+    for column in ("variant", "ms/step", "IQR", "×floor", f"×{names[0]}"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in summary.itertuples():
         table.add_row(r.variant, f"{r.per_token_ms:.2f}", f"{r.iqr_ms:.2f}", f"{r.x_floor:.2f}", f"{r.x_first:.2f}")

@@ -75,7 +75,8 @@ class CliConsole(Console):
     def on_broken_pipe(self) -> None:
         """The reader went away (`| head`, a closed pager): stop quietly with the status of a tool that SIGPIPE
         ended, not rich's 1, which kvbench uses for a failed verification."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the last flush cannot fail again
+        # this console's stream (stdout, or stderr for err_console) to /dev/null: the last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
         raise SystemExit(128 + signal.SIGPIPE)
 
 

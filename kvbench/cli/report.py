@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from kvbench.cli.common import app, console, fail_cleanly, output_file
+from kvbench.cli.common import app, console, fail_cleanly, output_file, typed
 from kvbench.errors import KVBenchError
 
 
@@ -24,6 +24,7 @@ SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md
 @app.command()
 @fail_cleanly
 def report(
+    ctx: typer.Context,
     dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Results or sweep directories; with several, "
                                                "each is compared against the first.")],
     out: Annotated[Path | None, typer.Option(help="File to write.", show_default="report.html (or report.md) "
@@ -37,9 +38,11 @@ def report(
     from kvbench import report as build_report
 
     named = SUFFIX_FORMATS.get(out.suffix.lower()) if out is not None else None
-    if named is not None and named != format.value:  # a Markdown file named .html would open as garbled HTML
-        raise KVBenchError(f"--out {out} is named as {named} but --format {format.value} writes "
-                           f"{format.value}; name it .{format.value} or give --format {named}")
+    if named is not None and named != format.value:
+        if typed(ctx, "format"):  # a Markdown file named .html would open as garbled HTML
+            raise KVBenchError(f"--out {out} is named as {named} but --format {format.value} writes "
+                               f"{format.value}; name it .{format.value} or give --format {named}")
+        format = ReportFormat(named)  # --out r.md alone: the name says which
     target = out if out is not None else dirs[0] / f"report.{format.value}"
     output_file(target, "--out", force or out is None)  # the default name is the report's own: rewritten
     sections = build_report.build(dirs)

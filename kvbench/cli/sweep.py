@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,7 @@ from kvbench.bench.sweep import DEFAULT_SRC_LEN, DEFAULTS
 from kvbench.cli.bench import DEFAULT_LENGTHS, duration, new_settings
 from kvbench.cli.common import app, console, err_console, fail_cleanly, plural
 from kvbench.config import _read_yaml, load_config
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, KVBenchWarning
 
 # What a point costs besides its timed and warm-up runs, measured here for the tiny config (2 cores, CPU):
 # starting Python and torch, building the model, measuring the floor, writing plots: about 6-7 s.
@@ -39,11 +40,13 @@ def point_settings(point: Point):
     lengths = ",".join(map(str, o["lengths"])) if "lengths" in o else DEFAULT_LENGTHS
     strategies = ",".join(o["strategies"]) if "strategies" in o else None
     d = DEFAULTS
-    settings = new_settings(loaded, o.get("device", "auto"), lengths, strategies, o.get("repeats", d.repeats),
-                            o.get("warmup", d.warmup), o.get("prompt_len", d.prompt_len),
-                            str(o.get("batch_size", d.batch_size[0])), o.get("threads"),
-                            o.get("dtype", d.dtype), o.get("seed", d.seed), o.get("compile", False), o.get("window"),
-                            o.get("src_len", DEFAULT_SRC_LEN))
+    with warnings.catch_warnings():  # a spec's one window serves a matrix of strategies, windowed or not:
+        warnings.simplefilter("ignore", KVBenchWarning)  # benchmark's "--window has no effect" is not for it
+        settings = new_settings(loaded, o.get("device", "auto"), lengths, strategies, o.get("repeats", d.repeats),
+                                o.get("warmup", d.warmup), o.get("prompt_len", d.prompt_len),
+                                str(o.get("batch_size", d.batch_size[0])), o.get("threads"),
+                                o.get("dtype", d.dtype), o.get("seed", d.seed), o.get("compile", False),
+                                o.get("window"), o.get("src_len", DEFAULT_SRC_LEN))
     return loaded, settings
 
 

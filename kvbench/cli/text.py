@@ -168,7 +168,7 @@ def generate_command(
     if not interactive and prompt is None and prompt_ids is None:
         raise KVBenchError("give --prompt TEXT or --prompt-ids 1,2,3 (or --interactive)")
     sampling = SamplingSettings(temperature, top_k, top_p, seed)
-    win = resolve_window(loaded, window)
+    win = resolve_window(loaded, window, names)
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     room = loaded.model.max_seq_len  # a static cache for the longest sequence, reused for every prompt
     check_memory(loaded, dev, torch_dtype, [name], 1, room, win, "max_seq_len (generate's cache covers it)")
@@ -234,7 +234,7 @@ def visualize_command(
     maps = vis.attention_maps(model, ids)
     written = [save(vis.attention_figure(maps, labels, f"{loaded.name}: attention of every layer and head over "
                                                        "the prompt"), out / "attention.png")]
-    win = resolve_window(loaded, window)
+    win = resolve_window(loaded, window, names)
     growth = vis.cache_growth(model, ids, new_tokens, names, win)
     growth.to_csv(out / "cache_growth.csv", index=False)
     written.append(save(vis.cache_growth_figure(growth, f"{loaded.name}: KV cache over {new_tokens} decode steps "
