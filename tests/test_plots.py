@@ -187,3 +187,15 @@ def test_a_naive_only_run_draws_no_speedup_figure(tmp_path):
     r = runs().query("strategy == 'naive'")
     written = plots.draw_all(r, summarize(r, ["naive"]), pd.DataFrame(), META, tmp_path)
     assert written and not (tmp_path / "speedup.png").exists()
+
+
+def test_each_batch_floor_has_its_batch_line_style():
+    """'floor ×1' and 'floor ×16' were both dashed: two legend entries that looked the same."""
+    meta = dict(META, settings=dict(META["settings"], batch_size=[1, 16]))
+    fig = plots.crossover_figure(crossover_summary(), meta)
+    try:
+        styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()
+                  if line.get_label().startswith("floor")}
+        assert set(styles) == {"floor ×1", "floor ×16"} and styles["floor ×1"] != styles["floor ×16"], styles
+    finally:
+        plt.close("all")

@@ -80,6 +80,12 @@ def _series(frame: pd.DataFrame, meta: dict):
         yield style, points
 
 
+def _floor_line(meta: dict, batch: int, several: bool) -> str:
+    """Dashed for one batch; with several, each batch's floor in its batch's line style, as its strategies."""
+    batches = _batches(meta)
+    return BATCH_LINES[batches.index(batch) % len(BATCH_LINES)] if several and batch in batches else "--"
+
+
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 # 2, 5, 20, 50, 0.002, 0.005, ...: the leading digit of the value in scientific notation (of 0.002 too)
 SOME_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else "")
@@ -162,7 +168,7 @@ def per_token_figure(steps: pd.DataFrame, meta: dict, floor: pd.DataFrame | None
     if floor is not None and not floor.empty:
         several = floor["batch_size"].nunique() > 1
         for batch, line in floor.groupby("batch_size"):
-            ax.plot(line["position"], line["floor_ms"], color="black", ls="--", lw=1,
+            ax.plot(line["position"], line["floor_ms"], color="black", ls=_floor_line(meta, batch, several), lw=1,
                     label="floor (roofline)" + (f" ×{batch}" if several else ""))
     _plain_log(ax, "y")
     ax.set_xlabel("token position (prompt + generated)")
@@ -181,9 +187,10 @@ def crossover_figure(summary: pd.DataFrame, meta: dict):
         line = line.sort_values("kv_over_weights")
         ax.plot(line["kv_over_weights"], line["per_token_ms_median"], **style)
     floors = points.drop_duplicates(["batch_size", "new_tokens"]).sort_values("kv_over_weights")
+    several = floors["batch_size"].nunique() > 1
     for batch, line in floors.groupby("batch_size"):
-        ax.plot(line["kv_over_weights"], line["floor_ms"], color="black", ls="--", lw=1, marker="x", ms=5,
-                label="floor" + (f" ×{batch}" if floors["batch_size"].nunique() > 1 else ""))
+        ax.plot(line["kv_over_weights"], line["floor_ms"], color="black", ls=_floor_line(meta, batch, several),
+                lw=1, marker="x", ms=5, label="floor" + (f" ×{batch}" if several else ""))
     ax.axvline(1.0, color="gray", lw=1, ls=":")
     ax.text(1.0, 0.98, " cache = weights", transform=ax.get_xaxis_transform(), fontsize=8, va="top", color="gray")
     _plain_log(ax, "x")
