@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kvbench.cache import KVCache, kv_bytes_formula
-from kvbench.config import LoadedConfig, TransformersConfig
+from kvbench.config import LoadedConfig, TransformersConfig, shipped_config
 from kvbench.errors import KVBenchError
 from kvbench.strategies import CacheShape
 
@@ -47,6 +47,8 @@ def load(text: Path | str) -> LoadedConfig:
     path = Path(text)
     if not path.is_dir():
         what = "not found" if not path.exists() else "is a file"
+        if shipped_config(str(text)) is not None:  # `--config tiny`: a kvbench config, which transformers cannot run
+            what = "is one of kvbench's own configs, which only kvbench's engine runs"
         raise KVBenchError(f"--engine transformers: {path} {what}; give a checkpoint directory (config.json and "
                            "weights, as save_pretrained writes them)")
     if not (path / "config.json").is_file():

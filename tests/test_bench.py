@@ -108,7 +108,7 @@ def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_pa
     interrupt_after(monkeypatch, 5)  # 2 warm-ups + 3 timed runs of the first length
     result = invoke_as_typed(runner, monkeypatch, ["benchmark", *SMALL_SWEEP, "--out", str(out)])
     assert result.exit_code == 130, result.output
-    assert "--resume" in result.output
+    assert "--resume" in result.output and f"3 finished runs kept in {out / 'results.csv'}" in result.output
     kept = pd.read_csv(out / "results.csv")
     assert len(kept) == 3
     assert json.loads((out / "meta.json").read_text())["status"] == "interrupted"
@@ -353,6 +353,14 @@ def test_ctrl_c_while_writing_plots_leaves_a_directory_resume_completes(runner, 
     assert resumed.exit_code == 0 and "nothing to do" in resumed.output, resumed.output
     assert (out / "latency.png").exists() and (out / "summary.csv").exists()
     assert json.loads((out / "meta.json").read_text())["status"] == "complete"
+
+
+def test_ctrl_c_before_any_run_finished_does_not_claim_kept_runs(runner, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, 1)  # during the first warm-up
+    result = bench(runner, out)
+    assert result.exit_code == 130, result.output
+    assert "no run had finished" in result.output and "finished runs kept" not in result.output, result.output
 
 
 def test_a_second_ctrl_c_while_writing_after_the_first_still_says_how_to_resume(runner, tmp_path, monkeypatch):

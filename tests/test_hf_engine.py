@@ -157,6 +157,11 @@ def test_directories_transformers_cannot_load(runner, llama, tmp_path):
         assert f"{directory.name}" in result.output and message in result.output, result.output
 
 
+def test_a_shipped_config_under_engine_transformers_is_called_kvbenchs_own(runner):
+    result = runner.invoke(app, ["kv-evaluate", "--engine", "transformers", "--config", "tiny"])
+    assert result.exit_code == 2 and "tiny is one of kvbench's own configs" in result.output, result.output
+
+
 def test_engine_without_transformers_installed(runner, llama, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))

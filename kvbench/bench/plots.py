@@ -60,8 +60,11 @@ def _subtitle(meta: dict, what: str = "median of {repeats}") -> str:
     prompt = f"prompts {'/'.join(map(str, s['prompt_lens']))}" if s.get("prompt_lens") else f"prompt {s['prompt_len']}"
     if s.get("new_tokens_per_row"):
         prompt += f" · rows stop after {'/'.join(map(str, s['new_tokens_per_row']))} tokens"
+    repeats = what.format(repeats=s["repeats"])
+    if s["repeats"] == 1:  # not "median of 1 runs"
+        repeats = repeats.replace("median of 1 runs", "one run").replace("median of 1", "one run")
     return wrap_at_dots(f"{meta['config_name']} · {meta.get('device_name', s['device'])} · {s['dtype']} · {batch}"
-                        f" · {prompt} · " + what.format(repeats=s["repeats"]))
+                        f" · {prompt} · " + repeats)
 
 
 BATCH_LINES = ["-", "--", ":", "-."]  # one line style per batch size, in increasing order

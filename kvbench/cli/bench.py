@@ -179,7 +179,8 @@ def summary_table(summary) -> Table:
         bound = {"memory": "m", "compute": "c"}.get(getattr(row, "bound", ""), "")
         table.add_row(row.strategy, str(row.batch_size), str(row.new_tokens), _number(row.total_s_median, ".3f"),
                       _number(1000 * row.prefill_s_median, ".1f"), _number(row.per_token_ms_median, ".2f"),
-                      _number(row.per_token_ms_iqr, ".2f"), _number(row.floor_ms, ".2f") + bound,
+                      _number(row.per_token_ms_iqr if row.repeats > 1 else math.nan, ".2f"),  # one run: no spread
+                      _number(row.floor_ms, ".2f") + bound,
                       _number(row.per_token_over_floor, ".2f"), _number(row.tokens_per_s_median, ".0f"),
                       _number(speedup, ".1f") + ("x" if speedup == speedup else ""))
     return table
@@ -323,8 +324,10 @@ def run_and_finish(run) -> None:
                 bench.run(run, torch.device(run.settings.device), RichReporter(progress, run.settings.repeats))
     except KeyboardInterrupt:
         status = "interrupted"
-    hint = (f"{len(run.results.completed())} finished runs kept in {run.results.runs_csv}; continue with: "
-            f"kvbench benchmark --resume {run.results.path}")
+    finished = len(run.results.completed())
+    kept = f"{plural(finished, 'finished run')} kept in {run.results.runs_csv}" if finished else \
+        f"no run had finished; the settings are kept in {run.results.path}"
+    hint = f"{kept}; continue with: kvbench benchmark --resume {run.results.path}"
     try:
         summary, plots = bench.finish(run, status)
     except KeyboardInterrupt:
