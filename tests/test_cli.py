@@ -198,3 +198,22 @@ def test_a_closed_pipe_under_format_csv_exits_as_sigpipe_too(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     process.stdout.close()
     assert process.wait(timeout=120) == 141
+
+
+def test_ctrl_c_while_kvbench_starts_is_one_line_not_a_traceback():
+    """SIGINT while torch and the commands load (the first ~2 s): 'interrupted', exit 130."""
+    import signal
+
+    child = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "kvbench", "evaluate", "--config", "tiny"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in child.stderr:  # -X importtime: one line per module imported
+            if line.rstrip().endswith("torch._C"):  # torch is loading: about 900 more modules to go
+                break
+        child.send_signal(signal.SIGINT)
+        _, rest = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest, rest

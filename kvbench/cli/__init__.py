@@ -1,14 +1,34 @@
 """The Typer app: commands parse options and delegate. The only place that prints or decides exit codes.
 
 Commands live in submodules by concern; importing them registers them on `app`, in the order --help lists.
+They are imported inside main(), so that Ctrl-C while torch loads ends with one line, not a traceback.
 """
 
-from kvbench.cli import bench, check, profile, report, sweep, text  # noqa: F401  (registers the commands)
-from kvbench.cli.common import app
+from __future__ import annotations
+
+import sys
+
+
+def _app():
+    from kvbench.cli import bench, check, profile, report, sweep, text  # noqa: F401  (registers the commands)
+    from kvbench.cli.common import app
+
+    return app
 
 
 def main() -> None:
+    try:
+        app = _app()
+    except KeyboardInterrupt:  # while torch, pandas and matplotlib load (about 2 s)
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
     app(prog_name="kvbench")
+
+
+def __getattr__(name: str):
+    if name == "app":  # `from kvbench.cli import app` (tests, embedding): every command registered
+        return _app()
+    raise AttributeError(f"module 'kvbench.cli' has no attribute {name!r}")
 
 
 __all__ = ["app", "main"]
