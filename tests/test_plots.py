@@ -199,3 +199,15 @@ def test_each_batch_floor_has_its_batch_line_style():
         assert set(styles) == {"floor ×1", "floor ×16"} and styles["floor ×1"] != styles["floor ×16"], styles
     finally:
         plt.close("all")
+
+
+def test_speedup_axis_spans_the_lengths_naive_ran_and_names_the_rest():
+    summary = summarize(runs(), STRATEGIES)
+    summary.loc[summary["new_tokens"] >= 500, "speedup_vs_naive"] = float("nan")  # naive skipped there
+    fig = plots.speedup_figure(summary, META)
+    try:
+        low, high = fig.axes[0].get_xlim()
+        assert 100 < high < 500 and low < 10, (low, high)
+        assert "naive not run at 500, 1000 tokens" in fig.axes[0].get_title()
+    finally:
+        plt.close("all")
