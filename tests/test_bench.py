@@ -71,6 +71,7 @@ def test_summary_meta_steps_and_plots_written(finished_run):
     for key in ("kvbench_version", "torch_version", "python_version", "cpu_model", "torch_threads", "git_commit",
                 "config", "settings", "command_line", "started_at", "ended_at"):
         assert key in meta, key
+    assert set(meta["huge_pages"]) == {"torch_allocator", "system_policy", "process_bytes"}
     assert meta["config"]["d_model"] == 64 and meta["settings"]["lengths"] == [3, 6]
     steps = pd.read_csv(out / "steps.csv")
     assert len(steps) == 2 * 2 * (2 + 5)  # repeats x strategies x decode steps of both lengths

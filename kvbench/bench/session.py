@@ -21,6 +21,7 @@ from kvbench.bench.results import ResultsDir
 from kvbench.bench.paths import code_paths
 from kvbench.kernels import packed_from_rows
 from kvbench.model import kernel_choices, pack_from_rows
+from kvbench.pages import huge_pages
 from kvbench.bench.stats import POINT, summarize
 from kvbench.bench.sweep import (DEFAULTS, NAIVE_RUN_BUDGET_S, Reporter, Sweep, SweepSettings, calibrate, plan_runs,
                                  skipped_points, timed_runs)
@@ -165,6 +166,7 @@ def record_limits(session: Session, device: torch.device, model) -> None:
     small = for_generation(model, min(s.batches), s.src_len or 0, s.seed)
     session.meta["code_paths"] = code_paths(small, s.strategies, s.batches, longest)
     session.meta["packed_from_rows"] = packed_from_rows(model)
+    session.meta["huge_pages"] = huge_pages()  # after the weights and the probes' buffers: what they got
     session.results.write_meta(session.meta)
 
 

@@ -6,7 +6,10 @@ They are imported inside main(), so that Ctrl-C while torch loads ends with one 
 
 from __future__ import annotations
 
+import os
 import sys
+
+from kvbench.pages import HUGE_PAGES_ENV
 
 
 def _app():
@@ -17,6 +20,11 @@ def _app():
 
 
 def main() -> None:
+    # Before torch loads (it reads the variable once): its CPU allocator then puts every buffer of 2 MB or more
+    # (weights, caches, the floor's probes) in transparent huge pages. A decode step streams hundreds of MB, and
+    # with 4 KB pages every page is a TLB miss; measured here, steps 5-7% faster (docs/perf.md). Set it to 0
+    # to opt out; meta.json and profile record which it was.
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
     try:
         app = _app()
     except KeyboardInterrupt:  # while torch, pandas and matplotlib load (about 2 s)

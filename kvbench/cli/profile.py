@@ -33,6 +33,7 @@ from kvbench.cli.common import (
 from kvbench.config import check_seed, load_config
 from kvbench.families import family_of
 from kvbench.strategies import get, names
+from kvbench import pages
 
 
 def _cell(value: float, fmt: str) -> str:
@@ -91,4 +92,6 @@ def profile(
     result = profile_step(model, strategy, batch_size, context, steps, seed)
     result.table.to_csv(out, index=False)
     console.print(profile_table(result))
-    console.print(f"{plural(torch.get_num_threads(), 'thread')}; written to {escape(str(out))}", highlight=False)
+    host = f"; {pages.describe(pages.huge_pages())}" if dev.type == "cpu" else ""
+    console.print(f"{plural(torch.get_num_threads(), 'thread')}{host}; written to {escape(str(out))}",
+                  highlight=False)
