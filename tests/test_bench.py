@@ -16,7 +16,7 @@ from kvbench.bench import sweep as sweep_module
 from kvbench.bench.results import RUN_COLUMNS, ResultsDir
 from kvbench.bench.session import compare
 from kvbench.bench.stats import summarize
-from kvbench.bench.sweep import CostModel, SweepSettings, plan_runs
+from kvbench.bench.sweep import CostModel, StepLine, SweepSettings, plan_runs
 from kvbench.bench.timing import StepClock
 from kvbench.cli import app
 from kvbench.config import load_config
@@ -205,14 +205,54 @@ def test_summary_statistics_by_hand():
 
 
 def test_cost_model_by_hand():
-    costs = CostModel(naive_poly=np.array([0.0, 0.001, 0.01]), decode_s=0.005)  # 10 ms + 1 ms per token
+    # naive: 10 ms + 1 ms per token; static: 5 ms at 6 tokens attended, 0.1 ms more per token
+    costs = CostModel(np.array([0.01, 0.001, 0.0]), {("static", 1): StepLine(6, 0.005, 0.0001)})
     assert costs.run_s("naive", 4, 3) == pytest.approx(0.014 + 0.015 + 0.016)
+    # steps attend 5 and 6 tokens: both at the line's start (never below it)
     assert costs.run_s("static", 4, 3) == pytest.approx(0.014 + 2 * 0.005)
+    # steps attend 5 .. 103 tokens: 99 steps at their mean, 54 tokens: 5 ms + 48 x 0.1 ms
+    assert costs.run_s("static", 4, 100) == pytest.approx(0.014 + 99 * (0.005 + 48 * 0.0001))
+
+
+def test_cost_model_interpolates_between_calibrated_batches():
+    costs = CostModel(np.array([0.0, 0.01, 0.0]), {("static", 1): StepLine(10, 0.010, 0.0),
+                                              ("static", 16): StepLine(10, 0.025, 0.00001),
+                                              ("dynamic", 1): StepLine(10, 0.012, 0.0)})
+    assert costs.decode_step_s("static", 1, 1010) == pytest.approx(0.010)
+    assert costs.decode_step_s("static", 16, 1010) == pytest.approx(0.035)
+    assert costs.decode_step_s("static", 6, 1010) == pytest.approx(0.010 + (5 / 15) * 0.025)
+    assert costs.decode_step_s("static", 64, 1010) == pytest.approx(0.035)  # not extrapolated past the largest
+    assert costs.decode_step_s("dynamic", 16, 1010) == pytest.approx(0.012)  # one batch: as measured
+
+
+def test_naive_fit_recovers_rows_and_attention_terms():
+    truth = np.array([0.008, 2e-5, 3e-8])  # 8 ms of weights, 20 us a row, 30 ns per batch x length^2
+    forwards = [(1, 16), (1, 515), (1, 1015), (16, 16), (16, 272)]
+    measured = [(b, n, float(sweep_module.naive_terms(b, n) @ truth)) for b, n in forwards]
+    np.testing.assert_allclose(sweep_module._fit_naive(measured), truth, rtol=1e-6)
+    # one length only (a sweep of one short length): a constant, the time measured
+    assert list(sweep_module._fit_naive([(1, 16, 0.01)])) == pytest.approx([0.01, 0.0, 0.0])
+
+
+def test_calibrate_times_every_cached_strategy_at_both_batches():
+    from kvbench.bench.sweep import calibrate
+    from kvbench.config import load_config
+    from kvbench.verify import random_prompt
+    from kvbench.weights import build_model
+
+    loaded = load_config(TINY)
+    model = build_model(loaded, torch.device("cpu"), torch.float32)
+    small, large = (random_prompt(loaded.model, b, 8, 0) for b in (1, 4))
+    costs = calibrate(model, small, 40, torch.device("cpu"), ["naive", "static", "dynamic"], (model, large))
+    assert set(costs.steps) == {("static", 1), ("static", 4), ("dynamic", 1), ("dynamic", 4)}
+    line = costs.steps["static", 4]
+    assert line.visible == 12 and line.seconds > 0 and line.per_token >= 0
+    assert costs.naive_step_s(100, 4) > costs.naive_step_s(10, 1) > 0
 
 
 def test_plan_interleaves_strategies_and_skips_recorded_runs():
     settings = SweepSettings(lengths=[5, 200], strategies=["naive", "static"], repeats=2, warmup=1)
-    costs = CostModel(np.array([0.0, 0.01]), 0.01)
+    costs = CostModel(np.array([0.0, 0.01, 0.0]), {("static", 1): StepLine(18, 0.01)})
     runs = plan_runs(settings, costs, done={("naive", 1, 5, 0), ("static", 1, 5, 0), ("naive", 1, 5, 1),
                                             ("static", 1, 5, 1), ("naive", 1, 200, 0)})
     assert [(r.strategy, r.new_tokens, r.repeat) for r in runs] == [
@@ -674,7 +714,7 @@ def test_bad_batch_options(runner, tmp_path, args, needle):
 
 def test_default_naive_max_comes_from_the_estimate():
     settings = SweepSettings(lengths=[10, 100, 1000], strategies=["naive", "static"], batch_size=[1, 4])
-    costs = CostModel(naive_poly=np.array([0.001, 0.0]), decode_s=0.01)  # naive step: 1 ms per token at batch 1
+    costs = CostModel(np.array([0.0, 0.001, 0.0]), {("static", 1): StepLine(18, 0.01)})  # naive: 1 ms a row
     # at batch 4 a naive run of n tokens takes ~4 ms x sum(16 + i) = 2 ms x n^2: 100 tokens ~26 s, 1000 ~2100 s
     assert costs.naive_max(settings, budget_s=60) == 100
     assert {(s, b, n) for s, b, n in sweep_module.skipped_points(settings, 100)} == {("naive", 1, 1000),

@@ -124,7 +124,8 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     limits = floor.MachineLimits.from_dict(session.meta["machine_limits"])
     sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), limits)
     smallest = sweep.model_and_prompt(min(s.batches))  # kept here: the sweep holds one batch's inputs at a time
-    costs = calibrate(*smallest, max(s.lengths), device, sweep.model_and_prompt(max(s.batches)))
+    costs = calibrate(*smallest, max(s.lengths), device, s.strategies, sweep.model_and_prompt(max(s.batches)),
+                      s.window)
     if session.naive_max is None:
         session.meta.update(naive_max=costs.naive_max(s), naive_max_source=(
             f"estimate: the longest length whose naive run at batch {max(s.batches)} takes at most "

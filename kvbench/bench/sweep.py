@@ -25,7 +25,7 @@ from kvbench.config import LoadedConfig
 from kvbench.generate import (Decode, RowStops, cache_tokens, decode_one, decoder_for, for_generation,
                               generation_steps, left_pad, naive_step, new_cache)
 from kvbench.model import Decoder
-from kvbench.strategies import NAIVE, REGISTRY, get, names
+from kvbench.strategies import NAIVE, REGISTRY, get
 from kvbench.verify import random_prompt
 
 NAIVE_NAME = NAIVE.name
@@ -127,32 +127,65 @@ class Reporter(Protocol):
 
 # --- cost estimate ----------------------------------------------------------------------------------------------
 
+# Tokens added to the prompt to time each cached step at a second, longer context: a step's cost is a line in
+# the tokens it attends (attention and any copying grow with them, reading the weights does not), and two points
+# give the line. Kept short so that calibrating stays cheap: its prefill at batch 16 takes ~0.5 s on 2 cores.
+CALIBRATION_CONTEXT = 256
+SHORTEST_LINE = 16  # sweeps whose longest length is under twice this are estimated at the prompt's context
+
+
+def calibration_extra(longest: int) -> int:
+    """Tokens past the prompt of the longer calibration context: half the sweep's longest length, at most
+    CALIBRATION_CONTEXT."""
+    return min(longest // 2, CALIBRATION_CONTEXT)
+
+
+@dataclass(frozen=True)
+class StepLine:
+    """Seconds of one cached decode step against the tokens it attends, through two measured steps."""
+
+    visible: float  # tokens attended at the shorter measurement
+    seconds: float  # its step
+    per_token: float = 0.0  # seconds more per token attended; never negative (noise is no speed-up)
+
+    def at(self, visible: float) -> float:
+        return self.seconds + self.per_token * max(visible - self.visible, 0.0)
+
+
+def naive_terms(batch: int, seq_len: int) -> np.ndarray:
+    """What a naive forward's time is fitted on: a constant, its rows (batch x length: the Linears), and its
+    attention's work (batch x length^2)."""
+    return np.array([1.0, batch * seq_len, batch * seq_len**2])
+
+
 @dataclass
 class CostModel:
-    """Seconds per step, measured once before the sweep at one batch size: naive as a quadratic in sequence
-    length, scaled linearly to other batches (it is arithmetic-bound); a cached step at the smallest and the
-    largest batch, interpolated between them."""
+    """Seconds per step, measured once before the sweep: a naive forward as a + b x rows + c x batch x length^2,
+    fitted to forwards at the smallest batch over the sweep's lengths and at the largest over short ones; each
+    cached strategy's step as a line in the tokens attended, at the smallest and the largest batch,
+    interpolated between them."""
 
-    naive_poly: np.ndarray  # coefficients of seconds per naive step against sequence length, at batch `batch`
-    decode_s: float  # one cached decode step at batch `batch`
-    batch: int = 1
-    decode_s_largest: tuple[int, float] | None = None  # (largest batch, its cached step) when it differs
+    naive: np.ndarray  # (a, b, c) of naive_terms
+    steps: dict[tuple[str, int], StepLine]  # (cached strategy, batch) -> its step, at the calibrated batches
 
-    def naive_step_s(self, seq_len: int, batch: int | None = None) -> float:
-        scale = (batch or self.batch) / self.batch
-        return max(float(np.polyval(self.naive_poly, seq_len)), 0.0) * scale
+    def naive_step_s(self, seq_len: int, batch: int = 1) -> float:
+        return max(float(naive_terms(batch, seq_len) @ self.naive), 0.0)
 
-    def decode_step_s(self, batch: int) -> float:
-        if self.decode_s_largest is None or batch <= self.batch:
-            return self.decode_s
-        largest, largest_s = self.decode_s_largest
-        share = min((batch - self.batch) / max(largest - self.batch, 1), 1.0)
-        return self.decode_s + share * (largest_s - self.decode_s)
+    def decode_step_s(self, strategy: str, batch: int, visible: float) -> float:
+        calibrated = sorted(b for name, b in self.steps if name == strategy)
+        low, high = calibrated[0], calibrated[-1]
+        at_low = self.steps[strategy, low].at(visible)
+        if batch <= low or high == low:
+            return at_low
+        share = min((batch - low) / (high - low), 1.0)
+        return at_low + share * (self.steps[strategy, high].at(visible) - at_low)
 
-    def run_s(self, strategy: str, prompt_len: int, new_tokens: int, batch: int | None = None) -> float:
+    def run_s(self, strategy: str, prompt_len: int, new_tokens: int, batch: int = 1) -> float:
         if not get(strategy).cached:
             return sum(self.naive_step_s(prompt_len + i, batch) for i in range(new_tokens))
-        return self.naive_step_s(prompt_len, batch) + (new_tokens - 1) * self.decode_step_s(batch or self.batch)
+        # decode step i (1..N-1) attends prompt_len + i tokens: on a line, N-1 steps at the mean, prompt_len + N/2
+        return (self.naive_step_s(prompt_len, batch)
+                + (new_tokens - 1) * self.decode_step_s(strategy, batch, prompt_len + new_tokens / 2))
 
     def naive_max(self, settings: SweepSettings, budget_s: float = NAIVE_RUN_BUDGET_S) -> int:
         """The longest swept length whose naive run at the largest batch is estimated within budget_s (at
@@ -162,37 +195,69 @@ class CostModel:
         return max(within, default=min(settings.lengths))
 
 
-def _cached_step_s(model: Decoder, prompt: torch.Tensor, device: torch.device) -> float:
-    # the first cached strategy of the model's family: static on kvbench's models, hf-dynamic on transformers'
-    strategy = next(name for name in names(model.config.family) if get(name).cached)
-    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + 8)
+def _cached_step_s(model: Decoder, prompt: torch.Tensor, strategy: str, device: torch.device,
+                   window: int | None) -> float:
+    """One decode step of `strategy` after the prompt (B, P): the median of 5, attending P + 2 .. P + 6 tokens."""
+    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + 8, window)
     steps = generation_steps(model, prompt, 8, cache)
     next(steps)
     next(steps)  # first decode step: one-off costs
     return median_seconds(lambda: next(steps), device, repeats=5)
 
 
+def _step_line(model: Decoder, prompt: torch.Tensor, strategy: str, longest: int, device: torch.device,
+               window: int | None) -> StepLine:
+    """The strategy's step after the prompt and after CALIBRATION_CONTEXT (at most half the longest length)
+    more tokens of it, as a line."""
+    batch, n_prompt = prompt.shape
+    short = StepLine(n_prompt + 4, _cached_step_s(model, prompt, strategy, device, window))
+    extra = calibration_extra(longest)
+    if extra < SHORTEST_LINE:
+        return short
+    more = torch.randint(0, model.config.vocab_size, (batch, extra), generator=torch.Generator().manual_seed(1))
+    longer = torch.cat([prompt, more.to(prompt.device)], dim=1)  # (B, P + extra)
+    long_s = _cached_step_s(model, longer, strategy, device, window)
+    return StepLine(short.visible, short.seconds, max(long_s - short.seconds, 0.0) / extra)
+
+
 @torch.inference_mode()
-def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device,
-              largest: tuple[Decoder, torch.Tensor] | None = None) -> CostModel:
-    """Time a few naive forwards and cached decode steps to predict the sweep's duration; `largest` is the
-    model and prompt of the largest batch, for its cached step."""
+def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.device, strategies: list[str],
+              largest: tuple[Decoder, torch.Tensor] | None = None, window: int | None = None) -> CostModel:
+    """Time a few naive forwards, and each cached strategy's decode steps at two contexts, to predict the
+    sweep's duration; `largest` is the model and prompt of the largest batch, whose steps are timed too."""
     n_prompt = prompt.shape[1]
-    seq_lens = sorted({n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1})
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    naive_times = []
-    for seq_len in seq_lens:
-        ids = torch.randint(0, vocab, (prompt.shape[0], seq_len + 3), generator=gen).to(device)
-        naive_step(model, ids[:, :seq_len])  # the very first call pays one-off costs
-        # then three new lengths, as the naive loop sees: some kernels (oneDNN's bfloat16) are built per shape
-        lengths = iter(range(seq_len + 1, seq_len + 4))
-        naive_times.append(median_seconds(lambda: naive_step(model, ids[:, :next(lengths)]), device, repeats=3))
-    poly = np.polyfit(seq_lens, naive_times, deg=min(2, len(seq_lens) - 1))
-    at_largest = None
+    batches = [(model, prompt)]
     if largest is not None and largest[1].shape[0] != prompt.shape[0]:
-        at_largest = (largest[1].shape[0], _cached_step_s(*largest, device))
-    return CostModel(poly, _cached_step_s(model, prompt, device), prompt.shape[0], at_largest)
+        batches.append(largest)
+    forwards = [(model, prompt.shape[0], seq_len)
+                for seq_len in sorted({n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1})]
+    if len(batches) > 1:  # the largest batch at short lengths only: a long one would cost more than it tells
+        forwards += [(largest[0], largest[1].shape[0], seq_len)
+                     for seq_len in sorted({n_prompt, n_prompt + calibration_extra(longest)})]
+    naive = _fit_naive([(batch, seq_len, _naive_step_s(m, batch, seq_len, device)) for m, batch, seq_len in forwards])
+    steps = {(name, p.shape[0]): _step_line(m, p, name, longest, device, window)
+             for name in strategies if get(name).cached for m, p in batches}
+    return CostModel(naive, steps)
+
+
+def _naive_step_s(model: Decoder, batch: int, seq_len: int, device: torch.device) -> float:
+    """One naive forward of (batch, seq_len) random tokens, once to pay one-off costs, then the median of three
+    new lengths, as the naive loop sees them (some kernels, oneDNN's bfloat16, are built per shape)."""
+    gen = torch.Generator().manual_seed(seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 3), generator=gen).to(device)
+    naive_step(model, ids[:, :seq_len])
+    lengths = iter(range(seq_len + 1, seq_len + 4))
+    return median_seconds(lambda: naive_step(model, ids[:, :next(lengths)]), device, repeats=3)
+
+
+def _fit_naive(measured: list[tuple[int, int, float]]) -> np.ndarray:
+    """Least squares on relative error (each (batch, length, seconds) divided by its seconds), so that the long
+    forwards do not drown the short ones; as many coefficients as distinct forwards allow."""
+    terms = np.array([naive_terms(batch, seq_len) for batch, seq_len, _ in measured])
+    seconds = np.array([t for *_, t in measured])
+    used = min(len(measured), 3)
+    coef, *_ = np.linalg.lstsq(terms[:, :used] / seconds[:, None], np.ones(len(measured)), rcond=None)
+    return np.concatenate([coef, np.zeros(3 - used)])
 
 
 # --- plan -------------------------------------------------------------------------------------------------------

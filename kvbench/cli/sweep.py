@@ -68,7 +68,7 @@ def estimate_seconds(point: Point) -> float:
     batch = max(s.batches)  # a point has one batch size (the spec's batch_size is an int)
     model = for_generation(build_model(loaded, device, DTYPES[s.dtype]), batch, s.src_len or 0, s.seed)
     prompt = random_prompt(loaded.model, batch, s.prompt_len, s.seed).to(device)
-    costs = calibrate(model, prompt, max(s.lengths), device)
+    costs = calibrate(model, prompt, max(s.lengths), device, s.strategies, window=s.window)
     return POINT_OVERHEAD_S + sum(run.estimate_s for run in plan_runs(s, costs, set()))
 
 
