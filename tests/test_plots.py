@@ -171,6 +171,23 @@ def test_minor_log_ticks_are_labelled_at_2_and_5_below_one_too():
         ["0.002", "", "0.005", "20", "", "500"]
 
 
+def test_a_log_axis_under_a_decade_labels_every_minor_tick():
+    """The regime run's crossover y-axis ran from 5.4 to 30 ms and read only 10 and 20."""
+    fig, ax = plt.subplots()
+    try:
+        ax.plot([0.004, 0.5], [5.4, 30.0])
+        plots._plain_log(ax, "y")
+        fig.canvas.draw()
+        labels = {t.get_text() for t in ax.yaxis.get_ticklabels(which="both") if t.get_text()}
+        assert {"6", "7", "8", "9", "10", "20"} <= labels, labels
+        ax.set_ylim(0.5, 300)  # three decades: 2 and 5 only
+        fig.canvas.draw()
+        labels = {t.get_text() for t in ax.yaxis.get_ticklabels(which="both") if t.get_text()}
+        assert {"2", "5", "20", "50"} <= labels and not labels & {"3", "7", "30"}, labels
+    finally:
+        plt.close(fig)
+
+
 def test_lengths_of_one_decade_label_only_the_lengths_run():
     """8, 16, 32 tokens: never 2x10^1 and 3x10^1 printed between (and over) them."""
     r = runs().query("new_tokens in (10, 50)")

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import Formatter, FuncFormatter, NullFormatter  # noqa: E402
 
 from kvbench.bench.stats import quartiles, step_medians  # noqa: E402
 from kvbench.strategies import NAIVE, names  # noqa: E402
@@ -92,6 +92,16 @@ def _floor_line(meta: dict, batch: int, several: bool) -> str:
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 # 2, 5, 20, 50, 0.002, 0.005, ...: the leading digit of the value in scientific notation (of 0.002 too)
 SOME_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else "")
+SHORT_LOG_AXIS = 10.0  # a log axis whose top is under 10x its bottom labels every minor tick
+
+
+class MinorLogLabels(Formatter):
+    """A log axis's minor ticks: 2 and 5 of each decade, or all of them on an axis spanning less than a decade,
+    where 2 and 5 can leave a single label (an axis from 5.4 to 30 ms showed only 10 and 20)."""
+
+    def __call__(self, value, pos=None):
+        low, high = sorted(self.axis.get_view_interval()) if self.axis is not None else (1.0, 1e9)
+        return f"{value:g}" if low > 0 and high / low < SHORT_LOG_AXIS else SOME_MINOR(value, pos)
 
 
 def _plain_log(ax, which: str) -> None:
@@ -100,7 +110,7 @@ def _plain_log(ax, which: str) -> None:
     getattr(ax, f"set_{which}scale")("log")
     axis = getattr(ax, f"{which}axis")
     axis.set_major_formatter(PLAIN)
-    axis.set_minor_formatter(SOME_MINOR)
+    axis.set_minor_formatter(MinorLogLabels())
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -205,7 +215,7 @@ def crossover_figure(summary: pd.DataFrame, meta: dict):
     _plain_log(ax, "y")
     ax.set_xlabel("K/V bytes attended per step / weight bytes per step (full precision)")
     ax.set_ylabel("decode step time (ms, median; a token per sequence)")
-    return _finish(fig, ax, "Where the cache decides: weight-bound left of 1, cache-bound right of it", meta,
+    return _finish(fig, ax, "Where the cache decides: at 1 the K/V a step attends weighs as much as the weights it reads", meta,
                    "lines: new token counts of one batch · median of {repeats}")
 
 
@@ -252,15 +262,16 @@ def memory_figure(summary: pd.DataFrame, meta: dict):
     for style, points in _series(summary, meta):
         if points["strategy"].iloc[0] != NAIVE.name:  # naive holds no cache: nothing to draw on a log axis
             left.plot(points["new_tokens"], points["kv_cache_bytes"] / 2**20, ms=7, **{**style, "ls": "none"})
+            # a dash at each length: a run of one length has no line to draw
             left.plot(points["new_tokens"], points["kv_cache_formula_bytes"] / 2**20, color=style["color"], lw=1,
-                      ls=style.get("ls", "-"), alpha=0.6)
+                      ls=style.get("ls", "-"), alpha=0.6, marker="_", ms=16, mew=1.5)
         right.plot(points["new_tokens"], measure[points.index] / 2**20, **style)
     for ax in (left, right):
         _tokens_axis(ax, summary["new_tokens"].unique())
         ax.grid(True, which="both", alpha=0.3)
     left.set_ylabel("KV cache at the end of the run (MiB)")
     _plain_log(left, "y")
-    left.set_title("KV cache: allocated (markers) vs its formula (thin lines, see README)", fontsize=9)
+    left.set_title("KV cache: allocated (markers) vs its formula (thin lines and dashes, see README)", fontsize=9)
     right.set_ylabel("MiB")
     # from zero, and at least 1 MiB tall: page-sized (4 KiB) noise must not fill the panel
     right.set_ylim(0, max(1.0, 1.1 * float(measure.max()) / 2**20))
