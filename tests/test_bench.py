@@ -250,6 +250,26 @@ def test_calibrate_times_every_cached_strategy_at_both_batches():
     assert costs.naive_step_s(100, 4) > costs.naive_step_s(10, 1) > 0
 
 
+def test_a_cached_only_sweep_times_no_long_naive_forward(monkeypatch):
+    """Naive is not run: only the prompt's forward (the prefill) is timed, at each batch end, never a forward
+    of the longest length (at batch 64 x 8000 tokens that alone would take minutes)."""
+    from kvbench.bench.sweep import calibrate
+    from kvbench.config import load_config
+    from kvbench.verify import random_prompt
+    from kvbench.weights import build_model
+
+    timed = []
+    monkeypatch.setattr(sweep_module, "_naive_step_s", lambda m, batch, seq_len, device: timed.append(
+        (batch, seq_len)) or 0.001 * batch)
+    loaded = load_config(TINY)
+    model = build_model(loaded, torch.device("cpu"), torch.float32)
+    small, large = (random_prompt(loaded.model, b, 8, 0) for b in (1, 4))
+    calibrate(model, small, 60, torch.device("cpu"), ["static"], (model, large))
+    assert timed == [(1, 8), (4, 8)]
+    calibrate(model, small, 60, torch.device("cpu"), ["naive", "static"], (model, large))
+    assert timed[2:] == [(1, 8), (1, 37), (1, 67), (4, 8), (4, 38)]
+
+
 def test_plan_interleaves_strategies_and_skips_recorded_runs():
     settings = SweepSettings(lengths=[5, 200], strategies=["naive", "static"], repeats=2, warmup=1)
     costs = CostModel(np.array([0.0, 0.01, 0.0]), {("static", 1): StepLine(18, 0.01)})

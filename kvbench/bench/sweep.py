@@ -229,15 +229,18 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
     batches = [(model, prompt)]
     if largest is not None and largest[1].shape[0] != prompt.shape[0]:
         batches.append(largest)
-    forwards = [(model, prompt.shape[0], seq_len)
-                for seq_len in sorted({n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1})]
-    if len(batches) > 1:  # the largest batch at short lengths only: a long one would cost more than it tells
-        forwards += [(largest[0], largest[1].shape[0], seq_len)
-                     for seq_len in sorted({n_prompt, n_prompt + calibration_extra(longest)})]
-    naive = _fit_naive([(batch, seq_len, _naive_step_s(m, batch, seq_len, device)) for m, batch, seq_len in forwards])
+    # naive runs: its forwards over the sweep's lengths at the smallest batch, and over short ones at the largest
+    # (a long one would cost more than it tells); cached runs only: the prompt's forward, which their prefill is
+    naive = any(not get(name).cached for name in strategies)
+    lengths = {n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1} if naive else {n_prompt}
+    forwards = [(model, prompt.shape[0], seq_len) for seq_len in sorted(lengths)]
+    if len(batches) > 1:
+        short = {n_prompt, n_prompt + calibration_extra(longest)} if naive else {n_prompt}
+        forwards += [(largest[0], largest[1].shape[0], seq_len) for seq_len in sorted(short)]
+    fitted = _fit_naive([(batch, seq_len, _naive_step_s(m, batch, seq_len, device)) for m, batch, seq_len in forwards])
     steps = {(name, p.shape[0]): _step_line(m, p, name, longest, device, window)
              for name in strategies if get(name).cached for m, p in batches}
-    return CostModel(naive, steps)
+    return CostModel(fitted, steps)
 
 
 def _naive_step_s(model: Decoder, batch: int, seq_len: int, device: torch.device) -> float:
