@@ -43,8 +43,10 @@ def describe(pages: dict) -> str:
     """One line for a table's caption: "huge pages: 412 MB" or why there are none."""
     if pages["process_bytes"]:
         return f"huge pages: {pages['process_bytes'] / 1e6:.0f} MB"
-    if pages["torch_allocator"] in ("unset", "0"):
-        return f"huge pages: off ({HUGE_PAGES_ENV}={pages['torch_allocator']})"
+    if pages["torch_allocator"] != "1":  # torch reads 1 as on; 0, and anything it does not know, as off
+        return f"huge pages: off ({HUGE_PAGES_ENV}={pages['torch_allocator'] or '(empty)'})"
+    if pages["process_bytes"] is None:
+        return "huge pages: not reported by this system"
     if pages["system_policy"] == "never":
         return "huge pages: off (the kernel's policy is never)"
     return "huge pages: none in use (no buffer of 2 MB or more, or the kernel had none free)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -127,6 +128,7 @@ def test_interrupted_run_keeps_finished_runs_and_resume_completes(runner, tmp_pa
     [again] = meta["resumes"]
     assert again["command_line"] == f"kvbench benchmark --resume {out}"
     assert again["status"] == "complete" and again["started_at"] <= again["ended_at"]
+    assert set(again["huge_pages"]) == {"torch_allocator", "system_policy", "process_bytes"}  # this process's
     key = ["strategy", "batch_size", "new_tokens", "repeat"]
     done_now = set(runs[key].itertuples(index=False, name=None)) - set(kept[key].itertuples(index=False, name=None))
     assert {tuple(run) for run in again["runs"]} == done_now and len(done_now) == 5
@@ -246,8 +248,42 @@ def test_calibrate_times_every_cached_strategy_at_both_batches():
     costs = calibrate(model, small, 40, torch.device("cpu"), ["naive", "static", "dynamic"], (model, large))
     assert set(costs.steps) == {("static", 1), ("static", 4), ("dynamic", 1), ("dynamic", 4)}
     line = costs.steps["static", 4]
-    assert line.visible == 12 and line.seconds > 0 and line.per_token >= 0
+    assert line.visible == 12 and line.seconds > 0 and line.cap == math.inf
     assert costs.naive_step_s(100, 4) > costs.naive_step_s(10, 1) > 0
+
+
+def test_a_windowed_step_is_flat_past_its_window():
+    line = StepLine(20, 0.010, 0.0001, cap=64)
+    assert line.at(20) == pytest.approx(0.010)
+    assert line.at(64) == line.at(5000) == pytest.approx(0.010 + 44 * 0.0001)
+
+
+def test_calibration_caps_a_windowed_strategy_at_its_window(monkeypatch):
+    """The sliding cache's line stops at its window; its second context is timed inside it."""
+    from kvbench.bench.sweep import calibrate
+    from kvbench.config import load_config
+    from kvbench.verify import random_prompt
+    from kvbench.weights import build_model
+
+    contexts = []
+    real = sweep_module._cached_step_s
+    monkeypatch.setattr(sweep_module, "_cached_step_s", lambda model, prompt, *rest: contexts.append(
+        prompt.shape[1]) or real(model, prompt, *rest))
+    loaded = load_config(TINY)
+    model = build_model(loaded, torch.device("cpu"), torch.float32)
+    costs = calibrate(model, random_prompt(loaded.model, 1, 8, 0), 400, torch.device("cpu"), ["sliding"], window=40)
+    assert costs.steps["sliding", 1].cap == 40 and contexts == [8, 36]  # 8 + (40 - 8 - 4) tokens
+
+
+def test_naive_calibration_never_passes_the_last_position():
+    """A sweep that ends at the config's last position: its naive forwards stop there (they once ran 3 past)."""
+    from kvbench.config import load_config
+    from kvbench.weights import build_model
+
+    loaded = load_config(TINY)
+    model = build_model(loaded, torch.device("cpu"), torch.float32)
+    last = loaded.model.max_seq_len
+    assert sweep_module._naive_step_s(model, 1, last, torch.device("cpu")) > 0
 
 
 def test_a_cached_only_sweep_times_no_long_naive_forward(monkeypatch):

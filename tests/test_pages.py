@@ -35,6 +35,9 @@ def test_huge_page_bytes_read_from_smaps(tmp_path, monkeypatch):
     ({"torch_allocator": "0", "system_policy": "madvise", "process_bytes": 0}, "off (THP_MEM_ALLOC_ENABLE=0)"),
     ({"torch_allocator": "1", "system_policy": "never", "process_bytes": 0}, "policy is never"),
     ({"torch_allocator": "1", "system_policy": "madvise", "process_bytes": 0}, "none in use"),
+    ({"torch_allocator": "yes", "system_policy": "madvise", "process_bytes": 0}, "off (THP_MEM_ALLOC_ENABLE=yes)"),
+    ({"torch_allocator": "", "system_policy": "madvise", "process_bytes": 0}, "off (THP_MEM_ALLOC_ENABLE=(empty))"),
+    ({"torch_allocator": "1", "system_policy": None, "process_bytes": None}, "not reported"),
 ])
 def test_describe(state, says):
     assert says in pages.describe(state)

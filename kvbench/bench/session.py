@@ -121,6 +121,9 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
         record_limits(session, device, model)
     else:
         decode_as_first_process(session.meta, model)
+    # per process (a resume may run with another setting), once the weights are allocated: what they got
+    (session.meta["resumes"][-1] if session.meta.get("resumes") else session.meta)["huge_pages"] = huge_pages()
+    session.results.write_meta(session.meta)
     limits = floor.MachineLimits.from_dict(session.meta["machine_limits"])
     sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), limits)
     smallest = sweep.model_and_prompt(min(s.batches))  # kept here: the sweep holds one batch's inputs at a time
@@ -167,7 +170,6 @@ def record_limits(session: Session, device: torch.device, model) -> None:
     small = for_generation(model, min(s.batches), s.src_len or 0, s.seed)
     session.meta["code_paths"] = code_paths(small, s.strategies, s.batches, longest)
     session.meta["packed_from_rows"] = packed_from_rows(model)
-    session.meta["huge_pages"] = huge_pages()  # after the weights and the probes' buffers: what they got
     session.results.write_meta(session.meta)
 
 

@@ -25,7 +25,7 @@ from kvbench.config import LoadedConfig
 from kvbench.generate import (Decode, RowStops, cache_tokens, decode_one, decoder_for, for_generation,
                               generation_steps, left_pad, naive_step, new_cache)
 from kvbench.model import Decoder
-from kvbench.strategies import NAIVE, REGISTRY, get
+from kvbench.strategies import NAIVE, REGISTRY, get, window_of
 from kvbench.verify import random_prompt
 
 NAIVE_NAME = NAIVE.name
@@ -127,17 +127,18 @@ class Reporter(Protocol):
 
 # --- cost estimate ----------------------------------------------------------------------------------------------
 
-# Tokens added to the prompt to time each cached step at a second, longer context: a step's cost is a line in
-# the tokens it attends (attention and any copying grow with them, reading the weights does not), and two points
-# give the line. Kept short so that calibrating stays cheap: its prefill at batch 16 takes ~0.5 s on 2 cores.
-CALIBRATION_CONTEXT = 256
-SHORTEST_LINE = 16  # sweeps whose longest length is under twice this are estimated at the prompt's context
+# Tokens (batch x context) a cached step's second, longer calibration context may hold: a step's cost is a line
+# in the tokens it attends (attention and any copying grow with them, reading the weights does not), and two
+# points give the line. At batch 1 the context reaches 2048 tokens, far enough that the slope is not noise; at
+# batch 16, 256 (its prefill ~0.5 s on 2 cores), where the cache's share of the step is larger anyway.
+CALIBRATION_TOKENS = 4096
+SHORTEST_LINE = 16  # second contexts shorter than this are not timed: the step is taken as flat
 
 
-def calibration_extra(longest: int) -> int:
+def calibration_extra(longest: int, batch: int) -> int:
     """Tokens past the prompt of the longer calibration context: half the sweep's longest length, at most
-    CALIBRATION_CONTEXT."""
-    return min(longest // 2, CALIBRATION_CONTEXT)
+    CALIBRATION_TOKENS across the batch."""
+    return min(longest // 2, CALIBRATION_TOKENS // batch)
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,10 @@ class StepLine:
     visible: float  # tokens attended at the shorter measurement
     seconds: float  # its step
     per_token: float = 0.0  # seconds more per token attended; never negative (noise is no speed-up)
+    cap: float = math.inf  # a windowed strategy attends at most its window
 
     def at(self, visible: float) -> float:
-        return self.seconds + self.per_token * max(visible - self.visible, 0.0)
+        return self.seconds + self.per_token * max(min(visible, self.cap) - self.visible, 0.0)
 
 
 def naive_terms(batch: int, seq_len: int) -> np.ndarray:
@@ -197,7 +199,8 @@ class CostModel:
 
 def _cached_step_s(model: Decoder, prompt: torch.Tensor, strategy: str, device: torch.device,
                    window: int | None) -> float:
-    """One decode step of `strategy` after the prompt (B, P): the median of 5, attending P + 2 .. P + 6 tokens."""
+    """One decode step of `strategy` after the prompt (B, P): the median of 5, attending P + 2 .. P + 6 tokens.
+    Eager: a compiled strategy (static+compile) is estimated as its eager step, which on CUDA overstates it."""
     cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + 8, window)
     steps = generation_steps(model, prompt, 8, cache)
     next(steps)
@@ -207,17 +210,21 @@ def _cached_step_s(model: Decoder, prompt: torch.Tensor, strategy: str, device: 
 
 def _step_line(model: Decoder, prompt: torch.Tensor, strategy: str, longest: int, device: torch.device,
                window: int | None) -> StepLine:
-    """The strategy's step after the prompt and after CALIBRATION_CONTEXT (at most half the longest length)
-    more tokens of it, as a line."""
+    """The strategy's step after the prompt and after calibration_extra more tokens of it, as a line (flat
+    past the window, for a strategy that attends one)."""
     batch, n_prompt = prompt.shape
-    short = StepLine(n_prompt + 4, _cached_step_s(model, prompt, strategy, device, window))
-    extra = calibration_extra(longest)
+    chosen = get(strategy)
+    cap = window_of(model.config, window) if chosen.windowed or chosen.visibility is not None else math.inf
+    short = StepLine(n_prompt + 4, _cached_step_s(model, prompt, strategy, device, window), cap=cap)
+    extra = calibration_extra(longest, batch)
+    if cap < math.inf:  # past the window the step is flat: the second context stays within it
+        extra = min(extra, int(cap) - n_prompt - 4)
     if extra < SHORTEST_LINE:
         return short
     more = torch.randint(0, model.config.vocab_size, (batch, extra), generator=torch.Generator().manual_seed(1))
     longer = torch.cat([prompt, more.to(prompt.device)], dim=1)  # (B, P + extra)
     long_s = _cached_step_s(model, longer, strategy, device, window)
-    return StepLine(short.visible, short.seconds, max(long_s - short.seconds, 0.0) / extra)
+    return StepLine(short.visible, short.seconds, max(long_s - short.seconds, 0.0) / extra, cap)
 
 
 @torch.inference_mode()
@@ -235,7 +242,7 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
     lengths = {n_prompt, n_prompt + (longest - 1) // 2, n_prompt + longest - 1} if naive else {n_prompt}
     forwards = [(model, prompt.shape[0], seq_len) for seq_len in sorted(lengths)]
     if len(batches) > 1:
-        short = {n_prompt, n_prompt + calibration_extra(longest)} if naive else {n_prompt}
+        short = {n_prompt, n_prompt + calibration_extra(longest, largest[1].shape[0])} if naive else {n_prompt}
         forwards += [(largest[0], largest[1].shape[0], seq_len) for seq_len in sorted(short)]
     fitted = _fit_naive([(batch, seq_len, _naive_step_s(m, batch, seq_len, device)) for m, batch, seq_len in forwards])
     steps = {(name, p.shape[0]): _step_line(m, p, name, longest, device, window)
@@ -244,12 +251,14 @@ def calibrate(model: Decoder, prompt: torch.Tensor, longest: int, device: torch.
 
 
 def _naive_step_s(model: Decoder, batch: int, seq_len: int, device: torch.device) -> float:
-    """One naive forward of (batch, seq_len) random tokens, once to pay one-off costs, then the median of three
-    new lengths, as the naive loop sees them (some kernels, oneDNN's bfloat16, are built per shape)."""
+    """A naive forward of (batch, about seq_len) random tokens: one three short of it to pay one-off costs, then
+    the median of the three up to seq_len, each a new length as the naive loop sees them (some kernels,
+    oneDNN's bfloat16, are built per shape); never past seq_len, which may be the config's last position."""
     gen = torch.Generator().manual_seed(seq_len)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 3), generator=gen).to(device)
-    naive_step(model, ids[:, :seq_len])
-    lengths = iter(range(seq_len + 1, seq_len + 4))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    first, *lengths = [max(seq_len - back, 1) for back in (3, 2, 1, 0)]
+    naive_step(model, ids[:, :first])
+    lengths = iter(lengths)
     return median_seconds(lambda: naive_step(model, ids[:, :next(lengths)]), device, repeats=3)
 
 

@@ -22,7 +22,7 @@ def _app():
 def main() -> None:
     # Before torch loads (it reads the variable once): its CPU allocator then puts every buffer of 2 MB or more
     # (weights, caches, the floor's probes) in transparent huge pages. A decode step streams hundreds of MB, and
-    # with 4 KB pages every page is a TLB miss; measured here, steps 5-7% faster (docs/perf.md). Set it to 0
+    # with 4 KB pages every page is a TLB miss; measured here, steps 4-9% faster (docs/perf.md). Set it to 0
     # to opt out; meta.json and profile record which it was.
     os.environ.setdefault(HUGE_PAGES_ENV, "1")
     try:
