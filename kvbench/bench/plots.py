@@ -215,8 +215,8 @@ def crossover_figure(summary: pd.DataFrame, meta: dict):
     _plain_log(ax, "y")
     ax.set_xlabel("K/V bytes attended per step / weight bytes per step (full precision)")
     ax.set_ylabel("decode step time (ms, median; a token per sequence)")
-    return _finish(fig, ax, "Where the cache decides: at 1 the K/V a step attends weighs as much as the weights it reads", meta,
-                   "lines: new token counts of one batch · median of {repeats}")
+    title = "Where the cache decides: at 1 the K/V a step attends weighs as much as the weights it reads"
+    return _finish(fig, ax, title, meta, "lines: new token counts of one batch · median of {repeats}")
 
 
 def _memory_measure(summary: pd.DataFrame, meta: dict) -> tuple[pd.Series, str]:
