@@ -264,12 +264,20 @@ def _naive_step_s(model: Decoder, batch: int, seq_len: int, device: torch.device
 
 def _fit_naive(measured: list[tuple[int, int, float]]) -> np.ndarray:
     """Least squares on relative error (each (batch, length, seconds) divided by its seconds), so that the long
-    forwards do not drown the short ones; as many coefficients as distinct forwards allow."""
+    forwards do not drown the short ones; as many coefficients as distinct forwards allow, none negative: more
+    rows or more attention never cost less, and a negative term fitted to noise (fast, small models) would
+    predict long forwards faster than short ones. A term that comes out negative is dropped and the rest refit."""
     terms = np.array([naive_terms(batch, seq_len) for batch, seq_len, _ in measured])
     seconds = np.array([t for *_, t in measured])
-    used = min(len(measured), 3)
-    coef, *_ = np.linalg.lstsq(terms[:, :used] / seconds[:, None], np.ones(len(measured)), rcond=None)
-    return np.concatenate([coef, np.zeros(3 - used)])
+    kept = list(range(min(len(measured), 3)))
+    while True:
+        fitted, *_ = np.linalg.lstsq(terms[:, kept] / seconds[:, None], np.ones(len(measured)), rcond=None)
+        if (fitted >= 0).all() or len(kept) == 1:
+            break
+        kept.pop(int(np.argmin(fitted)))
+    coef = np.zeros(3)
+    coef[kept] = np.maximum(fitted, 0.0)
+    return coef
 
 
 # --- plan -------------------------------------------------------------------------------------------------------
