@@ -24,7 +24,7 @@ from kvbench.cache import KVCache
 from kvbench.config import LoadedConfig
 from kvbench.generate import (Decode, RowStops, cache_tokens, decode_one, decoder_for, for_generation,
                               generation_steps, left_pad, naive_step, new_cache)
-from kvbench.model import Decoder
+from kvbench.model import Decoder, random_ids
 from kvbench.strategies import NAIVE, REGISTRY, get, window_of
 from kvbench.verify import random_prompt
 
@@ -221,7 +221,7 @@ def _step_line(model: Decoder, prompt: torch.Tensor, strategy: str, longest: int
         extra = min(extra, int(cap) - n_prompt - 4)
     if extra < SHORTEST_LINE:
         return short
-    more = torch.randint(0, model.config.vocab_size, (batch, extra), generator=torch.Generator().manual_seed(1))
+    more = random_ids(model.config.vocab_size, batch, extra, seed=1)
     longer = torch.cat([prompt, more.to(prompt.device)], dim=1)  # (B, P + extra)
     long_s = _cached_step_s(model, longer, strategy, device, window)
     return StepLine(short.visible, short.seconds, max(long_s - short.seconds, 0.0) / extra, cap)
@@ -254,8 +254,7 @@ def _naive_step_s(model: Decoder, batch: int, seq_len: int, device: torch.device
     """A naive forward of (batch, about seq_len) random tokens: one three short of it to pay one-off costs, then
     the median of the three up to seq_len, each a new length as the naive loop sees them (some kernels,
     oneDNN's bfloat16, are built per shape); never past seq_len, which may be the config's last position."""
-    gen = torch.Generator().manual_seed(seq_len)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
+    ids = random_ids(model.config.vocab_size, batch, seq_len, seed=seq_len).to(device)
     first, *lengths = [max(seq_len - back, 1) for back in (3, 2, 1, 0)]
     naive_step(model, ids[:, :first])
     lengths = iter(lengths)
