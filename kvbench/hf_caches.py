@@ -19,7 +19,10 @@ generate() builds them, and updated by transformers' model itself.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
+import re
 from typing import Callable
 
 import torch
@@ -84,10 +87,40 @@ class TransformersCache(KVCache):
         return self.expected_bytes(1) // self.shape.batch
 
 
+# The first transformers whose caches behave as kvbench checks them: DynamicLayer.reset drops what it held (5.18;
+# before, it zeroed the keys but kept their length, so a reused cache attended zeros) and StaticLayer can crop,
+# which a rollback needs (5.24). Older versions fail kv-evaluate for transformers' reasons, not the cache's.
+MIN_TRANSFORMERS = (5, 24)
+
+
 def available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def installed_version() -> str:
+    return importlib.metadata.version("transformers")
+
+
+def recent_enough(version: str | None = None) -> bool:
+    """Whether transformers (the installed one, or `version`) is at least MIN_TRANSFORMERS."""
+    numbers = re.match(r"(\d+)\.(\d+)", version or installed_version())
+    return numbers is not None and tuple(map(int, numbers.groups())) >= MIN_TRANSFORMERS
+
+
+def _needs_recent_transformers(factory: Callable[[CacheShape], KVCache]) -> Callable[[CacheShape], KVCache]:
+    """The factory, refusing an older transformers with what to install rather than failing its checks."""
+    @functools.wraps(factory)
+    def checked(shape: CacheShape) -> KVCache:
+        if not recent_enough():
+            wanted = ".".join(map(str, MIN_TRANSFORMERS))
+            raise KVBenchError(f"the hf-* strategies need transformers >= {wanted}, whose caches reset and roll back "
+                               f"as kv-evaluate checks them (installed: {installed_version()}): "
+                               f"pip install -U 'transformers>={wanted}'")
+        return factory(shape)
+    return checked
+
+
+@_needs_recent_transformers
 def dynamic(shape: CacheShape) -> KVCache:
     from transformers.cache_utils import DynamicCache, DynamicLayer  # imported on first use: it loads slowly
 
@@ -96,6 +129,7 @@ def dynamic(shape: CacheShape) -> KVCache:
     return TransformersCache(shape, DynamicLayer, whole_buffer=False)
 
 
+@_needs_recent_transformers
 def static(shape: CacheShape) -> KVCache:
     from transformers.cache_utils import StaticCache, StaticLayer
 
@@ -104,6 +138,7 @@ def static(shape: CacheShape) -> KVCache:
     return TransformersCache(shape, lambda: StaticLayer(max_cache_len=shape.max_len), whole_buffer=True)
 
 
+@_needs_recent_transformers
 def sliding(shape: CacheShape) -> KVCache:
     """DynamicCache built from the model's config: its sliding layers keep only their window (W - 1 past
     positions), as generate() builds the cache of a model with a window."""
@@ -123,6 +158,7 @@ def sliding(shape: CacheShape) -> KVCache:
     return _engine(shape, make)
 
 
+@_needs_recent_transformers
 def offloaded(shape: CacheShape) -> KVCache:
     """DynamicCache(offloading=True): each layer's K/V goes to CPU memory after its forward and is prefetched
     back to the GPU, on CUDA streams, before the next."""
@@ -134,6 +170,7 @@ def offloaded(shape: CacheShape) -> KVCache:
     return _engine(shape, lambda: DynamicCache(offloading=True))
 
 
+@_needs_recent_transformers
 def quantized(shape: CacheShape) -> KVCache:
     """QuantizedCache with transformers' defaults (4 bits, a full-precision residual of the last 128
     tokens), on the first backend installed (transformers' own checks say which)."""

@@ -14,11 +14,15 @@ import torch
 pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
 
+from kvbench import hf_caches  # noqa: E402
 from kvbench.bench.results import RUN_COLUMNS  # noqa: E402
 from kvbench.cli import app  # noqa: E402
 from kvbench.hf_engine import EngineCache  # noqa: E402
 from kvbench.strategies import TRANSFORMERS, Strategy  # noqa: E402
 from tests.conftest import verdicts  # noqa: E402
+
+# transformers' caches as kvbench checks them; an older transformers (a GPU image's) is refused, tested below
+recent = pytest.mark.skipif(not hf_caches.recent_enough(), reason="transformers older than hf_caches.MIN_TRANSFORMERS")
 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)  # head_dim 8, grouped-query attention (2 K/V heads)
@@ -46,6 +50,7 @@ def kv_evaluate(runner, directory: Path, strategies: str, *extra: str):
                                strategies, "--new-tokens", "12", "--device", "cpu", *extra])
 
 
+@recent
 def test_dynamic_and_static_caches_match_the_uncached_forward(runner, llama):
     """Every generation of the plan (reuse, more rows, a ragged batch), with drafts rolled back, and the K/V
     each cache holds: all equal to what transformers' uncached forward computes."""
@@ -66,6 +71,7 @@ class ForgetsFirstToken(DynamicCache):
         return keys, values
 
 
+@recent
 def test_a_cache_that_drops_a_token_fails(runner, llama, register_strategy):
     register_strategy(Strategy("hf-forgets", "DynamicCache losing its first token",
                                lambda shape: EngineCache(shape, ForgetsFirstToken), families=frozenset({TRANSFORMERS})))
@@ -76,6 +82,7 @@ def test_a_cache_that_drops_a_token_fails(runner, llama, register_strategy):
     assert "layer 0 K at position 0" in result.output  # the K/V it holds, read back, shows the lost token
 
 
+@recent
 def test_sliding_cache_on_a_model_with_a_window(runner, mistral):
     """The long-prompt generation (16 tokens, twice the window) fills the sliding layers past their window."""
     result = kv_evaluate(runner, mistral, "hf-dynamic,hf-static,hf-sliding", "--prefill-chunk", "5")
@@ -83,6 +90,7 @@ def test_sliding_cache_on_a_model_with_a_window(runner, mistral):
     assert verdicts(result.output) == {"hf-dynamic": "pass", "hf-static": "pass", "hf-sliding": "pass"}
 
 
+@recent
 def test_static_cache_with_a_window_cannot_roll_back(runner, mistral):
     """StaticCache's sliding layers say is_croppable False; crop() would run anyway and give wrong logits
     (tried: 900x the tolerance), so kvbench refuses the rollback and reports it."""
@@ -92,6 +100,7 @@ def test_static_cache_with_a_window_cannot_roll_back(runner, mistral):
     assert "transformers' StaticCache cannot roll back on this model (is_croppable is False" in result.output
 
 
+@recent
 def test_benchmark_writes_the_usual_files(runner, llama, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["benchmark", "--engine", "transformers", "--config", str(llama), "--lengths", "3,5",
@@ -115,8 +124,9 @@ def test_benchmark_writes_the_usual_files(runner, llama, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--strategies", "static"], "strategy 'static' runs on kvbench's decoder models and kvbench's encoder-decoder "
                                  "models, not on transformers' models (--engine transformers)"),
-    (["--strategies", "hf-sliding"], "hf-sliding: this llama model has no sliding window"),
-    (["--strategies", "hf-offloaded"], "hf-offloaded moves each layer's K/V from GPU to CPU memory"),
+    pytest.param(["--strategies", "hf-sliding"], "hf-sliding: this llama model has no sliding window", marks=recent),
+    pytest.param(["--strategies", "hf-offloaded"], "hf-offloaded moves each layer's K/V from GPU to CPU memory",
+                 marks=recent),
     (["--window", "4"], "--window: transformers' models attend with their own window"),
     (["--compile"], "--compile supports kvbench's decoder-only models, not transformers' models"),
 ])
@@ -127,6 +137,7 @@ def test_engine_option_errors(runner, llama, args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+@recent
 @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("optimum", "hqq")), reason="a backend is installed")
 def test_quantized_cache_names_the_package_to_install(runner, llama):
     result = kv_evaluate(runner, llama, "hf-quantized")
@@ -170,6 +181,7 @@ def test_engine_without_transformers_installed(runner, llama, monkeypatch):
     assert "--engine transformers needs the transformers package; install it: pip install 'kvbench[hf]'" in result.output
 
 
+@recent
 def test_python_api_takes_the_engine(llama):
     import kvbench
 
@@ -186,3 +198,20 @@ def test_python_api_refuses_a_strategy_of_the_other_engine(llama):
         kvbench.kv_evaluate(kvbench.load_model(llama, engine="transformers"), ["static"], new_tokens=4)
     with pytest.raises(KVBenchError, match="strategy 'hf-sliding' does not run on kvbench's decoder models"):
         kvbench.kv_evaluate(kvbench.load_model("tiny"), ["hf-sliding"], new_tokens=4)
+
+
+@pytest.mark.parametrize("version, usable", [("5.24.0", True), ("5.25.0rc1", True), ("6.0.0.dev0", True),
+                                             ("5.23.2", False), ("5.17.0", False), ("4.57.6", False)])
+def test_versions_whose_caches_kvbench_can_check(version, usable):
+    assert hf_caches.recent_enough(version) is usable
+
+
+def test_an_older_transformers_is_refused_with_what_to_install(runner, monkeypatch):
+    """transformers 5.17 (a GPU image's) zeroes a reset DynamicLayer but keeps its length, and its StaticLayer
+    cannot crop: kv-evaluate would fail the caches for transformers' reasons. It says what to install instead."""
+    monkeypatch.setattr(hf_caches, "installed_version", lambda: "5.17.0")
+    result = runner.invoke(app, ["kv-evaluate", "--config", "tiny", "--strategies", "static,hf-dynamic",
+                                 "--new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "hf-* strategies need transformers >= 5.24" in result.output and "installed: 5.17.0" in result.output
+    assert "Traceback" not in result.output

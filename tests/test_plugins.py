@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvbench
-from kvbench import plugins, testing
+from kvbench import hf_caches, plugins, testing
 from kvbench import strategies as registry
 from kvbench.cache import StaticCache
 from kvbench.cli import app
@@ -240,7 +240,14 @@ def test_contents_of_another_shape_is_a_failure_that_says_what_it_must_return(ru
 
 # --- the conformance suite -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["static", "dynamic", "sliding", "quantized", "paged", "hf-dynamic", "hf-static", SinkCache])
+# transformers' caches as kvbench checks them need a recent transformers (tests/test_hf_engine.py: an older one is refused)
+recent = pytest.mark.skipif(not hf_caches.available() or not hf_caches.recent_enough(),
+                            reason="transformers missing or older than hf_caches.MIN_TRANSFORMERS")
+
+
+@pytest.mark.parametrize("strategy", ["static", "dynamic", "sliding", "quantized", "paged",
+                                      pytest.param("hf-dynamic", marks=recent), pytest.param("hf-static", marks=recent),
+                                      SinkCache])
 def test_conformance_suite_passes_every_cache(strategy):
     skipped = [case.split(":")[0] for case in testing.check_all(strategy)]
     # SinkCache declares ragged = False (a left-padded row's sinks would sit in other columns) and has no crop
@@ -277,6 +284,7 @@ def test_unsupported_cases_are_skipped_not_failed():
 
 # --- transformers' caches and the API ----------------------------------------------------------------------------
 
+@recent
 def test_transformers_caches_verified_beside_built_ins(runner, tmp_path):
     llama_like = write_yaml(tmp_path, positional="rope", n_kv_heads=2, norm_type="rmsnorm", mlp="gated",
                             activation="silu", bias=False)  # grouped-query attention, rotary positions
@@ -286,6 +294,7 @@ def test_transformers_caches_verified_beside_built_ins(runner, tmp_path):
     assert verdicts(result.output) == {"static": "pass", "hf-dynamic": "pass", "hf-static": "pass"}
 
 
+@recent
 def test_transformers_static_cache_is_its_class():
     from transformers.cache_utils import StaticLayer
 
