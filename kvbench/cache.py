@@ -209,6 +209,11 @@ class StaticCache(KVCache):
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        for buffer in self.k + self.v:
+            # The compiled step writes these in place. A CUDA graph may mutate only inputs whose address is
+            # fixed; torch.compile otherwise runs the step without a graph, silently (logged at debug level).
+            # Unguarded: a new cache (kv-evaluate makes several) re-records the graph rather than recompiling.
+            torch._dynamo.mark_static_address(buffer, guard=False)
 
     def update(self, layer, start_pos, k, v):
         if isinstance(start_pos, torch.Tensor):

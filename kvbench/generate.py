@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from kvbench.cache import KVCache
+from kvbench.errors import KVBenchError
 from kvbench.model import AttentionRule, Decoder, random_ids  # noqa: F401  (random_ids: part of generate's surface)
 from kvbench.sampling import SamplingSettings, Sampler, greedy
 from kvbench.strategies import CacheShape, Strategy, resolve
@@ -85,6 +86,7 @@ class CompiledDecode:
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.step = torch.compile(_decode_at, mode="reduce-overhead" if self.cuda else None, fullgraph=True,
                                   dynamic=False)
+        self.graph_skips = cuda_graph_skips()
 
     def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
                  pads: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +94,25 @@ class CompiledDecode:
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         # CUDA-graph outputs live in buffers the next replay overwrites: callers may keep logits, so copy
-        return self.step(model, token, cache, self.position, pads).clone()
+        logits = self.step(model, token, cache, self.position, pads).clone()
+        if self.cuda:
+            require_cuda_graph(self.graph_skips)
+        return logits
+
+
+def cuda_graph_skips() -> int:
+    """How many times inductor has declined a CUDA graph in this process (it then runs the compiled kernels
+    without one, and says why only in a log that is off by default)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def require_cuda_graph(skips_before: int) -> None:
+    """Stop if the compiled step runs without a CUDA graph: its times would be reported as a graph's."""
+    if cuda_graph_skips() > skips_before:
+        raise KVBenchError("torch.compile ran the decode step without a CUDA graph, so static+compile would not "
+                           "measure one: rerun with TORCH_LOGS=perf_hints to see why, or leave out --compile")
 
 
 _compiled: dict[torch.device, CompiledDecode] = {}

@@ -173,6 +173,31 @@ def test_compiled_decode_passes_kv_evaluate(runner):
     assert "static+compile: its first steps compile the decode step" in result.stderr  # not a silent pause
 
 
+def test_compiled_step_may_mutate_the_static_cache_inside_a_cuda_graph():
+    """A CUDA graph mutates only inputs torch.compile knows to have fixed addresses; the static cache's buffers,
+    written in place by the compiled step, are marked so (unguarded: a new cache re-records, never recompiles).
+    Unmarked, torch.compile ran the step without a graph, saying why only in a log off by default."""
+    cache = StaticCache(2, 1, 4, 16, 8, torch.float32, "cpu")
+    assert [getattr(t, "_dynamo_static_input_type", None) for t in cache.k + cache.v] == ["unguarded"] * 4
+
+
+def test_a_declined_cuda_graph_stops_the_run():
+    """If inductor still declines the graph, the run stops rather than report a compiled step as a graph's."""
+    from torch._dynamo.utils import counters
+
+    from kvbench.errors import KVBenchError
+    from kvbench.generate import cuda_graph_skips, require_cuda_graph
+
+    before = cuda_graph_skips()
+    require_cuda_graph(before)  # none declined since: nothing to say
+    counters["inductor"]["cudagraph_skips"] += 1
+    try:
+        with pytest.raises(KVBenchError, match="ran the decode step without a CUDA graph.*TORCH_LOGS=perf_hints"):
+            require_cuda_graph(before)
+    finally:
+        counters["inductor"]["cudagraph_skips"] -= 1
+
+
 def test_fixed_shape_static_cache_equals_the_sliced_one():
     """The compiled path's cache mode (tensor positions, whole buffer, mask) gives the eager path's logits."""
     model = random_model(7)
