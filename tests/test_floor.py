@@ -111,3 +111,25 @@ def test_probes_keep_the_fastest_call_not_the_median(monkeypatch):
     assert floor._best_time(lambda: None, torch.device("cpu"), 5) == 0.001
     probe = floor.measure_bandwidth(torch.device("cpu"), 4 * 768 * 1000, 5)[0]  # at least BANDWIDTH_MIN_BYTES
     assert probe["gbs"] == round(probe["buffer_bytes"] / 0.001 / 1e9, 2)
+
+
+def test_gpu_probes_time_blocks_of_calls_over_buffers_past_l2():
+    """On a GPU one probe call lasts about as long as the launch and sync around it: a timing is a block of
+    calls filling GPU_BLOCK_SECONDS, and a buffer is four L2 caches at least (50 MB on H100), read from HBM."""
+    assert floor.block_calls(40e-6) == 50  # a 210 MB read at ~5 TB/s: 50 calls fill 2 ms
+    assert floor.block_calls(0.02) == 1  # a long call is timed alone
+    assert floor.block_calls(1e-7) == floor.GPU_BLOCK_MAX_CALLS
+    assert floor.gpu_probe_bytes(50 * 2**20) == 200 * 2**20
+    assert floor.gpu_probe_bytes(0) == floor.BANDWIDTH_MIN_BYTES  # L2 size unknown to this torch
+    assert floor.min_probe_bytes(torch.device("cpu")) == floor.BANDWIDTH_MIN_BYTES
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_floor_is_hbm_and_the_chips_peak():
+    """H100/H200: HBM at 3.35/4.8 TB/s; reads served by L2 would show far more. Every batch's arithmetic
+    limit is the dense peak, so a batch-1 decode step of the default model is memory-bound."""
+    device = torch.device("cuda")
+    limits = floor.measure_limits(device, step_bytes=210e6, dtype=torch.float32, batches=[1, 64], repeats=3)
+    assert 1000 < limits.best_bandwidth_gbs < 6000, limits.bandwidth
+    assert limits.matmul_by_rows == {1: limits.matmul_gflops, 64: limits.matmul_gflops}
+    assert limits.floor(210e6, 1.05e8, 1)[1] == "memory"

@@ -11,6 +11,12 @@ several kernels (a reduction, a copy, matrix-vector products in both weight layo
 of the step's reads, never only the kernel the model itself uses (a floor that the model's own kernel
 defines could never show the model's overhead); the throughput is a dense matmul with as many rows as the
 batch, in the run's dtype, on a weight block that stays in cache (so that it measures arithmetic, not reads).
+
+On a GPU, one probe call lasts tens of microseconds, as long as the launch and synchronisation around it: each
+timing is a block of back-to-back calls instead. Its buffers are at least four times the L2 cache, so that the
+reads come from HBM. Its arithmetic limit is the chip's dense peak in the run's dtype (a large square product)
+for every batch, because a skinny product on a GPU is launch and latency bound, not arithmetic bound: probed
+per batch, it would put a "compute" floor above the memory floor of a batch-1 step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ COMPUTE_BLOCK_BYTES = 8 * 2**20  # weight block of the throughput probe: cache-r
 # one call is arithmetic, not call overhead (1 MiB measured ~28 GFLOP/s at 16 rows: overhead-bound)
 COMPUTE_CALLS = 5  # matmuls per timed call of the throughput probe (one is short to time)
 PROBE_COLUMNS = 768  # inner dimension of the matrix-vector probes (GPT-2's d_model)
+GPU_BLOCK_SECONDS = 2e-3  # a timed block of back-to-back GPU calls: the ~20 us launch and sync around it is noise
+GPU_BLOCK_MAX_CALLS = 200
+L2_MULTIPLE = 4  # a GPU probe's buffer against the L2 cache: reads of a buffer that fits it would come from it
+PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # square product of the peak probe (8192: ~1.4 ms in bf16 on H100)
 
 
 def weight_bytes_per_step(model, batch: int) -> int:
@@ -119,11 +129,35 @@ class MachineLimits:
 
 
 def _best_time(fn, device: torch.device, repeats: int) -> float:
-    """The fastest of `repeats` timed calls, after one untimed: a probe measures what the machine can do, and
-    a shared machine's noise only ever slows a call (a median let one disturbed probe put the floor of a
-    committed run above the step it was to bound: 78 against 165 GFLOP/s in the run before)."""
+    """Seconds per call: the fastest of `repeats` timings, after one untimed call. A probe measures what the
+    machine can do, and a shared machine's noise only ever slows a call (a median let one disturbed probe put
+    the floor of a committed run above the step it was to bound: 78 against 165 GFLOP/s in the run before).
+    On a GPU each timing is a block of back-to-back calls (GPU_BLOCK_SECONDS), one call on a CPU."""
     fn()  # first touch and one-off costs stay out
-    return min(wall_times(fn, device, repeats))
+    calls = block_calls(wall_times(fn, device, 1)[0]) if device.type == "cuda" else 1
+
+    def block():
+        for _ in range(calls):
+            fn()
+
+    return min(wall_times(block, device, repeats)) / calls
+
+
+def block_calls(one_call_s: float) -> int:
+    """Back-to-back calls that fill a GPU timing block, given one call's synchronised time."""
+    return min(max(math.ceil(GPU_BLOCK_SECONDS / max(one_call_s, 1e-9)), 1), GPU_BLOCK_MAX_CALLS)
+
+
+def min_probe_bytes(device: torch.device) -> int:
+    """The smallest buffer whose reads measure the memory itself: past the caches a CPU keeps per core (and a
+    shared L3 slice), and L2_MULTIPLE times a GPU's L2 (50 MB on H100, 60 on H200)."""
+    if device.type != "cuda":
+        return BANDWIDTH_MIN_BYTES
+    return gpu_probe_bytes(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+
+
+def gpu_probe_bytes(l2_bytes: int) -> int:
+    return max(BANDWIDTH_MIN_BYTES, L2_MULTIPLE * l2_bytes)
 
 
 def read_probes(device: torch.device, nbytes: int) -> tuple[int, dict]:
@@ -158,7 +192,7 @@ def packed_matmul(name: str, x: torch.Tensor, w_out_in: torch.Tensor) -> dict:
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, repeats: int) -> list[dict]:
-    read, kernels = read_probes(device, max(nbytes, BANDWIDTH_MIN_BYTES))
+    read, kernels = read_probes(device, max(nbytes, min_probe_bytes(device)))
     return [{"buffer_bytes": read, "kernel": name, "gbs": round(read / _best_time(fn, device, repeats) / 1e9, 2)}
             for name, fn in kernels.items()]
 
@@ -192,8 +226,17 @@ def measure_limits(device: torch.device, step_bytes: list[float] | float, dtype:
     """Read bandwidth over buffers the size of the steps' reads, and matmul throughput per batch size."""
     sizes = probe_sizes(step_bytes if isinstance(step_bytes, (list, tuple)) else [step_bytes])
     bandwidth = [probe for size in sizes for probe in measure_bandwidth(device, size, repeats)]
-    by_rows = {b: round(measure_throughput(device, dtype, b, inner, repeats), 1) for b in batches}
-    n = 2048
+    peak = round(peak_gflops(device, dtype), 1)
+    if device.type == "cuda":  # the chip's peak bounds every batch's arithmetic (module docstring)
+        by_rows = {b: peak for b in batches}
+    else:
+        by_rows = {b: round(measure_throughput(device, dtype, b, inner, repeats), 1) for b in batches}
+    return MachineLimits(bandwidth, by_rows, peak, str(dtype).removeprefix("torch."))
+
+
+def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """A large square product in the run's dtype: the ceiling of naive's arithmetic (and on a GPU of every
+    step's)."""
+    n = PEAK_MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    gflops = 2 * n**3 / _best_time(lambda: a @ b, device, 5) / 1e9
-    return MachineLimits(bandwidth, by_rows, round(gflops, 1), str(dtype).removeprefix("torch."))
+    return 2 * n**3 / _best_time(lambda: a @ b, device, 5) / 1e9
