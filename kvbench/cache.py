@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -622,6 +623,18 @@ def kv_bytes_formula(n_layers: int, n_heads: int, head_dim: int, tokens: int, ba
 WORKSPACE_SPARE = 4  # blocks per row the paged cache's gather workspace keeps spare when it grows
 
 
+def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Integer arrays as int64 tensors on the device, in one copy that, on a GPU, the host does not wait for
+    (from pinned memory, which torch keeps until the copy is done)."""
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    parts = flat.split([a.size for a in arrays])
+    return [part.view(a.shape) for part, a in zip(parts, arrays)]
+
+
 class PagedCache(KVCache):
     """K and V in a pool of fixed-size blocks shared by the batch, a block table per sequence (as vLLM's
     PagedAttention): a sequence takes a block when it needs one and gives its blocks back when it finishes,
@@ -648,6 +661,7 @@ class PagedCache(KVCache):
         self.finished: set[int] = set()  # rows whose sequence ended: they take no block until reset()
         self.most_blocks = [0] * batch  # per sequence: the most blocks it has held since reset()
         self.gathered: list[torch.Tensor | None] = [None, None]  # K and V gather buffers (see gather)
+        self.table: torch.Tensor | None = None  # the tables on the device, (B, blocks); None when they changed
 
     # --- blocks ---------------------------------------------------------------------------------------------
 
@@ -667,6 +681,7 @@ class PagedCache(KVCache):
         nothing more until reset() (its row of later passes is computed, and ignored)."""
         self.free.extend(self.tables[row])
         self.tables[row] = []
+        self.table = None
         self.finished.add(row)
 
     @property
@@ -676,32 +691,50 @@ class PagedCache(KVCache):
 
     # --- a forward pass -------------------------------------------------------------------------------------
 
+    # Which slots a pass writes and which blocks each row reads are worked out on the host, where the tables
+    # are, and go to the device in one copy that does not wait for it: on a GPU, each torch.tensor(list,
+    # device=...) or nonzero() would make the host wait for the GPU's queue to drain, several times a step.
+
     def begin(self, start_pos, n_new, pads=None):
         if isinstance(start_pos, torch.Tensor):
             raise ValueError("the paged cache has no fixed-shape (compiled) mode")
         super().begin(start_pos, n_new, pads)
-        offsets = [0] * self.batch if pads is None else pads.tolist()
+        offsets = self._host_offsets()  # (B,)
         for row, pad in enumerate(offsets):
             while row not in self.finished and len(self.tables[row]) * self.block_size < start_pos + n_new - pad:
                 self.tables[row].append(self._take_block())
             self.most_blocks[row] = max(self.most_blocks[row], len(self.tables[row]))
+        positions = start_pos + np.arange(n_new)[None, :] - offsets[:, None]  # (B, T): < 0 is padding
+        live = np.array([row not in self.finished for row in range(self.batch)])  # (B,)
+        rows, cols = np.nonzero((positions >= 0) & live[:, None])  # which (row, new token) are stored: (N,) each
+        stored = positions[rows, cols]  # (N,) their positions in their own sequences
+        table = self._table_array()  # (B, blocks)
+        slots = table[rows, stored // self.block_size] * self.block_size + stored % self.block_size  # (N,) flat
         device = self.k[0].device
+        self.table, self.write_rows, self.write_cols, self.write_slots = to_device([table, rows, cols, slots], device)
         columns = start_pos + torch.arange(n_new, device=device)  # (T,)
-        positions = columns[None, :] - torch.tensor(offsets, device=device)[:, None]  # (B, T): < 0 is padding
-        self.query_pos = positions
-        table = self._table_tensor()  # (B, blocks)
-        live = torch.tensor([row not in self.finished for row in range(self.batch)], device=device)  # (B,)
-        stored = (positions >= 0) & live[:, None]
-        # a finished row's positions run past its (empty) table: clamped, and never stored
-        block = (positions.clamp_min(0) // self.block_size).clamp_max(table.shape[1] - 1)  # (B, T)
-        slot = table.gather(1, block) * self.block_size + positions % self.block_size  # (B, T)
-        self.write_rows, self.write_cols = stored.nonzero(as_tuple=True)  # which (row, new token) are stored
-        self.write_slots = slot[stored]  # (N,) flat slot of each, in (blocks x block_size)
+        pads_column = 0 if pads is None else pads.to(device)[:, None]  # (B, 1)
+        self.query_pos = (columns[None, :] - pads_column).expand(self.batch, n_new)  # (B, T): < 0 is padding
 
-    def _table_tensor(self) -> torch.Tensor:
+    def _host_offsets(self) -> np.ndarray:
+        """Each row's left padding, read back from the device once per generation (the pads tensor is the
+        generation's), not once per pass."""
+        if self.pads is None:
+            return np.zeros(self.batch, dtype=np.int64)
+        if self.pads is not getattr(self, "_pads_read", None):
+            self._pads_read, self._offsets = self.pads, self.pads.cpu().numpy().astype(np.int64)
+        return self._offsets
+
+    def _table_array(self) -> np.ndarray:
         width = max(1, max(len(t) for t in self.tables))
         padded = [t + [t[0] if t else 0] * (width - len(t)) for t in self.tables]  # short rows: any block, masked
-        return torch.tensor(padded, device=self.k[0].device)  # (B, blocks)
+        return np.array(padded, dtype=np.int64)  # (B, blocks)
+
+    def _table_tensor(self) -> torch.Tensor:
+        """The block tables on the device: this pass's, or rebuilt after a release or a crop changed them."""
+        if self.table is None:
+            self.table, = to_device([self._table_array()], self.k[0].device)
+        return self.table
 
     def update(self, layer, start_pos, k, v):
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):
@@ -757,11 +790,11 @@ class PagedCache(KVCache):
         self.most_blocks = [0] * self.batch
 
     def crop(self, length):
-        offsets = [0] * self.batch if self.pads is None else self.pads.tolist()
-        for row, pad in enumerate(offsets):
-            keep = -(-max(0, length - pad) // self.block_size)  # whole blocks still holding kept tokens
+        for row, pad in enumerate(self._host_offsets()):
+            keep = -(-max(0, length - int(pad)) // self.block_size)  # whole blocks still holding kept tokens
             self.free.extend(self.tables[row][keep:])
             self.tables[row] = self.tables[row][:keep]
+        self.table = None
 
     def contents(self, layer, length):
         k, v = self.gather(layer, reuse=False)  # its own copy: the workspace is overwritten by the next gather

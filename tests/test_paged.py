@@ -61,7 +61,7 @@ class WrongTableCache(PagedCache):
     """Reads a sequence's second block where its first should be: a wrong block-table entry."""
 
     def _table_tensor(self):
-        table = super()._table_tensor()
+        table = super()._table_tensor().clone()  # the cache's own is shared by every layer of the pass
         if table.shape[1] > 1:
             table[:, 0] = table[:, 1]
         return table
@@ -75,3 +75,24 @@ def test_kv_evaluate_catches_a_wrong_block_table_entry(register_strategy, runner
                                  "paged,wrong-table", "--new-tokens", "24", "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert verdicts(result.output) == {"paged": "pass", "wrong-table": "FAIL"}, result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_paged_decode_step_never_makes_the_host_wait_for_the_gpu():
+    """Block tables and write slots are worked out on the host and sent in one non-blocking copy: a step that
+    synchronised (torch.tensor(list, device=cuda), nonzero(), .tolist() of the pads) would raise here."""
+    cache = PagedCache(2, 3, 4, 8, torch.float32, "cuda", block_size=4)
+    pads = torch.tensor([0, 2, 5], device="cuda")
+    k = torch.randn(3, 4, 6, 8, device="cuda")  # (B, H, T, hd): a ragged prefill, read back once
+    cache.begin(0, 6, pads), cache.update(0, 0, k, k), cache.update(1, 0, k, k), cache.end()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for pos in range(6, 14):  # decode steps, across block boundaries (new blocks taken)
+            new = torch.randn(3, 4, 1, 8, device="cuda")
+            cache.begin(pos, 1, pads)
+            for layer in range(2):
+                cache.update(layer, pos, new, new)
+            cache.mask(pos, 1), cache.end()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
