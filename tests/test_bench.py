@@ -486,8 +486,10 @@ def test_a_second_ctrl_c_while_writing_after_the_first_still_says_how_to_resume(
 
 
 @pytest.mark.slow
-def test_real_ctrl_c_stops_a_benchmark_keeping_its_runs(tmp_path):
-    """A real SIGINT to a real process, as a terminal sends it."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_real_ctrl_c_stops_a_benchmark_keeping_its_runs(tmp_path, signal_name):
+    """A real SIGINT to a real process, as a terminal sends it; SIGTERM, as a job scheduler, `timeout` or `kill`
+    send it, stops the run the same way."""
     import signal
     import subprocess
     import sys
@@ -506,7 +508,7 @@ def test_real_ctrl_c_stops_a_benchmark_keeping_its_runs(tmp_path):
         while not ((out / "results.csv").exists() and len((out / "results.csv").read_text().splitlines()) > 2):
             assert child.poll() is None and time.monotonic() < deadline, "no run finished within a minute"
             time.sleep(0.2)
-        child.send_signal(signal.SIGINT)
+        child.send_signal(getattr(signal, signal_name))
         stdout, stderr = child.communicate(timeout=60)
     finally:
         child.kill()
