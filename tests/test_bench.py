@@ -296,6 +296,15 @@ def test_naive_calibration_never_passes_the_last_position():
     assert sweep_module._naive_step_s(model, 1, last, torch.device("cpu")) > 0
 
 
+@pytest.mark.parametrize("prompt_len, length", [(1275, 5), (1278, 2), (1279, 1)])
+def test_a_long_prompt_and_few_tokens_end_at_the_last_position(runner, tmp_path, prompt_len, length):
+    """The estimate's cached steps stay within the sweep's positions: they once decoded 8 tokens past the prompt
+    whatever --lengths was, a traceback past max_seq_len (1280) for a sweep that fits."""
+    result = runner.invoke(app, ["benchmark", "--config", TINY, "--prompt-len", str(prompt_len), "--lengths",
+                                 str(length), "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_cached_only_sweep_times_no_long_naive_forward(monkeypatch):
     """Naive is not run: only the prompt's forward (the prefill) is timed, at each batch end, never a forward
     of the longest length (at batch 64 x 8000 tokens that alone would take minutes)."""

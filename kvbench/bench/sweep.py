@@ -198,14 +198,20 @@ class CostModel:
 
 
 def _cached_step_s(model: Decoder, prompt: torch.Tensor, strategy: str, device: torch.device,
-                   window: int | None) -> float:
-    """One decode step of `strategy` after the prompt (B, P): the median of 5, attending P + 2 .. P + 6 tokens.
-    Eager: a compiled strategy (static+compile) is estimated as its eager step, which on CUDA overstates it."""
-    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + 8, window)
-    steps = generation_steps(model, prompt, 8, cache)
-    next(steps)
-    next(steps)  # first decode step: one-off costs
-    return median_seconds(lambda: next(steps), device, repeats=5)
+                   window: int | None, new_tokens: int = 8) -> float:
+    """One decode step of `strategy` after the prompt (B, P): the median of 5, attending P + 2 .. P + 6 tokens,
+    in a generation of new_tokens (fewer when the sweep's longest is shorter: its positions may end at the
+    config's last). Eager: a compiled strategy (static+compile) is estimated as its eager step, which on CUDA
+    overstates it."""
+    cache = new_cache(model, strategy, prompt.shape[0], prompt.shape[1] + new_tokens, window)
+    steps = generation_steps(model, prompt, new_tokens, cache)
+    next(steps)  # the prefill
+    decode_steps = new_tokens - 1
+    if decode_steps == 0:
+        return 0.0  # one token: the sweep decodes nothing either
+    if decode_steps > 1:
+        next(steps)  # first decode step: one-off costs
+    return median_seconds(lambda: next(steps), device, repeats=min(5, max(decode_steps - 1, 1)))
 
 
 def _step_line(model: Decoder, prompt: torch.Tensor, strategy: str, longest: int, device: torch.device,
@@ -215,7 +221,7 @@ def _step_line(model: Decoder, prompt: torch.Tensor, strategy: str, longest: int
     batch, n_prompt = prompt.shape
     chosen = get(strategy)
     cap = window_of(model.config, window) if chosen.windowed or chosen.visibility is not None else math.inf
-    short = StepLine(n_prompt + 4, _cached_step_s(model, prompt, strategy, device, window), cap=cap)
+    short = StepLine(n_prompt + 4, _cached_step_s(model, prompt, strategy, device, window, min(8, longest)), cap=cap)
     extra = calibration_extra(longest, batch)
     if cap < math.inf:  # past the window the step is flat: the second context stays within it
         extra = min(extra, int(cap) - n_prompt - 4)
