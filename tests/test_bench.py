@@ -86,6 +86,25 @@ def test_output_directory_is_never_overwritten(runner, finished_run):
     assert result.exit_code == 2 and "already holds results" in result.output, result.output
 
 
+def test_neither_command_writes_into_the_others_directory(runner, finished_run, tmp_path):
+    """A sweep given a benchmark's directory once replaced its results.csv and summary.csv; a benchmark given a
+    sweep's is refused too, without suggesting a --resume that cannot work there."""
+    out = finished_run[0]
+    before = {name: (out / name).read_bytes() for name in ("results.csv", "summary.csv", "meta.json")}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"configs: [{TINY}]\nlengths: [3]\nrepeats: 1\ndevice: cpu\n")
+    result = runner.invoke(app, ["sweep", str(spec), "--out", str(out)])
+    assert result.exit_code == 2 and f"--out {out} already holds results (results.csv)" in result.output, result.output
+    assert "--resume" not in result.output
+    assert {name: (out / name).read_bytes() for name in before} == before
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    result = bench(runner, sweep)
+    assert result.exit_code == 2 and "already holds a sweep (sweep.json)" in result.output, result.output
+    assert "--resume" not in result.output
+
+
 def interrupt_after(monkeypatch, n_calls: int):
     real = sweep_module.Sweep.execute
     calls = {"n": 0}

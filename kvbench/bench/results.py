@@ -120,7 +120,7 @@ class ResultsDir:
             while out.exists():
                 suffix += 1
                 out = base / f"{name}-{suffix}"
-        make_out_dir(out, "results", ("results.csv", "meta.json"))
+        make_out_dir(out, "results")
         return cls(out)
 
     @classmethod
@@ -214,13 +214,22 @@ class ResultsDir:
         summary.to_csv(self.summary_csv, index=False)
 
 
-def make_out_dir(out: Path, what: str, markers: tuple[str, ...]) -> None:
-    """Create --out for new `what` (results, a sweep), refusing a file and a directory that already holds
-    one of the `markers` (the user resumes that one, or names another)."""
+SWEEP_JSON = "sweep.json"
+# what each kind of kvbench output leaves in its directory: --out refuses a directory holding any of them, whichever
+# command writes it (a sweep once wrote over a benchmark's results.csv and summary.csv)
+OUTPUT_MARKERS = {"results": ("results.csv", "meta.json", "summary.csv"), "a sweep": (SWEEP_JSON,)}
+
+
+def make_out_dir(out: Path, what: str) -> None:
+    """Create --out for new `what` ("results" or "a sweep"), refusing a file and a directory that already holds
+    kvbench output of either kind (the user resumes that one, or names another)."""
     if out.exists() and not out.is_dir():
         raise KVBenchError(f"--out {out} is a file; give a directory for {what} (it is created)")
-    if any((out / marker).exists() for marker in markers):
-        raise KVBenchError(f"--out {out} already holds {what}; choose another directory or --resume {out}")
+    for kind, markers in OUTPUT_MARKERS.items():
+        found = next((marker for marker in markers if (out / marker).exists()), None)
+        if found:
+            resume = f" or --resume {out}" if kind == what else ""
+            raise KVBenchError(f"--out {out} already holds {kind} ({found}); choose another directory{resume}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

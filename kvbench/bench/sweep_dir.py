@@ -16,12 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from kvbench.bench.results import ResultsDir, make_out_dir
+from kvbench.bench.results import SWEEP_JSON, ResultsDir, make_out_dir
 from kvbench.bench.runners import Outcome, point_state
 from kvbench.bench.spec import Point, expand, validate_spec
 from kvbench.errors import KVBenchError
 
-SWEEP_JSON = "sweep.json"
 
 
 def now() -> str:
@@ -40,7 +39,7 @@ class SweepDir:
         if out is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             out = Path("results") / f"sweep-{stamp}-{spec_path.stem}"
-        make_out_dir(out, "a sweep", (SWEEP_JSON,))
+        make_out_dir(out, "a sweep")
         return cls(out)
 
     @classmethod
