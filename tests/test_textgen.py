@@ -304,6 +304,14 @@ def test_visualize_writes_its_pictures(runner, tmp_path):
     assert sliding["filled"].max() == 20 * 2 * 2 * 64 * 4  # capped at the window: 20 tokens of K and V
     dynamic = growth[growth["strategy"] == "dynamic"]
     assert dynamic["allocated"].is_monotonic_increasing and dynamic["allocated"].iloc[-1] > sliding["allocated"].max()
+    again = ["visualize", "--config", TINY, "--prompt", "x", "--out", str(tmp_path), "--new-tokens", "3"]
+    before = (tmp_path / "attention.png").read_bytes()
+    refused = runner.invoke(app, again)  # the pictures of the first run are not lost to a second
+    assert refused.exit_code == 2, refused.output
+    assert f"--out {tmp_path / 'attention.png'} exists; pass --force to overwrite it" in refused.output
+    assert (tmp_path / "attention.png").read_bytes() == before
+    assert runner.invoke(app, [*again, "--force"]).exit_code == 0
+    assert (tmp_path / "attention.png").read_bytes() != before
 
 
 def test_attention_maps_are_causal_distributions():

@@ -202,6 +202,8 @@ def generate_command(
 
 # --- visualize --------------------------------------------------------------------------------------------------
 
+VISUALIZE_FILES = ("attention.png", "cache_growth.csv", "cache_growth.png")
+
 @app.command("visualize")
 @fail_cleanly
 def visualize_command(
@@ -213,6 +215,7 @@ def visualize_command(
         "static,dynamic,sliding,quantized",
     new_tokens: Annotated[int, typer.Option(help="Decode steps to follow the caches over.")] = 200,
     window: WindowOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Attention heatmaps of every layer and head for a prompt, and each cache's size over decode steps."""
     from kvbench import visualize as vis
@@ -225,6 +228,8 @@ def visualize_command(
     names = parse_strategies(strategies)
     require_positive("--new-tokens", new_tokens)
     output_dir(out, "--out")  # before the model runs: a file there would only be found at the end
+    for name in VISUALIZE_FILES:
+        output_file(out / name, "--out", force)
     model = build_model(loaded, "cpu")
     tokenizer = tokenizer_for(loaded)
     tokens = prompt_tokens(tokenizer, prompt, prompt_ids, loaded.model.vocab_size, loaded.source)
