@@ -96,6 +96,18 @@ def test_a_point_benchmark_would_refuse_is_refused_before_anything_runs(runner, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_points_on_a_machine_without_cuda_are_refused_before_anything_runs(runner, tmp_path):
+    """They once ran, each failing, and the sweep ended with exit 1; a Ray cluster with GPUs may run them."""
+    spec = write_spec(tmp_path, configs=["tiny"], matrix={"device": ["cpu", "cuda"]}, **{
+        k: v for k, v in TINY_RUN.items() if k != "device"})
+    result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "1 point (" in result.output and "ask for device cuda, and this machine has no CUDA: run them with " \
+        "--runner ray" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_lists_points_and_an_estimate(runner, tmp_path):
     spec = write_spec(tmp_path, configs=["tiny"], matrix={"dtype": ["float32", "bfloat16"]}, **TINY_RUN)
     result = runner.invoke(app, ["sweep", str(spec), "--dry-run", "--out", str(tmp_path / "out")])

@@ -196,6 +196,11 @@ def sweep(
     for point in points:
         if runs_here(point):
             point_settings(point)  # refuse a bad point now, not hours into the sweep
+    elsewhere = [point.id for point in points if not runs_here(point)]
+    if elsewhere and runner is Runner.local and not dry_run_:
+        raise KVBenchError(f"{plural(len(elsewhere), 'point')} ({', '.join(elsewhere)}) ask for device cuda, and "
+                           "this machine has no CUDA: run them with --runner ray on a cluster with GPUs, or set "
+                           "device: cpu in the spec")
     if dry_run_:
         dry_run(points)
         return
