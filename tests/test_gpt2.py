@@ -94,6 +94,17 @@ def test_ablation_times_kvbench_against_transformers_on_the_same_weights():
     assert (summary["per_token_ms"] > 0).all() and summary["x_first"].iloc[0] == 1.0
 
 
+def test_ablation_warms_each_variant_up_with_a_whole_generation(monkeypatch):
+    """Naive meets a new sequence length every step and some kernels are built per shape: a warm-up of 8 tokens
+    left the first timed repeat cold (naive 2.0 ms a step against benchmark's 0.6 on tiny)."""
+    from kvbench.bench import ablation
+
+    generated = []
+    monkeypatch.setattr(ablation, "_seconds", lambda variant, n, device: generated.append((variant, n)) or 1.0 + n)
+    ablation.run_ablation(["a", "b"], 200, 1, torch.device("cpu"))
+    assert generated[:2] == [("a", 200), ("b", 200)]  # untimed, before any timed generation
+
+
 def test_ablation_never_reports_a_negative_decode_time():
     from kvbench.bench.ablation import decode_ms
 

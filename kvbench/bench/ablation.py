@@ -153,8 +153,8 @@ def decode_ms(full_s: float, one_s: float, new_tokens: int) -> float:
 def run_ablation(variants: list[Variant], new_tokens: int, repeats: int, device: torch.device,
                  on_repeat: Callable[[int], None] = lambda r: None) -> pd.DataFrame:
     """Per-token decode time of each variant, repeats interleaved; one row per variant and repeat."""
-    for variant in variants:  # warm-up, untimed
-        _seconds(variant, min(new_tokens, 8), device)
+    for variant in variants:  # warm-up, untimed: a whole generation, as benchmark's --warmup runs, because some
+        _seconds(variant, new_tokens, device)  # kernels are built per shape (naive meets a new length each step)
     rows = []
     for repeat in range(repeats):
         for variant in variants:
