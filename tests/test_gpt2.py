@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -100,8 +101,9 @@ def test_ablation_warms_each_variant_up_with_a_whole_generation(monkeypatch):
     from kvbench.bench import ablation
 
     generated = []
-    monkeypatch.setattr(ablation, "_seconds", lambda variant, n, device: generated.append((variant, n)) or 1.0 + n)
-    ablation.run_ablation(["a", "b"], 200, 1, torch.device("cpu"))
+    monkeypatch.setattr(ablation, "_seconds", lambda variant, n, device: generated.append((variant.name, n)) or 1.0 + n)
+    variants = [types.SimpleNamespace(name=name) for name in ("a", "b")]
+    ablation.run_ablation(variants, 200, 1, torch.device("cpu"))
     assert generated[:2] == [("a", 200), ("b", 200)]  # untimed, before any timed generation
 
 
