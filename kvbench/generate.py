@@ -137,6 +137,11 @@ class Rollback:
     every: int = 5
     seed: int = 0
 
+    def most_tokens(self, new_tokens: int) -> int:
+        """The longest drafts a generation of new_tokens takes: the first go in at step `every` and must end
+        before the last token fed back (step i writes at column P + i - 1, the last at P + new_tokens - 2)."""
+        return new_tokens - self.every
+
     def drafts(self, batch: int, vocab: int, device: torch.device) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         while True:

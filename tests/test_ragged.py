@@ -195,3 +195,26 @@ def test_a_cache_without_crop_fails_rollback_naming_it(register_strategy, runner
     result = runner.invoke(app, ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies", "no-crop",
                                  "--new-tokens", "12", "--rollback", "2", "--device", "cpu"])
     assert result.exit_code == 1 and "cannot roll back" in result.output, result.output
+
+
+def test_the_longest_drafts_that_fit_are_checked_and_longer_ones_refused(register_strategy, runner, tmp_path):
+    """Drafts go in every 5 steps and end before the last token: with 10 new tokens, drafts of 5 are checked (a
+    cache whose crop keeps what it should drop fails); drafts of 6 would never run, and --rollback 6 once passed
+    that cache in silence (a newcomer's try with --rollback 5000)."""
+    from kvbench.cache import DynamicCache
+
+    class KeepsDrafts(DynamicCache):
+        def crop(self, length):
+            pass  # the drafts stay in the concatenated K/V, attended by every later step
+
+    register_strategy(dataclasses.replace(strategies.DYNAMIC, name="keeps-drafts",
+                                          cache=lambda s: KeepsDrafts(s.n_layers, s.device)))
+    args = ["kv-evaluate", "--config", str(write_yaml(tmp_path)), "--strategies", "dynamic,keeps-drafts",
+            "--new-tokens", "10", "--device", "cpu", "--rollback"]
+    result = runner.invoke(app, [*args, "5"])
+    assert result.exit_code == 1 and verdicts(result.output) == {"dynamic": "pass", "keeps-drafts": "FAIL"}, \
+        result.output
+    refused = runner.invoke(app, [*args, "6"])
+    assert refused.exit_code == 2, refused.output
+    assert "--rollback 6: no draft that long fits --new-tokens 10" in refused.output
+    assert "at most 5 here); give --new-tokens 11 or more" in refused.output

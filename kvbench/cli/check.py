@@ -319,6 +319,11 @@ def kv_evaluate(
                           ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk),
                           ("--rollback", 1 if rollback is None else rollback)):
         require_positive(option, value)
+    if rollback is not None and rollback > Rollback(rollback).most_tokens(new_tokens):
+        most = Rollback(rollback).most_tokens(new_tokens)
+        raise KVBenchError(f"--rollback {rollback}: no draft that long fits --new-tokens {new_tokens} (drafts go in "
+                           f"every {Rollback(1).every} steps and end before the last token: at most {max(most, 0)} "
+                           f"here); give --new-tokens {rollback + Rollback(1).every} or more")
     check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
     family = family_of(loaded.model)
     if family.reads_source:
