@@ -229,3 +229,31 @@ def test_ci_installs_the_ray_extra_with_the_readmes_test_command():
     readme, ci = (repo / "README.md").read_text(), (repo / ".ci" / "run").read_text()
     command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
     assert "[test,ray]" in command and command in ci.splitlines()
+
+
+def test_a_point_that_recorded_itself_complete_is_complete_whatever_its_exit(tmp_path, monkeypatch):
+    """A Ctrl-C landing after the point wrote meta.json complete (while it printed its table) ended it with 130,
+    and the sweep recorded it interrupted for good: --resume skips a complete directory and never fixed it."""
+    from kvbench.bench import runners
+    from kvbench.bench.spec import Point
+
+    out = tmp_path / "points" / "000-tiny"
+    writes_then_130 = ("import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); "
+                       "(p / 'meta.json').write_text(json.dumps({'status': 'complete'})); sys.exit(130)")
+    monkeypatch.setattr(runners, "benchmark_command", lambda point, where: [sys.executable, "-c", writes_then_130,
+                                                                            str(where)])
+    outcome = runners.run_point(Point("000-tiny", "tiny", {}, {}), out, tmp_path / "000.log")
+    assert (outcome.returncode, outcome.status, outcome.error) == (130, "complete", None)
+
+
+@pytest.mark.slow
+def test_resume_records_complete_what_an_older_sweep_recorded_interrupted(tmp_path):
+    spec = write_spec(tmp_path, configs=["tiny"], **{**TINY_RUN, "lengths": [3]})
+    assert run_sweep(str(spec), "--out", "out", cwd=tmp_path).returncode == 0
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    record["points"]["000-tiny"].update(status="interrupted", error="results in out/points/000-tiny")
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(record))
+    again = run_sweep("--resume", "out", cwd=tmp_path)
+    assert again.returncode == 0 and "1 point, 0 to run" in again.stdout, again.stderr
+    entry = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["000-tiny"]
+    assert entry["status"] == "complete" and entry["error"] is None

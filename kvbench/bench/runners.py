@@ -108,7 +108,10 @@ def run_point(point: Point, out: Path, log_path: Path) -> Outcome:
             interrupted, returncode = True, process.returncode
     text = log_path.read_text(errors="replace")
     tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-    status = "complete" if returncode == 0 else "interrupted" if interrupted or returncode == 130 else "failed"
+    # the directory is the truth: a Ctrl-C that lands after the point recorded itself complete (while it prints
+    # its table) ends the process with 130, yet nothing of the point is left to do
+    done = returncode == 0 or point_state(out) == "complete"
+    status = "complete" if done else "interrupted" if interrupted or returncode == 130 else "failed"
     outcome = Outcome(point.id, status, returncode, round(time.perf_counter() - start, 2), socket.gethostname(),
                       None if status == "complete" else _error_line(tail), tail)
     if interrupted:

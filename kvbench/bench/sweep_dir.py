@@ -69,6 +69,13 @@ class SweepDir:
         spec = validate_spec(record["spec"], str(self.sweep_json))
         return expand(spec, Path(record["spec_dir"]))
 
+    def reconcile(self, record: dict[str, Any]) -> None:
+        """Points recorded as not complete whose directory says complete (a sweep before this check recorded a
+        Ctrl-C that landed after the point finished as an interruption) are recorded complete."""
+        for point_id, entry in record["points"].items():
+            if entry.get("status") != "complete" and point_state(self.points_dir / point_id) == "complete":
+                entry.update(status="complete", error=None)
+
     def to_do(self, points: list[Point]) -> list[Point]:
         """Points whose directory is not complete: never started, failed, or interrupted (continued)."""
         return [p for p in points if point_state(self.points_dir / p.id) != "complete"]

@@ -159,6 +159,7 @@ def finish(sweep: SweepDir, record: dict, status: str) -> None:
 def open_resumed(resume: Path) -> tuple[SweepDir, dict, list[Point]]:
     sweep = SweepDir.open(resume)
     record = sweep.read()
+    sweep.reconcile(record)
     try:
         points = sweep.points_of(record)
     except (KeyError, TypeError) as exc:
