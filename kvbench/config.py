@@ -283,13 +283,13 @@ class DuplicateKeyError(yaml.YAMLError):
         super().__init__(f"key '{key}' is given twice (lines {first} and {again}); keep one")
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, example: str = "the shipped configs, e.g. configs/tiny.yaml") -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KVBenchError(f"{path}: not a text file; give a YAML config") from None
     if not text.strip():
-        raise KVBenchError(f"{path}: the file is empty; give a YAML mapping of config keys (see the shipped configs, e.g. configs/tiny.yaml)")
+        raise KVBenchError(f"{path}: the file is empty; give a YAML mapping of keys (see {example})")
     try:
         # a SafeLoader: a config can never construct Python objects
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506

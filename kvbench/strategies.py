@@ -130,7 +130,8 @@ def get(name: str, family: str | None = None, option: str = "--strategies") -> S
         raise KVBenchError(f"{option}: strategy {name!r} runs on {only}, not on {words(family)}; {choices}")
     if name not in REGISTRY:
         where = f" for {words(family)}" if family else ""
-        raise KVBenchError(f"{option}: unknown strategy {name!r}{where}; {choices}")
+        plugin = " (a plugin is named FILE.py:ClassName or module.path:ClassName)" if name.endswith(".py") else ""
+        raise KVBenchError(f"{option}: unknown strategy {name!r}{where}{plugin}; {choices}")
     return REGISTRY[name]
 
 

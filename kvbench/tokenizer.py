@@ -93,6 +93,9 @@ def parse_ids(text: str, vocab: int) -> list[int]:
         ids = [int(part) for part in parts if part.strip()]
     except ValueError:
         raise KVBenchError(f"--prompt-ids {text!r}: give comma-separated integers, e.g. --prompt-ids 1,2,3") from None
-    if not ids or any(not 0 <= i < vocab for i in ids):
-        raise KVBenchError(f"--prompt-ids: give at least one id, each in 0..{vocab - 1}")
+    if not ids:
+        raise KVBenchError(f"--prompt-ids {text!r}: give at least one id, e.g. --prompt-ids 1,2,3")
+    outside = next((i for i in ids if not 0 <= i < vocab), None)
+    if outside is not None:
+        raise KVBenchError(f"--prompt-ids: id {outside} is outside the vocabulary; each id must be in 0..{vocab - 1}")
     return ids

@@ -132,7 +132,8 @@ def optimizer_for(model: Decoder, s: TrainSettings) -> torch.optim.AdamW:
 def check_trainable(config: ModelConfig, seq_len: int) -> None:
     """What train can refuse from the config alone: checked before the corpus is read."""
     if config.vocab_size != 256:
-        raise KVBenchError(f"train makes byte-level models: vocab_size must be 256 (got {config.vocab_size})")
+        raise KVBenchError(f"train makes byte-level models: vocab_size must be 256 (got {config.vocab_size}); "
+                           "give --config demo, or a config of yours with vocab_size: 256")
     if seq_len > config.max_seq_len:
         raise KVBenchError(f"--seq-len {seq_len} exceeds max_seq_len {config.max_seq_len}")
 

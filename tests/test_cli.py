@@ -123,6 +123,10 @@ def test_version(runner):
     (["generate", "--strategy", "naive,static", "--prompt", "x"], "--strategy takes one strategy"),
     (["ablate", "--variants", "x"], "--variants: unknown choice 'x'"),
     (["visualize", "--strategies", "x", "--prompt", "x", "--out", "unused"], "--strategies: unknown strategy 'x'"),
+    (["kv-evaluate", "--strategies", "mine.py"], "(a plugin is named FILE.py:ClassName or module.path:ClassName)"),
+    (["generate", "--prompt-ids", "1,2,999"], "--prompt-ids: id 999 is outside the vocabulary; each id must be in "
+                                              "0..255"),
+    (["generate", "--prompt-ids", " "], "give at least one id"),
 ])
 def test_errors_name_the_option_typed(runner, args, needle):
     result = runner.invoke(app, [*args, "--config", TINY])

@@ -79,7 +79,8 @@ def test_bad_specs_are_one_line_naming_the_key(runner, tmp_path, spec, needle):
 @pytest.mark.parametrize("text, needle", [
     ("configs: [tiny]\nrepeats: 1\nrepeats: 2\n", "key 'repeats' is given twice (lines 2 and 3)"),
     ("configs: !!python/object/apply:os.system ['echo hacked']\n", "not valid YAML"),
-    ("", "the file is empty"),
+    ("", "the file is empty; give a YAML mapping of keys (see examples/sweep.yaml)"),
+    ("configs: [tinyy]\n", "configs[0]: config 'tinyy' not found"),
     ("- tiny\n", "expected a mapping of sweep keys"),
 ])
 def test_spec_yaml_is_read_safely(runner, tmp_path, text, needle):

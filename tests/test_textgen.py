@@ -272,7 +272,8 @@ def test_interrupted_training_does_not_save_nan_weights(runner, tmp_path, monkey
 def test_train_refuses_a_non_byte_vocabulary_before_reading_the_corpus(runner, tmp_path, monkeypatch):
     no_training(monkeypatch)
     result = runner.invoke(app, ["train", "--config", str(write_yaml(tmp_path)), "--out", str(tmp_path / "w.st")])
-    assert result.exit_code == 2 and "vocab_size must be 256" in result.output, result.output
+    assert result.exit_code == 2 and "vocab_size must be 256 (got 97); give --config demo" in result.output, \
+        result.output
 
 
 def test_train_checks_it_can_write_before_it_trains(runner, tmp_path, monkeypatch):

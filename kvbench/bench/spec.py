@@ -156,7 +156,7 @@ def load_spec(path: Path) -> SweepSpec:
     """Read and validate a spec file; every config it names is loaded (validated) too. Never runs code."""
     if not path.is_file():
         raise KVBenchError(f"sweep spec {path} not found; give a YAML file (see examples/sweep.yaml)")
-    spec = validate_spec(_read_yaml(path), str(path))
+    spec = validate_spec(_read_yaml(path, example="examples/sweep.yaml"), str(path))
     for i, config in enumerate(spec.configs):
         try:
             load_config(resolve_config(config, path.parent))
@@ -171,7 +171,10 @@ def resolve_config(text: str, base: Path) -> str:
     if shipped_config(text) is not None and not text.endswith(".yaml"):
         return text
     path = Path(text)
-    return str(path if path.is_absolute() else (base / path).resolve())
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    if not resolved.exists() and not path.exists() and path.name == text and not path.suffix:
+        return text  # a mistyped shipped name: said as typed in the error, not as a path beside the spec
+    return str(resolved)
 
 
 # --- points -----------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ class Progress:
         if outcome.log and not (self.sweep.logs_dir / f"{point.id}.log").exists():  # a Ray worker's log
             write_tree({f"{point.id}.log": outcome.log.encode()}, self.sweep.logs_dir)
         self.sweep.write(self.record)
-        what = outcome.status + (f": {outcome.error}" if outcome.error else "")
+        error = (outcome.error or "").removeprefix(f"{outcome.status}: ")  # benchmark's "interrupted: ..." line
+        what = outcome.status + (f": {error}" if error else "")
         err_console.print(escape(f"[{self.done}/{self.total}] {point.id}: {what} ({duration(outcome.seconds)} "
                                  f"on {outcome.host})"), highlight=False)
 
