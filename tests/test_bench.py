@@ -594,6 +594,21 @@ def test_resume_drops_an_unfinished_last_row_and_never_appends_onto_it(runner, f
     assert runs["total_s"].notna().all()
 
 
+def test_readers_ignore_an_unfinished_last_row_saying_so_and_leave_the_file(runner, finished_run, tmp_path):
+    """plot and compare once kept a half-written row: its strategy showed '-' for ms/step beside a speed-up."""
+    out = copy_of(finished_run, tmp_path)
+    csv_path = out / "results.csv"
+    text = csv_path.read_text()
+    damaged = text[:-len(text.rstrip("\n").rsplit("\n", 1)[1]) // 2 - 1]  # the last row cut in half
+    csv_path.write_text(damaged)
+    for args in (["plot", str(out)], ["compare", str(finished_run[0]), str(out)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "ignored an unfinished last line" in result.stderr and "--resume drops it" in result.stderr
+    assert csv_path.read_text() == damaged  # only a resume repairs it
+    assert pd.read_csv(out / "summary.csv")["per_token_ms_median"].notna().all()
+
+
 def test_resume_with_a_non_numeric_cell_is_one_clear_line(runner, finished_run, tmp_path):
     out = copy_of(finished_run, tmp_path)
     runs = pd.read_csv(out / "results.csv")

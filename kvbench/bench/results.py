@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from kvbench.bench.columns import write_columns_doc
 from kvbench.bench.machine import command_line
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, KVBenchWarning
 
 RUN_COLUMNS = [
     "config", "strategy", "device", "device_name", "dtype", "threads", "batch_size", "prompt_len", "new_tokens",
@@ -55,19 +57,26 @@ def _append_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> N
         os.fsync(f.fileno())  # a finished run survives even a killed process
 
 
-def drop_partial_last_line(path: Path) -> str | None:
-    """Cut a last line that a killed process left unfinished (no newline at the end, or fewer fields than the
-    header), so that appending never continues it. Returns what was dropped, for the user, or None."""
-    if not path.exists():
-        return None
-    data = path.read_bytes()
+def partial_last_line(data: bytes) -> bytes | None:
+    """A last line that a killed process left unfinished (no newline at the end, or fewer fields than the
+    header), or None."""
     lines = data.splitlines(keepends=True)
     if len(lines) < 2:
         return None
     last = lines[-1]
     n_fields = len(next(csv.reader([lines[0].decode("utf-8", "replace")])))
     complete = last.endswith(b"\n") and len(next(csv.reader([last.decode("utf-8", "replace")]), [])) >= n_fields
-    if complete:
+    return None if complete else last
+
+
+def drop_partial_last_line(path: Path) -> str | None:
+    """Cut an unfinished last line (partial_last_line), so that appending never continues it. Returns what was
+    dropped, for the user, or None."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    last = partial_last_line(data)
+    if last is None:
         return None
     with path.open("r+b") as f:
         f.truncate(len(data) - len(last))
@@ -172,8 +181,14 @@ class ResultsDir:
     def read_runs(self) -> pd.DataFrame:
         if not self.runs_csv.exists():
             return pd.DataFrame(columns=RUN_COLUMNS)
+        data = self.runs_csv.read_bytes()
+        last = partial_last_line(data)
+        if last is not None:  # read, not repaired: only a resume writes here (and drops it)
+            warnings.warn(f"{self.runs_csv}: ignored an unfinished last line ({last[:60]!r}), left by an "
+                          "interrupted write; --resume drops it", KVBenchWarning, stacklevel=2)
+            data = data[:len(data) - len(last)]
         try:
-            runs = pd.read_csv(self.runs_csv)
+            runs = pd.read_csv(io.BytesIO(data))
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise KVBenchError(f"{self.runs_csv} is not a readable CSV ({exc})") from None
         missing = [c for c in RUN_COLUMNS if c not in runs.columns and c not in ADDED_RUN_COLUMNS]
