@@ -89,6 +89,14 @@ def test_exact_tie_is_no_divergence():
     assert verify.first_divergence(torch.tensor([[1]]), naive, TOL) is None
 
 
+def test_the_shipped_expected_file_says_which_model_wrote_it(runner):
+    """So that comparing another config against it fails with a note naming both, as files kvbench writes do."""
+    shipped = CONFIGS / "reference-expected.safetensors"
+    assert verify.expected_origin(shipped) == verify.model_origin(load_config(CONFIGS / "reference.yaml"))
+    result = runner.invoke(app, ["evaluate", "--config", "tiny", "--expected", str(shipped), "--device", "cpu"])
+    assert result.exit_code == 1 and "was written for config reference" in result.output, result.output
+
+
 def test_evaluate_passes_on_the_shipped_reference_model(runner):
     result = runner.invoke(app, ["evaluate", "--config", str(CONFIGS / "reference.yaml"), "--expected",
                                  str(CONFIGS / "reference-expected.safetensors"), "--device", "cpu"])
