@@ -496,6 +496,7 @@ def test_ctrl_c_before_any_run_finished_does_not_claim_kept_runs(runner, tmp_pat
     result = bench(runner, out)
     assert result.exit_code == 130, result.output
     assert "no run had finished" in result.output and "finished runs kept" not in result.output, result.output
+    assert "results in" not in result.stdout  # no results to point to: stderr says where the settings are
 
 
 def test_a_second_ctrl_c_while_writing_after_the_first_still_says_how_to_resume(runner, tmp_path, monkeypatch):

@@ -214,22 +214,23 @@ def paths_table(paths: dict) -> Table:
 
 
 def report_finish(summary, plots: list[Path], results_path: Path, paths: dict | None = None) -> None:
-    if not summary.empty:
-        console.print(summary_table(summary))
-        memory = memory_table(summary)
-        if memory is not None:
-            console.print(memory)
-        skipped = summary[summary["skipped"].fillna("") != ""] if "skipped" in summary else summary.iloc[:0]
-        for note in skipped["skipped"].unique():
-            points = skipped[skipped["skipped"] == note]
-            console.print(escape(f"{len(points)} point(s) {note} (marked in summary.csv; no speed-up there)"),
-                          highlight=False)
-        if paths:
-            console.print(paths_table(paths))
-        for row in summary[summary["noisy"].fillna(False).astype(bool)].itertuples():
-            err_console.print(f"[yellow]warning:[/] {row.strategy} at batch {row.batch_size} x {row.new_tokens} tokens: "
-                              "IQR above 10% of the "
-                              "median; the machine was noisy, consider more --repeats", highlight=False)
+    if summary.empty:
+        return  # nothing finished: the interruption's message says where the settings are kept
+    console.print(summary_table(summary))
+    memory = memory_table(summary)
+    if memory is not None:
+        console.print(memory)
+    skipped = summary[summary["skipped"].fillna("") != ""] if "skipped" in summary else summary.iloc[:0]
+    for note in skipped["skipped"].unique():
+        points = skipped[skipped["skipped"] == note]
+        console.print(escape(f"{len(points)} point(s) {note} (marked in summary.csv; no speed-up there)"),
+                      highlight=False)
+    if paths:
+        console.print(paths_table(paths))
+    for row in summary[summary["noisy"].fillna(False).astype(bool)].itertuples():
+        err_console.print(f"[yellow]warning:[/] {row.strategy} at batch {row.batch_size} x {row.new_tokens} tokens: "
+                          "IQR above 10% of the "
+                          "median; the machine was noisy, consider more --repeats", highlight=False)
     console.print(f"results in {escape(str(results_path))}" + (f" ({', '.join(p.name for p in plots)})" if plots else ""))
 
 
