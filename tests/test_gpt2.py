@@ -107,6 +107,16 @@ def test_ablation_warms_each_variant_up_with_a_whole_generation(monkeypatch):
     assert generated[:2] == [("a", 200), ("b", 200)]  # untimed, before any timed generation
 
 
+def test_a_transformers_variant_on_a_non_gpt2_config_is_refused_before_the_probes(runner, monkeypatch):
+    from kvbench.bench import floor
+
+    monkeypatch.setattr(floor, "measure_limits", lambda *a, **k: pytest.fail("probed before refusing"))
+    result = runner.invoke(app, ["ablate", "--config", "llama", "--variants", "kvbench,hf-cache", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "--variants hf-cache: only GPT-2-shaped configs" in result.output and "give a GPT-2-shaped --config" \
+        in result.output
+
+
 def test_ablation_never_reports_a_negative_decode_time():
     from kvbench.bench.ablation import decode_ms
 

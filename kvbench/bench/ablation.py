@@ -68,13 +68,18 @@ def _transformers(name: str, model: Decoder, prompt: torch.Tensor, use_cache: bo
         import transformers
     except ImportError:
         raise KVBenchError("the transformers variants need transformers: pip install -e '.[test]'") from None
+    try:
+        weights = to_gpt2(model)
+    except KVBenchError as exc:
+        raise KVBenchError(f"--variants {name}: {exc}; these variants run transformers' GPT-2 on the same weights: "
+                           "give a GPT-2-shaped --config (default, tiny, demo)") from None
     c = model.config
     hf_config = transformers.GPT2Config(n_layer=c.n_layers, n_embd=c.d_model, n_head=c.n_heads, n_inner=c.d_ff,
                                         vocab_size=c.vocab_size, n_positions=c.max_seq_len,
                                         layer_norm_epsilon=c.layer_norm_eps, tie_word_embeddings=c.tie_embeddings,
                                         bos_token_id=None, eos_token_id=None)  # no early stop: exactly n tokens
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(to_gpt2(model), strict=False)
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
     if unexpected or any(not name.endswith(("attn.bias", "attn.masked_bias")) for name in missing):
         raise KVBenchError(f"weights do not map onto transformers' GPT-2: missing {missing}, unexpected {unexpected}")
     hf = hf.to(device=prompt.device, dtype=model.dtype)

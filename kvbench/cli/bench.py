@@ -521,13 +521,13 @@ def ablate(
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     model = build_model(loaded, dev, torch_dtype)
     prompt = verify.random_prompt(loaded.model, batch_size, prompt_len, seed).to(dev)
+    built = ablation.build_variants(names, model, prompt, new_tokens)  # a variant this model cannot run: refused now
     step_bytes = floor.weight_bytes_per_step(model, batch_size)
     limits = floor.measure_limits(dev, step_bytes, torch_dtype, [batch_size])
     console.print(f"{escape(loaded.name)} on {dev} ({dtype}), {plural(torch.get_num_threads(), 'thread')}; read bandwidth "
                   f"{limits.best_gbs(step_bytes):.1f} GB/s over {limits.bandwidth[0]['buffer_bytes'] / 1e6:.0f} MB "
                   f"(best of {len(limits.bandwidth)} probes), matmul at {batch_size} rows "
                   f"{limits.throughput_gflops(batch_size):.0f} GFLOP/s")
-    built = ablation.build_variants(names, model, prompt, new_tokens)
     with progress_bar() as progress:
         task = progress.add_task("repeats", total=repeats)
         rows = ablation.run_ablation(built, new_tokens, repeats, dev, on_repeat=lambda r: progress.advance(task))
