@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, write_yaml
 from kvbench.cli import app
 
 TINY = str(CONFIGS / "tiny.yaml")
@@ -221,3 +221,16 @@ def test_ctrl_c_while_kvbench_starts_is_one_line_not_a_traceback():
         child.kill()
     assert child.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest, rest
+
+
+def test_kv_evaluate_fills_the_last_position_as_generate_does(runner, tmp_path):
+    """A generation feeds prompt + new - 1 tokens (the last one is never fed back): kv-evaluate refused one
+    token short of the config's end, where generate ran."""
+    config = str(write_yaml(tmp_path, max_seq_len=24))
+    common = ["--config", config, "--prompt-len", "8", "--device", "cpu"]
+    fits = runner.invoke(app, ["kv-evaluate", *common, "--new-tokens", "17", "--strategies", "static,dynamic,paged"])
+    assert fits.exit_code == 0, fits.output
+    assert runner.invoke(app, ["generate", *common[:2], "--prompt-ids", ",".join(["1"] * 8), "--max-new-tokens",
+                               "17", "--device", "cpu"]).exit_code == 0
+    refused = runner.invoke(app, ["kv-evaluate", *common, "--new-tokens", "18"])
+    assert refused.exit_code == 2 and "--prompt-len + --new-tokens - 1" in refused.output, refused.output

@@ -324,7 +324,7 @@ def kv_evaluate(
         raise KVBenchError(f"--rollback {rollback}: no draft that long fits --new-tokens {new_tokens} (drafts go in "
                            f"every {Rollback(1).every} steps and end before the last token: at most {max(most, 0)} "
                            f"here); give --new-tokens {rollback + Rollback(1).every} or more")
-    check_length(loaded, prompt_len + new_tokens, names, "--prompt-len + --new-tokens")
+    check_length(loaded, prompt_len + new_tokens - 1, names, "--prompt-len + --new-tokens - 1")
     family = family_of(loaded.model)
     if family.reads_source:
         check_fits(loaded, src_len, "--src-len")
