@@ -81,6 +81,12 @@ def test_summary_meta_steps_and_plots_written(finished_run):
     assert "speedup" in result.output
 
 
+def test_the_steps_before_the_runs_are_said(finished_run):
+    """The floor's probes and the time estimate take seconds (minutes at a large batch): said, not silent."""
+    _, result = finished_run
+    assert "measuring the machine's limits" in result.stderr and "estimating the run's time" in result.stderr
+
+
 def test_output_directory_is_never_overwritten(runner, finished_run):
     result = bench(runner, finished_run[0])
     assert result.exit_code == 2 and "already holds results" in result.output, result.output

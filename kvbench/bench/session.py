@@ -118,6 +118,7 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
         torch.set_num_threads(s.threads)
     model = build_model(session.loaded, device, DTYPES[s.dtype])
     if "machine_limits" not in session.meta:  # a resumed run keeps its first measurement: one floor per run
+        reporter.preparing("measuring the machine's limits (the floor's probes)")
         record_limits(session, device, model)
     else:
         decode_as_first_process(session.meta, model)
@@ -127,6 +128,7 @@ def run(session: Session, device: torch.device, reporter: Reporter) -> None:
     limits = floor.MachineLimits.from_dict(session.meta["machine_limits"])
     sweep = Sweep(session.loaded, model, s, session.results, device, device_name(device), limits)
     smallest = sweep.model_and_prompt(min(s.batches))  # kept here: the sweep holds one batch's inputs at a time
+    reporter.preparing("estimating the run's time (a few timed steps of each strategy)")
     costs = calibrate(*smallest, max(s.lengths), device, s.strategies, sweep.model_and_prompt(max(s.batches)),
                       s.window)
     if session.naive_max is None:

@@ -130,6 +130,9 @@ class RichReporter:
         self.progress, self.repeats, self.task = progress, repeats, None
         self.announced: set[tuple[str, int]] = set()
 
+    def preparing(self, what: str) -> None:
+        self.progress.console.print(f"{what}...", highlight=False)  # seconds, or minutes at a large batch
+
     def compiled(self, seconds: float) -> None:
         self.progress.console.print(f"{COMPILED.name}: decode step compiled in {duration(seconds)} (not in any timing)")
 
