@@ -105,7 +105,8 @@ def test_neither_command_writes_into_the_others_directory(runner, finished_run, 
     assert {name: (out / name).read_bytes() for name in before} == before
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    (sweep / "sweep.json").write_text("{}")
+    for name in ("sweep.json", "results.csv", "summary.csv"):  # a finished sweep merges its points' at its top
+        (sweep / name).write_text("{}")
     result = bench(runner, sweep)
     assert result.exit_code == 2 and "already holds a sweep (sweep.json)" in result.output, result.output
     assert "--resume" not in result.output

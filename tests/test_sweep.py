@@ -225,6 +225,26 @@ def test_ray_runner_gives_the_local_runners_results(runner, tmp_path):
         assert (tmp_path / "ray" / "logs" / f"{pid}.log").is_file()
 
 
+@pytest.mark.slow
+def test_joining_ray_keeps_the_processs_own_sigterm_handler():
+    """ray.init installs a handler that exits at once (SystemExit 15): the sweep would skip telling its points
+    to stop and recording the interruption. The CLI's handler (SIGTERM as Ctrl-C) is put back."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    from kvbench.bench.runners import RayRunner
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    ray_runner = RayRunner("local")
+    try:
+        ray_runner.connect()
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        ray_runner.shutdown()
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_ci_installs_the_ray_extra_with_the_readmes_test_command():
     repo = Path(__file__).resolve().parent.parent
     readme, ci = (repo / "README.md").read_text(), (repo / ".ci" / "run").read_text()
@@ -258,3 +278,22 @@ def test_resume_records_complete_what_an_older_sweep_recorded_interrupted(tmp_pa
     assert again.returncode == 0 and "1 point, 0 to run" in again.stdout, again.stderr
     entry = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["000-tiny"]
     assert entry["status"] == "complete" and entry["error"] is None
+
+
+def test_resume_of_a_record_without_points_is_one_line(runner, tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+    result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot resume, it lacks the spec" in result.output, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_resume_is_not_refused_for_cuda_points_already_complete(tmp_path):
+    """A sweep whose CUDA points finished elsewhere (a Ray cluster with GPUs) resumes here with nothing to run."""
+    spec = write_spec(tmp_path, configs=["tiny"], **{**TINY_RUN, "lengths": [3]})
+    assert run_sweep(str(spec), "--out", "out", cwd=tmp_path).returncode == 0
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    record["spec"]["device"] = "cuda"  # as if it had run on GPUs
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(record))
+    again = run_sweep("--resume", "out", cwd=tmp_path)
+    assert again.returncode == 0 and "1 point, 0 to run" in again.stdout, again.stderr

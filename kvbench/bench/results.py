@@ -232,7 +232,8 @@ class ResultsDir:
 SWEEP_JSON = "sweep.json"
 # what each kind of kvbench output leaves in its directory: --out refuses a directory holding any of them, whichever
 # command writes it (a sweep once wrote over a benchmark's results.csv and summary.csv)
-OUTPUT_MARKERS = {"results": ("results.csv", "meta.json", "summary.csv"), "a sweep": (SWEEP_JSON,)}
+# (a sweep first: it also writes a merged results.csv and summary.csv at its top)
+OUTPUT_MARKERS = {"a sweep": (SWEEP_JSON,), "results": ("results.csv", "meta.json", "summary.csv")}
 
 
 def make_out_dir(out: Path, what: str) -> None:

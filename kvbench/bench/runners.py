@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,6 +228,7 @@ class RayRunner:
         """Join the cluster at the address (`auto`: the one `ray start` made here; `local`: a new one)."""
         if self.ray.is_initialized():
             return
+        before = signal.getsignal(signal.SIGTERM)
         try:
             self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                           configure_logging=False)
@@ -234,6 +236,10 @@ class RayRunner:
         except ConnectionError as exc:
             raise KVBenchError(f"--ray-address {self.address}: no Ray cluster there ({exc}); start one with "
                                "`ray start --head`, or use --runner local") from None
+        # ray.init installs a SIGTERM handler that exits at once: the process's own comes back (the CLI's stops
+        # the sweep as Ctrl-C does, so the running points are told to stop and the record says interrupted)
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
 
     def _submit(self, point: Point, started: dict[str, bytes], node: tuple[str, float] | None):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -160,9 +160,9 @@ def finish(sweep: SweepDir, record: dict, status: str) -> None:
 def open_resumed(resume: Path) -> tuple[SweepDir, dict, list[Point]]:
     sweep = SweepDir.open(resume)
     record = sweep.read()
-    sweep.reconcile(record)
     try:
         points = sweep.points_of(record)
+        sweep.reconcile(record)
     except (KeyError, TypeError) as exc:
         raise KVBenchError(f"{sweep.sweep_json}: cannot resume, it lacks the spec ({exc})") from None
     return sweep, record, points
@@ -198,7 +198,8 @@ def sweep(
     for point in points:
         if runs_here(point):
             point_settings(point)  # refuse a bad point now, not hours into the sweep
-    elsewhere = [point.id for point in points if not runs_here(point)]
+    pending = points if resume is None else sweep_dir.to_do(points)  # a resume: CUDA points done elsewhere count not
+    elsewhere = [point.id for point in pending if not runs_here(point)]
     if elsewhere and runner is Runner.local and not dry_run_:
         raise KVBenchError(f"{plural(len(elsewhere), 'point')} ({', '.join(elsewhere)}) ask for device cuda, and "
                            "this machine has no CUDA: run them with --runner ray on a cluster with GPUs, or set "
