@@ -130,6 +130,11 @@ class KVCache(ABC):
     def end(self) -> None:
         """The forward pass is over: every layer has stored its K/V."""
 
+    def fixed_buffers(self) -> list[torch.Tensor]:
+        """Buffers a compiled decode step writes in place, whose addresses never change (a CUDA graph may
+        mutate only such inputs); none unless the cache has a fixed-shape mode."""
+        return []
+
     @abstractmethod
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) for positions start_pos..start_pos+T-1; return the keys/values to attend."""
@@ -210,11 +215,9 @@ class StaticCache(KVCache):
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        for buffer in self.k + self.v:
-            # The compiled step writes these in place. A CUDA graph may mutate only inputs whose address is
-            # fixed; torch.compile otherwise runs the step without a graph, silently (logged at debug level).
-            # Unguarded: a new cache (kv-evaluate makes several) re-records the graph rather than recompiling.
-            torch._dynamo.mark_static_address(buffer, guard=False)
+
+    def fixed_buffers(self):
+        return self.k + self.v
 
     def update(self, layer, start_pos, k, v):
         if isinstance(start_pos, torch.Tensor):

@@ -91,6 +91,7 @@ class CompiledDecode:
     def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
                  pads: torch.Tensor | None = None) -> torch.Tensor:
         self.position.fill_(pos)  # a kernel argument, not a host-to-device copy: no sync
+        mark_fixed_addresses(cache)
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         # CUDA-graph outputs live in buffers the next replay overwrites: callers may keep logits, so copy
@@ -98,6 +99,17 @@ class CompiledDecode:
         if self.cuda:
             require_cuda_graph(self.graph_skips)
         return logits
+
+
+def mark_fixed_addresses(cache: KVCache) -> None:
+    """Tell torch.compile that the cache's buffers keep their addresses. The compiled step writes them in place,
+    and a CUDA graph may mutate only such inputs: unmarked, inductor ran the step without a graph, saying why
+    only in a log off by default. Unguarded: a new cache (kv-evaluate makes several) re-records the graph
+    rather than recompiling. Here, not when a cache is built: marking imports torch._dynamo (about a second),
+    which an eager run never needs."""
+    for buffer in cache.fixed_buffers():
+        if getattr(buffer, "_dynamo_static_input_type", None) is None:  # marked once
+            torch._dynamo.mark_static_address(buffer, guard=False)
 
 
 def cuda_graph_skips() -> int:

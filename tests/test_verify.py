@@ -181,12 +181,18 @@ def test_compiled_decode_passes_kv_evaluate(runner):
     assert "static+compile: its first steps compile the decode step" in result.stderr  # not a silent pause
 
 
-def test_compiled_step_may_mutate_the_static_cache_inside_a_cuda_graph():
+def test_the_compiled_step_marks_the_static_caches_buffers_as_fixed_addresses():
     """A CUDA graph mutates only inputs torch.compile knows to have fixed addresses; the static cache's buffers,
-    written in place by the compiled step, are marked so (unguarded: a new cache re-records, never recompiles).
-    Unmarked, torch.compile ran the step without a graph, saying why only in a log off by default."""
+    written in place by the compiled step, are marked so before it runs (unguarded: a new cache re-records the
+    graph, never recompiles). Unmarked, torch.compile ran the step without a graph, saying why only in a log
+    off by default (seen on CPU with TORCH_LOGS=cudagraph_static_inputs: 'Non-static input ... cache.k[0]')."""
+    from kvbench.generate import mark_fixed_addresses
+
     cache = StaticCache(2, 1, 4, 16, 8, torch.float32, "cpu")
-    assert [getattr(t, "_dynamo_static_input_type", None) for t in cache.k + cache.v] == ["unguarded"] * 4
+    marks = lambda: [getattr(t, "_dynamo_static_input_type", None) for t in cache.k + cache.v]  # noqa: E731
+    assert marks() == [None] * 4  # an eager run never pays torch._dynamo's import
+    mark_fixed_addresses(cache)
+    assert marks() == ["unguarded"] * 4
 
 
 def test_a_declined_cuda_graph_stops_the_run():
