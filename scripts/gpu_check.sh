@@ -43,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: its output to gpu-logs/NAME.log and th
   # SIGINT, as Ctrl-C: kvbench keeps what it finished (summary, plots, meta.json); KILL 10 s later if stuck
   timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" | tail -n 25
   echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/steps.log"
-  tar czf "$OUT/$MODE.tgz" "$LOGS" results/cuda-* 2>/dev/null
+  tar czf "$OUT/$MODE.tgz" "$LOGS" results/cuda-* 2>/dev/null || true  # no results yet: the logs alone
 }
 
 decoder=static,dynamic,sliding,quantized,paged
