@@ -150,7 +150,10 @@ def sweep_sections(path: Path) -> list[Section]:
     head.blocks.append(("table", points))
     if (path / "summary.csv").is_file():
         merged = pd.read_csv(path / "summary.csv")
-        axes = [c for c in merged.columns if c not in SUMMARY_COLUMNS and c not in _summary_only(merged)]
+        # the point and what varies across points (its axes, as the record names them): not every column
+        # outside the table's own (kv_waste, skipped... are results, not settings)
+        varied = dict.fromkeys(k for entry in record.get("points", {}).values() for k in entry.get("axes", {}))
+        axes = [c for c in ("point", *varied) if c in merged.columns and c not in SUMMARY_COLUMNS]
         view = pd.concat([merged[axes].map(shown), summary_view(merged)], axis=1)
         head.blocks.append(("p", "Every point's summary, merged (settings of the point first)."))
         head.blocks.append(("table", view))
@@ -161,11 +164,6 @@ def sweep_sections(path: Path) -> list[Section]:
         if (point_dir / "meta.json").is_file():
             sections += run_sections(point_dir, f"Point {pid}", level=3)
     return sections
-
-
-def _summary_only(merged: pd.DataFrame) -> set[str]:
-    return {c for c in merged.columns if c.endswith(("_median", "_iqr", "_bytes")) or c in
-            ("gflops_per_token", "kv_cache_bytes", "kv_cache_formula_bytes")}
 
 
 # --- comparing runs ---------------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ def test_report_of_a_sweep(runner, tmp_path):
         (point / f.name).write_bytes(f.read_bytes())
     summary = pd.read_csv(RUN_A / "summary.csv")
     summary.insert(0, "point", "000-default")
+    summary.insert(1, "config", "default")
+    summary["kv_waste"], summary["skipped"] = 0.0, ""  # results of newer runs, not settings of the point
     summary.to_csv(sweep / "summary.csv", index=False)
     (sweep / "points_per_token.png").write_bytes((RUN_A / "latency.png").read_bytes())
     (sweep / "sweep.json").write_text(json.dumps({"runner": "local", "status": "complete", "points": {
@@ -188,3 +190,4 @@ def test_report_of_a_sweep(runner, tmp_path):
     parts = parse(sweep / "report.html")
     assert len(parts.images) == 1 + len(list(RUN_A.glob("*.png")))
     assert "Point 000-default" in parts.cells
+    assert {"point", "config"} <= set(parts.cells) and not {"kv_waste", "skipped"} & set(parts.cells)
