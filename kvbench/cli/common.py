@@ -154,7 +154,7 @@ def fail_cleanly(command: Callable) -> Callable:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", KVBenchWarning)
-                warnings.showwarning = _show_warning
+                warnings.showwarning = _warning_printer()
                 return command(*args, **kwargs)
         except KVBenchError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -178,11 +178,19 @@ def fail_cleanly(command: Callable) -> Callable:
 _original_showwarning = warnings.showwarning
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, KVBenchWarning):
-        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
-    else:
-        _original_showwarning(message, category, filename, lineno, file, line)
+def _warning_printer() -> Callable:
+    """showwarning for one command: a KVBenchWarning as one line, once (the same file read twice, as compare
+    reads a run for its table and for its noise test, says the same thing once)."""
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, KVBenchWarning):
+            _original_showwarning(message, category, filename, lineno, file, line)
+        elif str(message) not in said:
+            said.add(str(message))
+            err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+    return show
 
 
 # What torch's CPU allocator says when malloc fails (an allocation the estimates in kvbench.memory missed)
