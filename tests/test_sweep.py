@@ -267,19 +267,6 @@ def test_a_point_that_recorded_itself_complete_is_complete_whatever_its_exit(tmp
     assert (outcome.returncode, outcome.status, outcome.error) == (130, "complete", None)
 
 
-@pytest.mark.slow
-def test_resume_records_complete_what_an_older_sweep_recorded_interrupted(tmp_path):
-    spec = write_spec(tmp_path, configs=["tiny"], **{**TINY_RUN, "lengths": [3]})
-    assert run_sweep(str(spec), "--out", "out", cwd=tmp_path).returncode == 0
-    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    record["points"]["000-tiny"].update(status="interrupted", error="results in out/points/000-tiny")
-    (tmp_path / "out" / "sweep.json").write_text(json.dumps(record))
-    again = run_sweep("--resume", "out", cwd=tmp_path)
-    assert again.returncode == 0 and "1 point, 0 to run" in again.stdout, again.stderr
-    entry = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["000-tiny"]
-    assert entry["status"] == "complete" and entry["error"] is None
-
-
 def test_resume_of_a_record_without_points_is_one_line(runner, tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
     result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
@@ -288,12 +275,17 @@ def test_resume_of_a_record_without_points_is_one_line(runner, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
-def test_a_resume_is_not_refused_for_cuda_points_already_complete(tmp_path):
-    """A sweep whose CUDA points finished elsewhere (a Ray cluster with GPUs) resumes here with nothing to run."""
+def test_resume_trusts_the_points_directories(tmp_path):
+    """A point an older sweep recorded interrupted, though its directory says complete (a Ctrl-C landing while
+    it printed its table), is recorded complete; and CUDA points already complete (run on a Ray cluster with
+    GPUs) do not refuse a resume on a machine without CUDA: nothing is left to run."""
     spec = write_spec(tmp_path, configs=["tiny"], **{**TINY_RUN, "lengths": [3]})
     assert run_sweep(str(spec), "--out", "out", cwd=tmp_path).returncode == 0
     record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    record["points"]["000-tiny"].update(status="interrupted", error="results in out/points/000-tiny")
     record["spec"]["device"] = "cuda"  # as if it had run on GPUs
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(record))
     again = run_sweep("--resume", "out", cwd=tmp_path)
     assert again.returncode == 0 and "1 point, 0 to run" in again.stdout, again.stderr
+    entry = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["000-tiny"]
+    assert entry["status"] == "complete" and entry["error"] is None
