@@ -211,6 +211,9 @@ def build(paths: list[Path]) -> list[Section]:
         if (path / "sweep.json").is_file():
             sections += sweep_sections(path)
         elif (path / "meta.json").is_file():
+            results = ResultsDir.open(path)
+            if results.read_runs().empty:  # as plot and compare say (a sweep's points say it in its report)
+                raise KVBenchError(f"{results.runs_csv} holds no finished runs; nothing to report")
             sections += run_sections(path, f"Run {path}")
         else:
             raise KVBenchError(f"{path} is neither a results directory (meta.json) nor a sweep directory "

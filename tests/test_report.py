@@ -191,3 +191,14 @@ def test_report_of_a_sweep(runner, tmp_path):
     assert len(parts.images) == 1 + len(list(RUN_A.glob("*.png")))
     assert "Point 000-default" in parts.cells
     assert {"point", "config"} <= set(parts.cells) and not {"kv_waste", "skipped"} & set(parts.cells)
+
+
+@pytest.mark.parametrize("runs_csv", [None, "header only"])
+def test_a_run_with_no_finished_runs_is_refused_as_plot_refuses_it(runner, tmp_path, runs_csv):
+    """It once wrote a 0.5 MB report of an environment table and 'no finished runs', with exit 0."""
+    (tmp_path / "meta.json").write_bytes((RUN_A / "meta.json").read_bytes())
+    if runs_csv:
+        (tmp_path / "results.csv").write_text((RUN_A / "results.csv").read_text().splitlines()[0] + "\n")
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no finished runs; nothing to report" in result.output, result.output
+    assert not (tmp_path / "report.html").exists()
