@@ -20,9 +20,10 @@ LINEAR_PATHS = {  # Linear.kernel -> what it computes and how W lies in memory
     "matmul": "x @ W, W (in, out)",
     "mv": "torch.mv, W (out, in) (F.linear above one row)",
     "linear": "F.linear, W (out, in)",
-    "onednn": f"oneDNN matmul, W packed once (x @ W, W (in, out) for prompts and naive steps of over "
-              f"{SEVERAL_POSITIONS_PACKED_ROWS} rows, and when compiled)",
+    "onednn": "oneDNN matmul on W packed once",
 }
+UNPACKED = (f"x @ W, W (in, out) for prompts and naive steps of over {SEVERAL_POSITIONS_PACKED_ROWS} rows, "
+            "and when compiled")  # where the onednn kernel never packs
 
 
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> str:
@@ -65,16 +66,22 @@ def linear_path(model: nn.Module) -> str:
     kernels = sorted(kernel_choices(module))
     if not kernels:  # a model of its own code (transformers' under --engine transformers)
         return "the model's own (nn.Linear)"
-    return "; ".join(LINEAR_PATHS.get(k, k) + below_rows(k, rows) for k, rows in kernels)
+    return "; ".join(describe_linear(kernel, rows) for kernel, rows in kernels)
 
 
-def below_rows(kernel: str, rows: int) -> str:
-    """Where the onednn kernel hands fewer rows to x @ W, as kvbench/kernels.py measured on this machine."""
-    if kernel != "onednn" or rows <= 1:
-        return ""
+def describe_linear(kernel: str, rows: int) -> str:
+    """The kernel, and for onednn from which row count it packs (kvbench/kernels.py measures it on this machine)
+    and where it does not."""
+    if kernel != "onednn":
+        return LINEAR_PATHS.get(kernel, kernel)
+    if rows <= 1:
+        return f"{LINEAR_PATHS[kernel]}; {UNPACKED}"
     if rows > ROW_COUNTS[-1]:  # packing won at none of the row counts tried
-        return f"; below {rows} rows x @ W (oneDNN measured slower at {ROW_COUNTS[0]}-{ROW_COUNTS[-1]} rows here)"
-    return f"; below {rows} rows x @ W (measured faster here)"
+        when = (f" from {rows} rows (x @ W below: oneDNN measured slower at {ROW_COUNTS[0]}-{ROW_COUNTS[-1]} "
+                "rows here)")
+    else:
+        when = f" from {rows} rows (x @ W below: measured faster here)"
+    return f"{LINEAR_PATHS[kernel]}{when}; {UNPACKED}"
 
 
 def compile_path(strategy: str, device: torch.device) -> str:
