@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, write_yaml
 from kvbench.bench import sweep as sweep_module
 from kvbench.bench.results import RUN_COLUMNS, ResultsDir
 from kvbench.bench.session import compare
@@ -322,11 +322,13 @@ def test_naive_calibration_never_passes_the_last_position():
     assert sweep_module._naive_step_s(model, 1, last, torch.device("cpu")) > 0
 
 
-@pytest.mark.parametrize("prompt_len, length", [(1275, 5), (1278, 2), (1279, 1)])
+@pytest.mark.parametrize("prompt_len, length", [(20, 5), (23, 2), (24, 1)])
 def test_a_long_prompt_and_few_tokens_end_at_the_last_position(runner, tmp_path, prompt_len, length):
     """The estimate's cached steps stay within the sweep's positions: they once decoded 8 tokens past the prompt
-    whatever --lengths was, a traceback past max_seq_len (1280) for a sweep that fits."""
-    result = runner.invoke(app, ["benchmark", "--config", TINY, "--prompt-len", str(prompt_len), "--lengths",
+    whatever --lengths was, a traceback past max_seq_len for a sweep that fits (tiny: --prompt-len 1275
+    --lengths 5). 5, 2 and 1 tokens: several decode steps timed, one, none."""
+    config = str(write_yaml(tmp_path, max_seq_len=24))
+    result = runner.invoke(app, ["benchmark", "--config", config, "--prompt-len", str(prompt_len), "--lengths",
                                  str(length), "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
 
