@@ -7,6 +7,7 @@ stream every token without a second implementation of the loop.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -87,11 +88,14 @@ class CompiledDecode:
         self.step = torch.compile(_decode_at, mode="reduce-overhead" if self.cuda else None, fullgraph=True,
                                   dynamic=False)
         self.graph_skips = cuda_graph_skips()
+        self.marked = lambda: None  # the cache whose buffers were marked last (weakly): not every timed step
 
     def __call__(self, model: Decoder, token: torch.Tensor, cache: KVCache, pos: int,
                  pads: torch.Tensor | None = None) -> torch.Tensor:
         self.position.fill_(pos)  # a kernel argument, not a host-to-device copy: no sync
-        mark_fixed_addresses(cache)
+        if self.marked() is not cache:
+            mark_fixed_addresses(cache)
+            self.marked = weakref.ref(cache)
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         # CUDA-graph outputs live in buffers the next replay overwrites: callers may keep logits, so copy
@@ -108,8 +112,7 @@ def mark_fixed_addresses(cache: KVCache) -> None:
     rather than recompiling. Here, not when a cache is built: marking imports torch._dynamo (about a second),
     which an eager run never needs."""
     for buffer in cache.fixed_buffers():
-        if getattr(buffer, "_dynamo_static_input_type", None) is None:  # marked once
-            torch._dynamo.mark_static_address(buffer, guard=False)
+        torch._dynamo.mark_static_address(buffer, guard=False)
 
 
 def cuda_graph_skips() -> int:

@@ -186,12 +186,14 @@ def test_the_compiled_step_marks_the_static_caches_buffers_as_fixed_addresses():
     written in place by the compiled step, are marked so before it runs (unguarded: a new cache re-records the
     graph, never recompiles). Unmarked, torch.compile ran the step without a graph, saying why only in a log
     off by default (seen on CPU with TORCH_LOGS=cudagraph_static_inputs: 'Non-static input ... cache.k[0]')."""
-    from kvbench.generate import mark_fixed_addresses
+    from kvbench.generate import CompiledDecode
 
     cache = StaticCache(2, 1, 4, 16, 8, torch.float32, "cpu")
     marks = lambda: [getattr(t, "_dynamo_static_input_type", None) for t in cache.k + cache.v]  # noqa: E731
     assert marks() == [None] * 4  # an eager run never pays torch._dynamo's import
-    mark_fixed_addresses(cache)
+    decode = CompiledDecode(torch.device("cpu"))
+    decode.step = lambda *inputs: torch.zeros(1, 5)  # the compiled function itself is not what is checked here
+    decode(None, torch.tensor([1]), cache, 0)
     assert marks() == ["unguarded"] * 4
 
 
