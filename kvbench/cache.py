@@ -665,6 +665,7 @@ class PagedCache(KVCache):
         self.most_blocks = [0] * batch  # per sequence: the most blocks it has held since reset()
         self.gathered: list[torch.Tensor | None] = [None, None]  # K and V gather buffers (see gather)
         self.table: torch.Tensor | None = None  # the tables on the device, (B, blocks); None when they changed
+        self._pads_read, self._offsets = None, None  # the pads tensor last read back, and its values (host)
 
     # --- blocks ---------------------------------------------------------------------------------------------
 
@@ -724,7 +725,7 @@ class PagedCache(KVCache):
         generation's), not once per pass."""
         if self.pads is None:
             return np.zeros(self.batch, dtype=np.int64)
-        if self.pads is not getattr(self, "_pads_read", None):
+        if self.pads is not self._pads_read:
             self._pads_read, self._offsets = self.pads, self.pads.cpu().numpy().astype(np.int64)
         return self._offsets
 

@@ -231,8 +231,8 @@ class ResultsDir:
 
 SWEEP_JSON = "sweep.json"
 # what each kind of kvbench output leaves in its directory: --out refuses a directory holding any of them, whichever
-# command writes it (a sweep once wrote over a benchmark's results.csv and summary.csv)
-# (a sweep first: it also writes a merged results.csv and summary.csv at its top)
+# command writes it (a sweep once wrote over a benchmark's results.csv and summary.csv). A sweep is checked
+# first: it also writes a merged results.csv and summary.csv at its top.
 OUTPUT_MARKERS = {"a sweep": (SWEEP_JSON,), "results": ("results.csv", "meta.json", "summary.csv")}
 
 

@@ -319,11 +319,12 @@ def kv_evaluate(
                           ("--src-len", src_len), ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk),
                           ("--rollback", 1 if rollback is None else rollback)):
         require_positive(option, value)
-    if rollback is not None and rollback > Rollback(rollback).most_tokens(new_tokens):
-        most = Rollback(rollback).most_tokens(new_tokens)
+    drafts = Rollback(rollback) if rollback else None
+    if drafts is not None and drafts.tokens > drafts.most_tokens(new_tokens):
         raise KVBenchError(f"--rollback {rollback}: no draft that long fits --new-tokens {new_tokens} (drafts go in "
-                           f"every {Rollback(1).every} steps and end before the last token: at most {max(most, 0)} "
-                           f"here); give --new-tokens {rollback + Rollback(1).every} or more")
+                           f"every {drafts.every} steps and end before the last token: at most "
+                           f"{max(drafts.most_tokens(new_tokens), 0)} here); give --new-tokens "
+                           f"{rollback + drafts.every} or more")
     check_length(loaded, prompt_len + new_tokens - 1, names, "--prompt-len + --new-tokens - 1")
     family = family_of(loaded.model)
     if family.reads_source:
@@ -340,7 +341,7 @@ def kv_evaluate(
         prompt_len = "/".join(map(str, lengths))
     source = f", source {src_len}" if family.reads_source else ""
     chunked = f", prefill in chunks of {prefill_chunk}" if prefill_chunk else ""
-    chunked += f", {rollback} draft tokens rolled back every {Rollback(1).every} steps" if rollback else ""
+    chunked += f", {rollback} draft tokens rolled back every {drafts.every} steps" if drafts else ""
     chunked += verify.stops_text(stops)
     console.print(f"{escape(loaded.name)}: batch {batch_size}{source}, prompt {prompt_len}{chunked}, {new_tokens} new "
                   f"tokens on {dev} ({dtype}), {sampling.describe()}")
@@ -354,7 +355,7 @@ def kv_evaluate(
         tasks = {s: progress.add_task(f"{s:>8}", total=None) for s in names}
         checks = verify.kv_evaluate(model, prompt, new_tokens, names, tol, sampling, win,
                                     on_step=lambda s, total: progress.update(tasks[s], total=total, advance=1),
-                                    prefill_chunk=prefill_chunk, rollback=Rollback(rollback) if rollback else None,
+                                    prefill_chunk=prefill_chunk, rollback=drafts,
                                     stops=stops)
     report_checks(checks, tol, win)
     if not all(c.passed for c in checks):

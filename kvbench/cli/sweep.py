@@ -198,7 +198,7 @@ def sweep(
     for point in points:
         if runs_here(point):
             point_settings(point)  # refuse a bad point now, not hours into the sweep
-    pending = points if resume is None else sweep_dir.to_do(points)  # a resume: CUDA points done elsewhere count not
+    pending = points if resume is None else sweep_dir.to_do(points)  # a resume: only the points left to run
     elsewhere = [point.id for point in pending if not runs_here(point)]
     if elsewhere and runner is Runner.local and not dry_run_:
         raise KVBenchError(f"{plural(len(elsewhere), 'point')} ({', '.join(elsewhere)}) ask for device cuda, and "
